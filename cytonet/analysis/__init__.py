@@ -1,0 +1,1 @@
+"""cytonet.analysis: see the modules of this package."""

@@ -1,0 +1,511 @@
+"""Typed configuration: one dataclass per concern, loaded from YAML, validated in one place.
+
+Entry points:
+- :func:`load_config` (path, dotted overrides) -> :class:`Config`; the only YAML reader in cytonet.
+- :func:`config_from_dict` for configs built in code (tests), :func:`config_to_dict` / :func:`save_config`
+  to write the resolved config into an output directory, checkpoint or volume attributes.
+
+Loading is strict: unknown keys raise an error listing the valid keys of that section, values are
+type-checked against the dataclass annotations (``Literal`` choices name the allowed values), and each
+section's ``validate()`` checks ranges and cross-field rules, naming the key and the fix. Derived values
+are properties; nothing here is rewritten at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from cytonet.errors import ConfigError, UsageError
+
+Backend = Literal["zarr", "hdf5"]
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise a :class:`ConfigError` naming ``key``, its ``value`` and what is ``allowed``."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives and how it logs."""
+
+    root_dir: str = "runs/demo"
+    """Root folder of the run; every command's default output folder lies below it."""
+    seed: int = 0
+    """Global seed for everything that is random and not seeded more specifically."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Console log level on rank 0 (other ranks log warnings and errors only)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(bool(self.root_dir), f"{prefix}.root_dir", self.root_dir, "give a folder path")
+        _check(self.seed >= 0, f"{prefix}.seed", self.seed, "use a non-negative integer")
+
+
+@dataclass
+class SynthConfig:
+    """The built-in synthetic brains (``cytonet synth``)."""
+
+    out_dir: str = "runs/demo/sections"
+    """Folder the section stores are written to (``--out`` overrides it)."""
+    n_brains: int = 4
+    """Number of brains; each has its own stain, cell-size scale, thickness and distortion."""
+    sections_per_brain: int = 5
+    """Number of serial sections written per brain."""
+    section_thickness_um: float = 20.0
+    """Physical thickness of one cut section."""
+    section_spacing_um: float = 20.0
+    """Distance between the cut planes of consecutive sections (>= thickness: skipped sections between)."""
+    section_stride: int = 30
+    """Write every ``section_stride``-th cut section (serial sections at coarse z spacing)."""
+    pixel_size_um: float = 8.0
+    """In-plane pixel size of the generated images."""
+    n_areas: int = 8
+    """Number of cytoarchitectonic areas K along the cortical ribbon."""
+    brain_width_mm: float = 24.0
+    """Width (x) of the section image in mm; the brain outline is fitted inside it."""
+    brain_height_mm: float = 18.0
+    """Height (y) of the section image in mm."""
+    cortex_thickness_mm: tuple[float, float] = (2.0, 3.0)
+    """Range of the cortical thickness (mm); each brain draws a scale inside the range."""
+    seed: int = 0
+    """Seed of the generator; the same seed gives the same bytes."""
+    chunk_px: int = 512
+    """Chunk edge of the written arrays; rows of chunks are generated one at a time."""
+    backend: Backend = "zarr"
+    """Section store backend."""
+
+    @property
+    def section_step_um(self) -> float:
+        """Distance in z between two written sections."""
+        return self.section_spacing_um * self.section_stride
+
+    def validate(self, prefix: str) -> None:
+        _check(self.n_brains >= 1, f"{prefix}.n_brains", self.n_brains, "need at least 1 brain")
+        _check(
+            self.sections_per_brain >= 1,
+            f"{prefix}.sections_per_brain",
+            self.sections_per_brain,
+            "need at least 1 section",
+        )
+        _check(self.section_thickness_um > 0, f"{prefix}.section_thickness_um", self.section_thickness_um, "> 0")
+        _check(
+            self.section_spacing_um >= self.section_thickness_um,
+            f"{prefix}.section_spacing_um",
+            self.section_spacing_um,
+            f"must be >= section_thickness_um ({self.section_thickness_um}): sections cannot overlap",
+        )
+        _check(self.section_stride >= 1, f"{prefix}.section_stride", self.section_stride, ">= 1")
+        _check(
+            0.25 <= self.pixel_size_um <= 64,
+            f"{prefix}.pixel_size_um",
+            self.pixel_size_um,
+            "use 0.25-64 um/px (paper: 2, demo: 8)",
+        )
+        _check(2 <= self.n_areas <= 250, f"{prefix}.n_areas", self.n_areas, "use 2-250 areas")
+        _check(self.brain_width_mm > 2, f"{prefix}.brain_width_mm", self.brain_width_mm, "> 2 mm")
+        _check(self.brain_height_mm > 2, f"{prefix}.brain_height_mm", self.brain_height_mm, "> 2 mm")
+        lo, hi = self.cortex_thickness_mm
+        _check(
+            0.5 <= lo <= hi <= 6,
+            f"{prefix}.cortex_thickness_mm",
+            list(self.cortex_thickness_mm),
+            "give [low, high] mm with 0.5 <= low <= high <= 6",
+        )
+        _check(self.seed >= 0, f"{prefix}.seed", self.seed, "use a non-negative integer")
+        _check(
+            16 <= self.chunk_px <= 8192,
+            f"{prefix}.chunk_px",
+            self.chunk_px,
+            "use 16-8192 px",
+        )
+
+
+@dataclass
+class SectionStoreConfig:
+    """How section stores (image, labels, depth, coordinates) are written."""
+
+    backend: Backend = "zarr"
+    """``zarr`` (zarr v3 group per section) or ``hdf5`` (one .h5 file per section)."""
+    chunk_px: int = 512
+    """Chunk edge in pixels of every 2D array."""
+    compression: Literal["blosc-zstd", "none"] = "blosc-zstd"
+    """Codec of the image and label arrays."""
+
+    def validate(self, prefix: str) -> None:
+        _check(16 <= self.chunk_px <= 8192, f"{prefix}.chunk_px", self.chunk_px, "use 16-8192 px")
+
+
+@dataclass
+class ImportConfig:
+    """``cytonet import``: ingest a real section into a section store."""
+
+    image: str = ""
+    """Path of the section image: .tif/.tiff/.ome.tif, an HDF5 file (``file.h5:dataset``) or a zarr array."""
+    labels: str = ""
+    """Optional area label image of the same shape (same formats as ``image``)."""
+    coords: str = ""
+    """Optional coordinate map (H x W x 3, mm in the reference space; same formats)."""
+    depth: str = ""
+    """Optional cortical depth map (H x W, 0 at the pial surface, 1 at the white-matter border)."""
+    label_names: dict[int, str] = field(default_factory=dict)
+    """Names of the label ids, e.g. ``{0: background, 1: white_matter, 2: hOc1}``."""
+    pixel_size_um: float = 2.0
+    """In-plane pixel size of the image."""
+    brain: str = "B01"
+    """Brain identifier written into the metadata."""
+    section_index: int = 0
+    """Section number within the brain."""
+    z_mm: float = 0.0
+    """Position of the section plane along the cutting axis, mm."""
+    out_dir: str = "runs/import"
+    """Folder the section store is written to (``--out`` overrides it)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.pixel_size_um > 0, f"{prefix}.pixel_size_um", self.pixel_size_um, "> 0")
+        _check(self.section_index >= 0, f"{prefix}.section_index", self.section_index, ">= 0")
+
+
+@dataclass
+class ModelConfig:
+    """Encoder, projection head and classifier."""
+
+    encoder: Literal["paper", "resnet50", "resnet101"] = "paper"
+    """``paper``: the 6-block encoder of seed 002; ``resnet50``/``resnet101``: seed 004."""
+    n_blocks: int = 4
+    """Blocks of the paper encoder (4: 265 px, 5: 553 px, 6: 1129 px receptive field)."""
+    padding: Literal["valid", "same"] = "valid"
+    """Convolution padding of the paper encoder; ``valid`` makes dense inference exact."""
+    patch_size_px: int = 265
+    """Input patch edge in pixels."""
+    proj_hidden_dim: int = 128
+    """Hidden width of the projection MLP."""
+    proj_dim: int = 128
+    """Output width of the projection MLP (L2-normalised)."""
+    channels_last: bool = False
+    """Use the channels_last memory format (faster with bf16 on CPU and on tensor cores)."""
+
+    @property
+    def receptive_field_px(self) -> int:
+        """Receptive field of the valid-padded paper encoder with ``n_blocks`` blocks."""
+        return paper_receptive_field(self.n_blocks)
+
+    def validate(self, prefix: str) -> None:
+        _check(1 <= self.n_blocks <= 6, f"{prefix}.n_blocks", self.n_blocks, "use 1-6 blocks")
+        _check(self.proj_dim >= 1, f"{prefix}.proj_dim", self.proj_dim, ">= 1")
+        _check(self.proj_hidden_dim >= 1, f"{prefix}.proj_hidden_dim", self.proj_hidden_dim, ">= 1")
+        if self.encoder == "paper" and self.padding == "valid":
+            rf = self.receptive_field_px
+            stride = paper_total_stride(self.n_blocks)
+            ok = self.patch_size_px >= rf and (self.patch_size_px - rf) % stride == 0
+            _check(
+                ok,
+                f"{prefix}.patch_size_px",
+                self.patch_size_px,
+                f"with {self.n_blocks} valid blocks use {rf} + k*{stride} px "
+                f"(valid: {', '.join(str(rf + k * stride) for k in range(3))}, ...)",
+            )
+        else:
+            _check(self.patch_size_px >= 32, f"{prefix}.patch_size_px", self.patch_size_px, ">= 32 px")
+
+
+def paper_total_stride(n_blocks: int) -> int:
+    """Total stride of the paper encoder: first conv stride 4, then a 2x2 pool after each block but the last."""
+    return 4 * 2 ** (n_blocks - 1)
+
+
+def paper_receptive_field(n_blocks: int) -> int:
+    """Receptive field (px) of the valid paper encoder: the input size whose final feature map is 1x1.
+
+    Walks the layers backwards from a 1x1 output: the last block has two 3x3 convs; every earlier block has a
+    2x2/2 pool after its two 3x3 convs; the first conv of block 1 is 5x5 stride 4.
+    """
+    size = 1
+    for block in range(n_blocks, 0, -1):
+        if block < n_blocks:
+            size = size * 2  # 2x2 max pool, stride 2
+        size += 2  # second 3x3 conv
+        if block == 1:
+            size = (size - 1) * 4 + 5  # 5x5 stride-4 conv
+        else:
+            size += 2  # first 3x3 conv
+    return size
+
+
+@dataclass
+class LossConfig:
+    """Contrastive loss of pretraining."""
+
+    kind: Literal["supcon", "distance"] = "supcon"
+    """``supcon``: seed 002 eq. (1)-(2); ``distance``: seed 004 distance-weighted contrastive loss."""
+    temperature: float = 0.07
+    """Temperature tau."""
+    transfer: Literal["gaussian", "step", "inverse"] = "gaussian"
+    """Distance transfer function g(d) of the distance-weighted loss."""
+    radius_mm: float = 2.0
+    """Scale of g: Gaussian sigma, step radius, or the distance at which the inverse weight is 1/2."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.temperature > 0, f"{prefix}.temperature", self.temperature, "> 0 (paper: 0.07)")
+        _check(self.radius_mm > 0, f"{prefix}.radius_mm", self.radius_mm, "> 0 mm")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule."""
+
+    name: Literal["lars", "sgd", "adamw"] = "lars"
+    """Optimiser; seed 002 uses LARS."""
+    base_lr: float = 0.01
+    """Base learning rate; the effective rate is ``base_lr * global_batch / 128`` (seed 002)."""
+    momentum: float = 0.9
+    """Momentum."""
+    weight_decay: float = 1e-6
+    """Weight decay (not applied to biases and normalisation parameters)."""
+    trust_coefficient: float = 0.001
+    """LARS trust coefficient eta."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (0: none, as in seed 002)."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate schedule after warm-up."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision; fp16 uses a gradient scaler and needs CUDA."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.base_lr > 0, f"{prefix}.base_lr", self.base_lr, "> 0")
+        _check(0 <= self.momentum < 1, f"{prefix}.momentum", self.momentum, "use 0 <= momentum < 1")
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, ">= 0")
+        _check(self.trust_coefficient > 0, f"{prefix}.trust_coefficient", self.trust_coefficient, "> 0")
+        _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", self.warmup_steps, ">= 0")
+
+
+@dataclass
+class DistConfig:
+    """torch.distributed settings (the launcher's variables are read in ``hpc/``, not here)."""
+
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Process-group backend; ``auto``: nccl when CUDA is available, gloo otherwise."""
+    timeout_s: float = 300.0
+    """Collective timeout: a dead rank makes the others fail after this long instead of hanging."""
+    sync_batchnorm: bool = True
+    """Synchronise BatchNorm statistics across ranks (seed 002)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.timeout_s > 0, f"{prefix}.timeout_s", self.timeout_s, "> 0 s")
+
+
+@dataclass
+class Config:
+    """The whole configuration; every section is a dataclass of its own."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    sections: SectionStoreConfig = field(default_factory=SectionStoreConfig)
+    importer: ImportConfig = field(default_factory=ImportConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def validate(self) -> None:
+        """Validate every section, then the rules that span sections."""
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading: YAML -> dict -> typed dataclasses
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in canonical form (ints widen to float)."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a mapping of the section's keys")
+        return _build(tp, value, key)  # type: ignore[arg-type]
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is invalid: use {_type_name(tp)}")
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}={value!r} is invalid: expected {_type_name(tp)}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}={value!r} is invalid: expected null")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is invalid: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} is invalid: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a string")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a list ({_type_name(tp)})")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}={value!r} is invalid: expected {len(args)} values ({_type_name(tp)})")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a mapping ({_type_name(tp)})")
+        kt, vt = get_args(tp) or (Any, Any)
+        return {_coerce(k, kt, f"{key}.{k}"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")  # a bug in this module, not user input
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            where = f"section '{prefix}'" if prefix else "the top level"
+            raise ConfigError(f"unknown key '{_join(prefix, str(key))}' in {where}; valid keys: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], _join(prefix, key))
+    return cls(**kwargs)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a plain (YAML-like) dict."""
+    cfg = _build(Config, data, "")
+    cfg.validate()
+    return cfg
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["synth.n_brains=2", "loss.kind=distance"]`` into a nested dict; values are parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UsageError(f"override {item!r} is malformed: use section.key=value (e.g. synth.n_brains=2)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise UsageError(f"override {item!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UsageError(f"override {item!r} conflicts with an earlier override of {part!r}")
+            node = child
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping safely; errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load ``path`` (None: defaults only), apply dotted ``overrides`` and validate."""
+    data = read_yaml(path) if path is not None else {}
+    data = _merge(data, parse_overrides(overrides or []))
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        where = f" (in {path})" if path is not None else ""
+        raise ConfigError(f"{exc}{where}") from None
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """A plain dict of builtins (lists for tuples) that YAML, JSON and ``torch.load(weights_only)`` accept."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))  # type: ignore[no-any-return]
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, out_dir: str | Path, name: str = "config.resolved.yaml") -> Path:
+    """Write the resolved config into ``out_dir`` (created if needed); returns the file path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(config_to_yaml(cfg))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,1 @@
+"""cytonet.data: synthetic brains, section stores, patch stores, sampling and augmentation."""

@@ -1,0 +1,403 @@
+"""Section stores: one chunked store per brain section, zarr v3 (default) or HDF5, with one reader API.
+
+A section store holds up to four 2D layers of the same height and width (H x W):
+
+========  ==========  ===========================================================================
+layer     dtype       meaning
+========  ==========  ===========================================================================
+image     uint8       the cell-body stained scan (dark cells on light neuropil)
+labels    uint16      area id per pixel; the id -> name table is the ``label_table`` attribute
+depth     float32     cortical depth, 0 at the pial surface, 1 at the white-matter border, NaN outside
+coords    float32     H x W x 3: position in the shared 3D reference space, mm
+========  ==========  ===========================================================================
+
+Layout on disk: a zarr v3 group ``<name>.zarr/`` with one array per layer, or one HDF5 file ``<name>.h5``
+with one dataset per layer; metadata (:class:`SectionMeta`) as attributes of the group / file root.
+
+Entry points: :func:`create_section` returns a :class:`SectionWriter` that writes regions (e.g. one chunk
+row at a time, so a 20000^2 section never sits in memory) into ``<path>.partial`` and renames it into place
+on :meth:`SectionWriter.close`, so a crash never leaves a store that looks complete, and an existing store is
+replaced only with ``overwrite=True``. :func:`open_section` returns a :class:`SectionReader` that reads any
+region lazily. :func:`list_sections` finds the stores below a folder.
+
+HDF5 files are opened by the reader on first use, never at construction, so a reader can be created before
+a DataLoader forks and still opens its own handle in each worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from cytonet import __version__
+from cytonet.errors import InputError, OutputExistsError
+
+FORMAT_VERSION = 1
+LAYER_DTYPES: dict[str, np.dtype[Any]] = {
+    "image": np.dtype(np.uint8),
+    "labels": np.dtype(np.uint16),
+    "depth": np.dtype(np.float32),
+    "coords": np.dtype(np.float32),
+}
+LAYER_FILL: dict[str, float] = {"image": 0, "labels": 0, "depth": float("nan"), "coords": float("nan")}
+SUFFIXES = {"zarr": ".zarr", "hdf5": ".h5"}
+BACKEND_OF_SUFFIX = {".zarr": "zarr", ".h5": "hdf5", ".hdf5": "hdf5"}
+
+#: Ids every label table shares; cortical areas are numbered from 2.
+BACKGROUND_ID = 0
+WHITE_MATTER_ID = 1
+
+
+@dataclass(frozen=True)
+class SectionMeta:
+    """Metadata of one section, stored as attributes of its store."""
+
+    brain: str
+    """Brain identifier, e.g. ``B00``."""
+    section_index: int
+    """Number of the section within its brain."""
+    z_mm: float
+    """Position of the section plane along the cutting axis, mm."""
+    pixel_size_um: float
+    """In-plane pixel size, um."""
+    shape: tuple[int, int]
+    """Height and width in pixels."""
+    label_table: dict[int, str] = field(default_factory=dict)
+    """Area id -> name; includes 0 (background) and 1 (white matter) when labels exist."""
+    seed: int | None = None
+    """Generator seed for synthetic sections, None for imported ones."""
+    source: str = ""
+    """Where the data came from (``synthetic`` or the imported file)."""
+    cytonet_version: str = __version__
+    """Version of cytonet that wrote the store."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further JSON-serialisable attributes (e.g. the resolved config)."""
+
+    def to_attrs(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        d["label_table"] = {str(k): v for k, v in self.label_table.items()}
+        d["format_version"] = FORMAT_VERSION
+        return d
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], where: str) -> SectionMeta:
+        try:
+            version = int(attrs.get("format_version", -1))
+            if version != FORMAT_VERSION:
+                raise InputError(
+                    f"{where}: section store format version {version} is not supported (expected {FORMAT_VERSION})"
+                )
+            return cls(
+                brain=str(attrs["brain"]),
+                section_index=int(attrs["section_index"]),
+                z_mm=float(attrs["z_mm"]),
+                pixel_size_um=float(attrs["pixel_size_um"]),
+                shape=(int(attrs["shape"][0]), int(attrs["shape"][1])),
+                label_table={int(k): str(v) for k, v in dict(attrs.get("label_table", {})).items()},
+                seed=None if attrs.get("seed") is None else int(attrs["seed"]),
+                source=str(attrs.get("source", "")),
+                cytonet_version=str(attrs.get("cytonet_version", "")),
+                extra=dict(attrs.get("extra", {})),
+            )
+        except KeyError as exc:
+            raise InputError(f"{where}: section metadata lacks the attribute {exc.args[0]!r}") from None
+
+
+def section_filename(brain: str, section_index: int, backend: str) -> str:
+    """Canonical file name of a section store, e.g. ``B00_s0003.zarr``."""
+    return f"{brain}_s{section_index:04d}{SUFFIXES[backend]}"
+
+
+def backend_of(path: str | Path) -> str:
+    """Backend from the suffix (``.zarr`` / ``.h5`` / ``.hdf5``); raises for anything else."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in BACKEND_OF_SUFFIX:
+        raise InputError(f"{path}: unknown section store suffix {suffix!r}; use .zarr, .h5 or .hdf5")
+    return BACKEND_OF_SUFFIX[suffix]
+
+
+def _layer_shape(layer: str, shape: tuple[int, int]) -> tuple[int, ...]:
+    return (*shape, 3) if layer == "coords" else shape
+
+
+def _layer_chunks(layer: str, shape: tuple[int, int], chunk_px: int) -> tuple[int, ...]:
+    c = (min(chunk_px, shape[0]), min(chunk_px, shape[1]))
+    return (*c, 3) if layer == "coords" else c
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+class SectionWriter:
+    """Writes regions of the layers of one new section store; use as a context manager.
+
+    Data goes to ``<path>.partial``; :meth:`close` renames it to ``path``. Leaving the ``with`` block through
+    an exception deletes the partial store and leaves any existing store untouched.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        meta: SectionMeta,
+        layers: tuple[str, ...],
+        chunk_px: int,
+        compression: Literal["blosc-zstd", "none"],
+        overwrite: bool,
+    ) -> None:
+        self.path = path
+        self.meta = meta
+        self.layers = layers
+        self.backend = backend_of(path)
+        self.overwrite = overwrite
+        self.partial = path.with_name(path.name + ".partial")
+        unknown = [name for name in layers if name not in LAYER_DTYPES]
+        if unknown or "image" not in layers:
+            raise InputError(f"{path}: layers must include 'image' and be among {list(LAYER_DTYPES)}, got {layers}")
+        if path.exists() and not overwrite:
+            raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+        _remove(self.partial)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._closed = False
+        self._arrays: dict[str, Any] = {}
+        if self.backend == "zarr":
+            self._open_zarr(chunk_px, compression)
+        else:
+            self._open_hdf5(chunk_px, compression)
+
+    def _open_zarr(self, chunk_px: int, compression: str) -> None:
+        import zarr
+        from zarr.codecs import BloscCodec, BloscShuffle
+
+        group = zarr.open_group(str(self.partial), mode="w", zarr_format=3)
+        for name in self.layers:
+            dtype = LAYER_DTYPES[name]
+            codec: Any = "auto"
+            if compression == "none":
+                codec = None
+            elif compression == "blosc-zstd":
+                shuffle = BloscShuffle.bitshuffle if dtype.itemsize == 1 else BloscShuffle.shuffle
+                codec = BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)
+            self._arrays[name] = group.create_array(
+                name,
+                shape=_layer_shape(name, self.meta.shape),
+                chunks=_layer_chunks(name, self.meta.shape, chunk_px),
+                dtype=dtype,
+                fill_value=LAYER_FILL[name],
+                compressors=codec,
+            )
+        group.attrs.update(self.meta.to_attrs())
+        self._group = group
+
+    def _open_hdf5(self, chunk_px: int, compression: str) -> None:
+        import h5py
+        import hdf5plugin
+
+        self._file = h5py.File(self.partial, "w")
+        for name in self.layers:
+            dtype = LAYER_DTYPES[name]
+            kwargs: dict[str, Any] = {}
+            if compression == "blosc-zstd":
+                shuffle = hdf5plugin.Blosc.BITSHUFFLE if dtype.itemsize == 1 else hdf5plugin.Blosc.SHUFFLE
+                kwargs.update(hdf5plugin.Blosc(cname="zstd", clevel=3, shuffle=shuffle))
+            self._arrays[name] = self._file.create_dataset(
+                name,
+                shape=_layer_shape(name, self.meta.shape),
+                chunks=_layer_chunks(name, self.meta.shape, chunk_px),
+                dtype=dtype,
+                fillvalue=LAYER_FILL[name],
+                **kwargs,
+            )
+        for key, value in self.meta.to_attrs().items():
+            self._file.attrs[key] = json.dumps(value)
+
+    def write(self, layer: str, y0: int, x0: int, data: np.ndarray) -> None:
+        """Write ``data`` (h x w, or h x w x 3 for coords) with its top-left corner at (y0, x0)."""
+        if layer not in self._arrays:
+            raise KeyError(f"{self.path}: no layer {layer!r}; layers: {list(self._arrays)}")
+        arr = self._arrays[layer]
+        h, w = data.shape[:2]
+        if y0 < 0 or x0 < 0 or y0 + h > self.meta.shape[0] or x0 + w > self.meta.shape[1]:
+            raise ValueError(f"{self.path}: region {(y0, x0, h, w)} outside the section shape {self.meta.shape}")
+        arr[y0 : y0 + h, x0 : x0 + w] = np.asarray(data, dtype=LAYER_DTYPES[layer])
+
+    def close(self) -> Path:
+        """Finish the store and move it into place; returns its final path."""
+        if self._closed:
+            return self.path
+        if self.backend == "hdf5":
+            self._file.close()
+        self._closed = True
+        if self.path.exists():
+            _remove(self.path)  # allowed: the constructor refused an existing path without overwrite
+        os.replace(self.partial, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the partial store."""
+        if self.backend == "hdf5" and not self._closed:
+            self._file.close()
+        self._closed = True
+        _remove(self.partial)
+
+    def __enter__(self) -> SectionWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def create_section(
+    path: str | Path,
+    meta: SectionMeta,
+    *,
+    layers: tuple[str, ...] = ("image", "labels", "depth", "coords"),
+    chunk_px: int = 512,
+    compression: Literal["blosc-zstd", "none"] = "blosc-zstd",
+    overwrite: bool = False,
+) -> SectionWriter:
+    """Start a new section store at ``path`` (suffix picks the backend: .zarr or .h5)."""
+    return SectionWriter(Path(path), meta, layers, chunk_px, compression, overwrite)
+
+
+class SectionReader:
+    """Lazy, region-wise access to one section store. Picklable before first use (for DataLoader workers)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"section store {self.path} does not exist")
+        self.backend = backend_of(self.path)
+        self._handle: Any = None
+        self._pid: int | None = None
+        attrs = self._read_attrs()
+        self.meta = SectionMeta.from_attrs(attrs, str(self.path))
+        self._handle = None  # do not keep the HDF5 handle across a fork
+        self._pid = None
+
+    # -- handle management ------------------------------------------------------------------------------
+    def _open(self) -> Any:
+        if self._handle is not None and self._pid == os.getpid():
+            return self._handle
+        try:
+            if self.backend == "zarr":
+                import zarr
+
+                self._handle = zarr.open_group(str(self.path), mode="r")
+            else:
+                import h5py
+                import hdf5plugin  # noqa: F401  registers the blosc filter; reading fails without it
+
+                self._handle = h5py.File(self.path, "r")
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(f"cannot open section store {self.path}: {exc}") from None
+        except Exception as exc:  # zarr raises its own error types for malformed groups
+            raise InputError(f"cannot open section store {self.path}: {exc.__class__.__name__}: {exc}") from None
+        self._pid = os.getpid()
+        return self._handle
+
+    def _read_attrs(self) -> dict[str, Any]:
+        handle = self._open()
+        if self.backend == "zarr":
+            return dict(handle.attrs)
+        return {k: json.loads(v) for k, v in handle.attrs.items()}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        state["_pid"] = None
+        return state
+
+    # -- reading ----------------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.meta.shape
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        handle = self._open()
+        return tuple(name for name in LAYER_DTYPES if name in handle)
+
+    def has(self, layer: str) -> bool:
+        return layer in self.layers
+
+    def array(self, layer: str) -> Any:
+        """The backend array object of ``layer`` (zarr.Array or h5py.Dataset), sliceable like numpy."""
+        handle = self._open()
+        if layer not in handle:
+            raise InputError(f"section store {self.path} has no layer {layer!r}; layers: {list(self.layers)}")
+        return handle[layer]
+
+    def read(self, layer: str, y0: int = 0, y1: int | None = None, x0: int = 0, x1: int | None = None) -> np.ndarray:
+        """Read ``layer[y0:y1, x0:x1]``; the box must lie inside the section (use :meth:`read_padded` else)."""
+        h, w = self.shape
+        y1 = h if y1 is None else y1
+        x1 = w if x1 is None else x1
+        if not (0 <= y0 <= y1 <= h and 0 <= x0 <= x1 <= w):
+            raise ValueError(f"{self.path}: box y[{y0}:{y1}] x[{x0}:{x1}] is outside the section ({h} x {w})")
+        try:
+            return np.asarray(self.array(layer)[y0:y1, x0:x1])
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise InputError(f"{self.path}: reading {layer}[{y0}:{y1}, {x0}:{x1}] failed: {exc}") from None
+
+    def read_padded(self, layer: str, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Read a box that may extend past the section; the outside is the layer's fill value."""
+        h, w = self.shape
+        shape = _layer_shape(layer, (y1 - y0, x1 - x0))
+        out = np.full(shape, LAYER_FILL[layer], dtype=LAYER_DTYPES[layer])
+        cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
+        if cy0 < cy1 and cx0 < cx1:
+            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = self.read(layer, cy0, cy1, cx0, cx1)
+        return out
+
+    def iter_rows(self, layer: str, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (y0, block) for consecutive horizontal bands of ``rows`` rows (bounded memory)."""
+        for y0 in range(0, self.shape[0], rows):
+            yield y0, self.read(layer, y0, min(y0 + rows, self.shape[0]))
+
+    def close(self) -> None:
+        if self._handle is not None and self.backend == "hdf5" and self._pid == os.getpid():
+            self._handle.close()
+        self._handle = None
+        self._pid = None
+
+    def __enter__(self) -> SectionReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        m = self.meta
+        return f"SectionReader({str(self.path)!r}, brain={m.brain}, section={m.section_index}, shape={m.shape})"
+
+
+def open_section(path: str | Path) -> SectionReader:
+    """Open a section store for lazy reading."""
+    return SectionReader(path)
+
+
+def list_sections(root: str | Path) -> list[Path]:
+    """All finished section stores below ``root`` (partial ones are ignored), sorted by path."""
+    base = Path(root)
+    if not base.is_dir():
+        raise InputError(f"section folder {base} does not exist")
+    found = [p for suffix in BACKEND_OF_SUFFIX for p in base.rglob(f"*{suffix}") if not p.name.endswith(".partial")]
+    # A zarr group holds arrays that are folders too; keep only the stores themselves.
+    stores = [p for p in found if not any(parent in found for parent in p.parents)]
+    return sorted(stores)

@@ -1,0 +1,26 @@
+"""Exception types shared by the whole package.
+
+The CLI maps them to exit codes: :class:`ConfigError` and :class:`UsageError` exit with 2,
+every other :class:`CytonetError` with 1. Each carries a message that names the offending
+file, key or value, so that one line is enough for the user to act on it.
+"""
+
+
+class CytonetError(Exception):
+    """A runtime failure the user can act on (bad input file, existing output, ...)."""
+
+
+class ConfigError(CytonetError):
+    """A configuration key is unknown, has the wrong type, or an invalid value."""
+
+
+class UsageError(CytonetError):
+    """The command line itself is malformed (bad override syntax, missing argument)."""
+
+
+class InputError(CytonetError):
+    """An input file is missing, truncated, or holds data of an unsupported kind."""
+
+
+class OutputExistsError(CytonetError):
+    """An output already exists and ``--overwrite`` was not given."""

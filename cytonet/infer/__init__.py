@@ -1,0 +1,1 @@
+"""cytonet.infer: see the modules of this package."""

@@ -1,0 +1,1 @@
+"""cytonet.losses: see the modules of this package."""

@@ -1,0 +1,1 @@
+"""cytonet.models: see the modules of this package."""

@@ -1,0 +1,1 @@
+"""cytonet.optim: see the modules of this package."""

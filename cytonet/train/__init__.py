@@ -1,0 +1,1 @@
+"""cytonet.train: see the modules of this package."""

@@ -1,0 +1,1 @@
+"""hpc: launcher-side helpers (environment detection -> DistEnv, submitit, launch). Imports cytonet, never the reverse."""
