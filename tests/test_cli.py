@@ -1,0 +1,80 @@
+"""The command line: help, exit codes (0 ok, 1 runtime failure, 2 usage/config), one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cytonet.cli import COMMANDS, main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cytonet.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def test_help_lists_every_command() -> None:
+    r = run("--help")
+    assert r.returncode == 0
+    for c in COMMANDS:
+        assert c.name in r.stdout
+
+
+@pytest.mark.parametrize("command", [c.name for c in COMMANDS])
+def test_command_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert command in out
+    writes = next(c for c in COMMANDS if c.name == command).writes
+    assert ("--out" in out) == writes
+
+
+def test_no_command_is_usage_error() -> None:
+    assert run().returncode == 2
+
+
+def test_unknown_command_is_usage_error() -> None:
+    r = run("frobnicate")
+    assert r.returncode == 2
+    assert "invalid choice" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_check_config_prints_resolved(tmp_path: Path) -> None:
+    r = run("check-config", str(REPO / "configs" / "demo.yaml"), "synth.n_brains=2")
+    assert r.returncode == 0, r.stderr
+    resolved = yaml.safe_load(r.stdout)
+    assert resolved["synth"]["n_brains"] == 2
+    assert resolved["model"]["patch_size_px"] == 265
+
+
+def test_config_errors_exit_2_with_one_line(tmp_path: Path) -> None:
+    r = run("check-config", str(REPO / "configs" / "demo.yaml"), "synth.nbrains=2")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "synth.nbrains" in lines[0] and "n_brains" in lines[0]
+    r = run("check-config", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2 and "missing.yaml" in r.stderr
+    r = run("check-config", str(REPO / "configs" / "demo.yaml"), "notanoverride")
+    assert r.returncode == 2 and "section.key=value" in r.stderr
+
+
+def test_debug_shows_traceback() -> None:
+    r = run("check-config", str(REPO / "configs" / "demo.yaml"), "synth.n_brains=x", "--debug")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_runtime_failure_exits_1(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"importer": {"image": str(tmp_path / "nothing.tif")}}))
+    r = run("import", str(cfg), "--out", str(tmp_path / "out"))
+    assert r.returncode == 1, r.stderr
+    assert "nothing.tif" in r.stderr and "Traceback" not in r.stderr
