@@ -285,10 +285,11 @@ class SectionReader:
         self.backend = backend_of(self.path)
         self._handle: Any = None
         self._pid: int | None = None
-        attrs = self._read_attrs()
+        try:
+            attrs = self._read_attrs()
+        finally:
+            self.close()  # do not keep the HDF5 handle across a fork; close it rather than leave it to the GC
         self.meta = SectionMeta.from_attrs(attrs, str(self.path))
-        self._handle = None  # do not keep the HDF5 handle across a fork
-        self._pid = None
 
     # -- handle management ------------------------------------------------------------------------------
     def _open(self) -> Any:

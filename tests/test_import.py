@@ -1,0 +1,529 @@
+"""Importing real sections (cytonet.data.importer, ``cytonet import``): TIFF / OME-TIFF pyramids, HDF5 and zarr
+sources, dtype conversions, labels / coords / depth, bounded memory, and every bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+import yaml
+import zarr
+
+from cytonet import __version__
+from cytonet.config import Config, config_from_dict, config_to_dict, load_config
+from cytonet.data.importer import LUMA_WEIGHTS, SAMPLE_PIXELS, UINT16_PERCENTILES, import_section
+from cytonet.data.sections import list_sections, open_section
+from cytonet.errors import ConfigError, InputError, OutputExistsError
+
+REPO = Path(__file__).resolve().parent.parent
+H, W = 150, 230  # not multiples of tiles (64) or chunks (64): partial tiles and chunks everywhere
+CHUNK = 64
+
+
+def make_cfg(backend: str = "zarr", chunk_px: int = CHUNK, compression: str = "none", **importer: Any) -> Config:
+    importer = {k: str(v) if isinstance(v, Path) else v for k, v in importer.items()}
+    return config_from_dict(
+        {
+            "importer": {"brain": "B07", "section_index": 12, "z_mm": 3.25, "pixel_size_um": 1.5, **importer},
+            "sections": {"backend": backend, "chunk_px": chunk_px, "compression": compression},
+        }
+    )
+
+
+def rand_u8(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def write_h5(path: Path, datasets: dict[str, np.ndarray]) -> Path:
+    with h5py.File(path, "a") as f:
+        for key, value in datasets.items():
+            f.create_dataset(key, data=value, chunks=True)
+    return path
+
+
+def tree_digest(path: Path) -> str:
+    """Hash of every file's name, bytes and mtime below ``path`` (a file or folder)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for p in files:
+        h.update(str(p.relative_to(path.parent)).encode())
+        h.update(p.read_bytes())
+        h.update(str(p.stat().st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TIFF sources
+
+
+@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+def test_tiled_tiff_exact_with_metadata(tmp_path: Path, backend: str) -> None:
+    image = rand_u8((H, W))
+    tif = tmp_path / "scan.tif"
+    tifffile.imwrite(tif, image, tile=(64, 64))
+    cfg = make_cfg(backend, image=tif, label_names={2: "hOc1"})
+    out = tmp_path / "out"
+    path = import_section(cfg, out, overwrite=False)
+    assert path == out / "B07" / ("B07_s0012" + (".zarr" if backend == "zarr" else ".h5"))
+    assert list_sections(out) == [path]
+    with open_section(path) as r:
+        np.testing.assert_array_equal(r.read("image"), image)  # uint8 is copied bit for bit
+        assert r.layers == ("image",)
+        m = r.meta
+        assert (m.brain, m.section_index, m.z_mm, m.pixel_size_um, m.shape) == ("B07", 12, 3.25, 1.5, (H, W))
+        assert m.seed is None
+        assert m.source == str(tif.resolve())
+        assert m.cytonet_version == __version__
+        assert m.label_table == {2: "hOc1"}  # no label image: label_names as given
+        assert m.extra["config"] == json.loads(json.dumps(config_to_dict(cfg)))
+        assert m.extra["image_conversion"]["rule"] == "copy"
+    saved = out / "B07_s0012.import.yaml"
+    assert load_config(saved) == cfg  # the resolved config is saved beside the store
+
+
+def test_strip_tiffs_uncompressed_and_zlib(tmp_path: Path) -> None:
+    image = rand_u8((H, W), seed=1)
+    variants: dict[str, dict[str, Any]] = {
+        "one_strip.tif": {},  # uncompressed, contiguous: memory-mapped
+        "strips.tif": {"rowsperstrip": 16},
+        "zlib.tif": {"compression": "zlib", "rowsperstrip": 8},
+    }
+    for name, kwargs in variants.items():
+        tifffile.imwrite(tmp_path / name, image, **kwargs)
+        path = import_section(make_cfg(image=tmp_path / name), tmp_path / name.replace(".", "_"), overwrite=False)
+        np.testing.assert_array_equal(open_section(path).read("image"), image)
+
+
+def test_ome_tiff_pyramid_takes_level_0(tmp_path: Path) -> None:
+    image = rand_u8((H, W), seed=2)
+    # OME-TIFF with the reduced levels in sub-IFDs.
+    ome = tmp_path / "pyramid.ome.tif"
+    with tifffile.TiffWriter(ome) as tw:
+        tw.write(image, subifds=2, tile=(64, 64), metadata={"axes": "YX"})
+        tw.write(image[::2, ::2], subfiletype=1, tile=(64, 64))
+        tw.write(image[::4, ::4], subfiletype=1, tile=(64, 64))
+    with tifffile.TiffFile(ome) as t:
+        assert t.is_ome and len(t.series[0].levels) == 3
+    path = import_section(make_cfg(image=ome), tmp_path / "a", overwrite=False)
+    np.testing.assert_array_equal(open_section(path).read("image"), image)
+
+    # Plain TIFF whose levels are reduced-resolution pages (a pyramid as series levels), plus a thumbnail page.
+    gen = tmp_path / "pyramid_pages.tif"
+    with tifffile.TiffWriter(gen) as tw:
+        tw.write(image, tile=(64, 64), compression="zlib")
+        tw.write(image[::2, ::2], subfiletype=1, tile=(64, 64))
+    with tifffile.TiffFile(gen) as t:
+        assert len(t.pages) == 2 and len(t.series[0].levels) == 2
+    path = import_section(make_cfg(image=gen), tmp_path / "b", overwrite=False)
+    np.testing.assert_array_equal(open_section(path).read("image"), image)
+
+    # A full-size image followed by a small separate image (slide-scanner label/thumbnail): first one is taken.
+    thumb = tmp_path / "with_thumbnail.tif"
+    with tifffile.TiffWriter(thumb) as tw:
+        tw.write(image, tile=(64, 64), metadata=None)
+        tw.write(image[:40, :50], metadata=None)
+    path = import_section(make_cfg(image=thumb), tmp_path / "c", overwrite=False)
+    np.testing.assert_array_equal(open_section(path).read("image"), image)
+
+
+def test_uint16_tiff_is_rescaled_by_percentiles(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    image = rng.normal(20000, 4000, (H, W)).clip(0, 65535).astype(np.uint16)
+    image[5, 5], image[6, 6] = 0, 65535  # outliers beyond the percentiles are clipped
+    tif = tmp_path / "scan16.tif"
+    tifffile.imwrite(tif, image, tile=(64, 64))
+    path = import_section(make_cfg(image=tif), tmp_path / "out", overwrite=False)
+    r = open_section(path)
+    # The image is small enough to be sampled whole: the rule is exactly the documented one.
+    assert H * W < SAMPLE_PIXELS
+    lo, hi = np.percentile(image, UINT16_PERCENTILES, method="inverted_cdf")
+    conv = r.meta.extra["image_conversion"]
+    assert conv == {"rule": "uint16-percentile", "lo": float(lo), "hi": float(hi)}
+    expected = np.clip(np.rint((image.astype(np.float64) - lo) * 255.0 / (hi - lo)), 0, 255).astype(np.uint8)
+    got = r.read("image")
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1  # float32 vs float64 rounding at .5
+    assert (got == expected).mean() > 0.999
+    assert got[5, 5] == 0 and got[6, 6] == 255
+    assert (got[image <= lo] == 0).all() and (got[image >= hi] == 255).all()
+    order = np.argsort(image, axis=None, kind="stable")
+    assert (np.diff(got.ravel()[order].astype(int)) >= 0).all()  # the mapping is monotonic
+
+
+def test_rgb_and_float_images(tmp_path: Path) -> None:
+    rgb = rand_u8((H, W, 3), seed=4)
+    luma = np.clip(np.rint(rgb.astype(np.float64) @ np.array(LUMA_WEIGHTS)), 0, 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb", tile=(64, 64))
+    rgba = np.concatenate([rgb, rand_u8((H, W, 1), seed=5)], axis=-1)
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    planar = np.moveaxis(rgb, -1, 0)
+    tifffile.imwrite(tmp_path / "planar.tif", planar, photometric="rgb", planarconfig="separate", tile=(64, 64))
+    for name in ("rgb.tif", "rgba.tif", "planar.tif"):
+        path = import_section(make_cfg(image=tmp_path / name), tmp_path / name.replace(".", "_"), overwrite=False)
+        got = open_section(path).read("image")
+        assert np.abs(got.astype(int) - luma.astype(int)).max() <= 1, name
+        assert open_section(path).meta.extra["image_conversion"]["rule"] == "rgb-luma"
+
+    unit = np.random.default_rng(6).random((H, W))
+    unit[0, :3] = [0.0, 1.0, 0.5]
+    write_h5(tmp_path / "float.h5", {"/img": unit})
+    path = import_section(make_cfg(image=f"{tmp_path / 'float.h5'}:/img"), tmp_path / "f", overwrite=False)
+    np.testing.assert_array_equal(open_section(path).read("image"), np.rint(unit.astype(np.float32) * 255))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HDF5 and zarr sources, labels, coords, depth
+
+
+def test_hdf5_and_zarr_sources_with_all_layers(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    image = rand_u8((H, W), seed=7)
+    labels = rng.integers(0, 6, (H, W)).astype(np.int32)
+    labels[:10] = 300
+    coords = rng.normal(size=(3, H, W))  # 3 x H x W float64, mm
+    depth = rng.random((H, W), dtype=np.float32)
+    depth[:, :20] = np.nan
+    h5 = write_h5(tmp_path / "section.hdf5", {"/raw/image": image, "/raw/labels": labels, "/maps/depth": depth})
+    zarr.open_group(str(tmp_path / "maps.zarr"), mode="w").create_array("geo/coords", data=coords, chunks=(3, 64, 64))
+    cfg = make_cfg(
+        "hdf5",
+        image=f"{h5}:/raw/image",
+        labels=f"{h5}:raw/labels",
+        depth=f"{h5}:/maps/depth",
+        coords=f"{tmp_path / 'maps.zarr'}:geo/coords",
+        label_names={0: "outside", 2: "hOc1", 3: "hOc2"},
+    )
+    path = import_section(cfg, tmp_path / "out", overwrite=False)
+    r = open_section(path)
+    assert r.layers == ("image", "labels", "depth", "coords")
+    np.testing.assert_array_equal(r.read("image"), image)
+    np.testing.assert_array_equal(r.read("labels"), labels.astype(np.uint16))
+    np.testing.assert_array_equal(r.read("depth"), depth)  # NaNs stay NaN
+    np.testing.assert_array_equal(r.read("coords"), np.moveaxis(coords, 0, -1).astype(np.float32))
+    assert r.meta.label_table == {
+        0: "outside",  # label_names may rename the defaults
+        1: "white_matter",
+        2: "hOc1",
+        3: "hOc2",
+        4: "area_4",
+        5: "area_5",
+        300: "area_300",
+    }
+    assert set(r.meta.extra["sources"]) == {"image", "labels", "depth", "coords"}
+
+    # Coordinates as H x W x 3 float32 in an HDF5 file with a single dataset (no key needed); a zarr array.
+    write_h5(tmp_path / "coords_only.h5", {"c": np.moveaxis(coords, 0, -1).astype(np.float32)})
+    zarr.create_array(str(tmp_path / "image.zarr"), data=image, chunks=(64, 64))
+    cfg = make_cfg(image=tmp_path / "image.zarr", coords=tmp_path / "coords_only.h5")
+    r = open_section(import_section(cfg, tmp_path / "out2", overwrite=False))
+    np.testing.assert_array_equal(r.read("image"), image)
+    np.testing.assert_array_equal(r.read("coords"), np.moveaxis(coords, 0, -1).astype(np.float32))
+
+
+def test_ome_zarr_multiscale_and_singleton_axes(tmp_path: Path) -> None:
+    image = rand_u8((H, W), seed=8)
+    root = zarr.open_group(str(tmp_path / "scan.ome.zarr"), mode="w")
+    root.create_array("0", data=image[None, None, None], chunks=(1, 1, 1, 64, 64))
+    root.create_array("1", data=image[None, None, None, ::2, ::2], chunks=(1, 1, 1, 64, 64))
+    root.attrs["multiscales"] = [{"version": "0.4", "datasets": [{"path": "0"}, {"path": "1"}]}]
+    r = open_section(import_section(make_cfg(image=tmp_path / "scan.ome.zarr"), tmp_path / "a", overwrite=False))
+    np.testing.assert_array_equal(r.read("image"), image)
+    write_h5(tmp_path / "stack1.h5", {"img": image[None, :, :, None]})  # 1 x H x W x 1
+    r = open_section(import_section(make_cfg(image=tmp_path / "stack1.h5"), tmp_path / "b", overwrite=False))
+    np.testing.assert_array_equal(r.read("image"), image)
+
+
+def test_import_reads_in_bands_with_bounded_memory(tmp_path: Path) -> None:
+    side = 4000
+    image = np.random.default_rng(9).integers(0, 256, (side, side), dtype=np.uint8)
+    nbytes = image.nbytes  # 16 MB
+    tif = tmp_path / "big.tif"
+    tifffile.imwrite(tif, image, tile=(128, 128))
+    corner = image[-300:, -300:].copy()
+    del image
+    # Warm up: the first import loads modules and codecs, which tracemalloc would count.
+    tifffile.imwrite(tmp_path / "small.tif", rand_u8((64, 64)), tile=(64, 64))
+    import_section(make_cfg("hdf5", chunk_px=128, image=tmp_path / "small.tif"), tmp_path / "warm", overwrite=False)
+
+    cfg = make_cfg("hdf5", chunk_px=128, image=tif)
+    tracemalloc.start()
+    try:
+        path = import_section(cfg, tmp_path / "out", overwrite=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # One band is 128 x 4000 px = 0.5 MB; the whole image would be 16 MB.
+    assert peak < nbytes / 4, f"peak {peak / 2**20:.1f} MiB for a {nbytes / 2**20:.0f} MiB image"
+    np.testing.assert_array_equal(open_section(path).read("image", side - 300, side, side - 300, side), corner)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def _expect_input_error(cfg: Config, out: Path, *needles: str) -> str:
+    with pytest.raises(InputError) as info:
+        import_section(cfg, out, overwrite=False)
+    message = str(info.value)
+    for needle in needles:
+        assert needle in message, message
+    assert "\n" not in message
+    assert not out.exists() or not any(p.suffix in (".zarr", ".h5", ".partial") for p in out.rglob("*"))
+    return message
+
+
+def test_missing_and_unsupported_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _expect_input_error(make_cfg(image=tmp_path / "nothing.tif"), out, "nothing.tif", "does not exist")
+    _expect_input_error(make_cfg(image=f"{tmp_path / 'none.h5'}:/img"), out, "none.h5", "does not exist")
+    (tmp_path / "scan.png").write_bytes(b"\x89PNG\r\n")
+    _expect_input_error(make_cfg(image=tmp_path / "scan.png"), out, "scan.png", "unsupported input format", ".tif")
+    tifffile.imwrite(tmp_path / "ok.tif", rand_u8((H, W)))
+    _expect_input_error(make_cfg(image=f"{tmp_path / 'ok.tif'}:0"), out, "ok.tif:0", "does not exist")
+    _expect_input_error(
+        make_cfg(image=tmp_path / "ok.tif", labels=tmp_path / "nolabels.tif"), out, "labels", "nolabels.tif"
+    )
+
+
+def test_truncated_and_corrupt_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    good = tmp_path / "good.tif"
+    tifffile.imwrite(good, rand_u8((H, W)), tile=(64, 64))
+    data = good.read_bytes()
+    # Cut in the middle of the tile data (tifffile writes the IFD before the data, so it still opens).
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) // 2])
+    _expect_input_error(make_cfg(image=tmp_path / "cut.tif"), out, "cut.tif", "is truncated", "end past")
+    # Cut inside the header / IFD.
+    (tmp_path / "stub.tif").write_bytes(data[:6])
+    _expect_input_error(make_cfg(image=tmp_path / "stub.tif"), out, "stub.tif", "truncated or corrupt")
+    (tmp_path / "garbage.tif").write_bytes(b"this is not a tiff" * 20)
+    _expect_input_error(make_cfg(image=tmp_path / "garbage.tif"), out, "garbage.tif", "not a readable TIFF")
+    # A compressed tile whose bytes are damaged (the file has its full length).
+    tifffile.imwrite(tmp_path / "z.tif", rand_u8((H, W)), tile=(64, 64), compression="zlib")
+    with tifffile.TiffFile(tmp_path / "z.tif") as t:
+        offset = int(t.pages[0].dataoffsets[3])
+    raw = bytearray((tmp_path / "z.tif").read_bytes())
+    raw[offset : offset + 64] = b"\xff" * 64
+    (tmp_path / "damaged.tif").write_bytes(bytes(raw))
+    _expect_input_error(make_cfg(image=tmp_path / "damaged.tif"), out, "damaged.tif", "reading rows")
+    # HDF5 and zarr that are not what their names say.
+    (tmp_path / "bad.h5").write_bytes(b"\x00" * 1000)
+    _expect_input_error(make_cfg(image=f"{tmp_path / 'bad.h5'}:/img"), out, "bad.h5", "not a readable HDF5")
+    (tmp_path / "empty.zarr").mkdir()
+    _expect_input_error(make_cfg(image=tmp_path / "empty.zarr"), out, "empty.zarr", "not a readable zarr")
+
+
+@pytest.mark.parametrize("compression", ["lzw", "jpeg"])
+def test_slide_scanner_codecs_import(tmp_path: Path, compression: str) -> None:
+    # Slide scanners write LZW- or JPEG-compressed tiles; imagecodecs (a dependency) decodes them.
+    path = tmp_path / f"{compression}.tif"
+    image = rand_u8((H, W))
+    tifffile.imwrite(path, image, tile=(64, 64), compression=compression)
+    expected = tifffile.imread(path)  # JPEG is lossy: compare with what the codec decodes
+    if compression == "lzw":
+        assert np.array_equal(expected, image)
+    store = import_section(make_cfg(image=path), tmp_path / "out", overwrite=False)
+    assert np.array_equal(open_section(store).read("image"), expected)
+
+
+def test_unknown_dataset_keys_list_the_available_ones(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    h5 = write_h5(tmp_path / "s.h5", {"/a/image": rand_u8((H, W)), "/a/labels": np.zeros((H, W), np.uint8)})
+    _expect_input_error(make_cfg(image=f"{h5}:/a/imgae"), out, "'/a/imgae'", "/a/image", "/a/labels")
+    _expect_input_error(make_cfg(image=str(h5)), out, "holds 2 datasets", "/a/image, /a/labels")
+    _expect_input_error(make_cfg(image=f"{h5}:/a"), out, "is a group", "/a/image")
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    g.create_array("x/image", data=rand_u8((H, W)))
+    g.create_array("y", data=rand_u8((H, W)))
+    _expect_input_error(make_cfg(image=f"{tmp_path / 's.zarr'}:x/imgae"), out, "'x/imgae'", "x/image", "y")
+    _expect_input_error(make_cfg(image=tmp_path / "s.zarr"), out, "holds 2 arrays", "x/image, y")
+    zarr.create_array(str(tmp_path / "arr.zarr"), data=rand_u8((H, W)))
+    _expect_input_error(make_cfg(image=f"{tmp_path / 'arr.zarr'}:image"), out, "is a zarr array, not a group")
+
+
+@pytest.mark.parametrize(
+    ("array", "needle"),
+    [
+        (np.zeros((H, W), dtype=np.complex64), "unsupported dtype complex64"),
+        (np.zeros((H, W), dtype=np.int32), "unsupported dtype int32"),
+        (np.zeros((2, 2, H, W), dtype=np.uint8), "unsupported shape"),
+        (np.zeros((5, H, W), dtype=np.uint8), "unsupported shape"),
+        (np.zeros((W,), dtype=np.uint8), "unsupported shape"),
+        (np.zeros((H, W, 3), dtype=np.uint16), "colour image must be uint8"),
+        (np.zeros((0, W), dtype=np.uint8), "empty"),
+    ],
+    ids=["complex", "int32", "4d", "stack", "1d", "rgb16", "empty"],
+)
+def test_unsupported_image_arrays(tmp_path: Path, array: np.ndarray, needle: str) -> None:
+    h5 = write_h5(tmp_path / "img.h5", {"img": array, "labels": np.zeros((H, W), np.uint16)})
+    msg = _expect_input_error(make_cfg(image=f"{h5}:img"), tmp_path / "out", "img.h5:img", needle)
+    if "dtype" in needle or "shape" in needle:
+        assert "allowed:" in msg and "uint8" in msg and str(array.dtype) in msg
+    # the image is checked before the other layers are compared with it
+    _expect_input_error(make_cfg(image=f"{h5}:img", labels=f"{h5}:labels"), tmp_path / "out", "img.h5:img", needle)
+
+
+def test_multipage_stack_tiff_is_refused(tmp_path: Path) -> None:
+    stack = np.stack([rand_u8((H, W), seed=i) for i in range(4)])
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")  # 4 pages, not RGBA
+    _expect_input_error(make_cfg(image=tmp_path / "stack.tif"), tmp_path / "out", "stack.tif", "multi-page TIFF")
+    with tifffile.TiffWriter(tmp_path / "two.tif") as tw:
+        tw.write(rand_u8((H, W)), metadata=None)
+        tw.write(rand_u8((H + 10, W)), metadata=None)
+    _expect_input_error(make_cfg(image=tmp_path / "two.tif"), tmp_path / "out", "two.tif", "multi-page TIFF")
+
+
+def test_float_image_outside_unit_range(tmp_path: Path) -> None:
+    img = np.random.default_rng(0).random((H, W))
+    img[H - 3, 17] = 1.5  # in the last band: the error comes mid-copy and must leave nothing behind
+    h5 = write_h5(tmp_path / "f.h5", {"img": img})
+    out = tmp_path / "out"
+    _expect_input_error(make_cfg(image=h5), out, "f.h5", "[0, 1]", f"({H - 3}, 17)", "1.5")
+    assert not (out / "B07_s0012.import.yaml").exists()
+    img[H - 3, 17] = np.nan
+    (tmp_path / "f.h5").unlink()
+    write_h5(tmp_path / "f.h5", {"img": img})
+    _expect_input_error(make_cfg(image=h5), out, "f.h5", "nan")
+
+
+def test_bad_labels_coords_depth(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    tifffile.imwrite(tmp_path / "img.tif", rand_u8((H, W)), tile=(64, 64))
+    img = tmp_path / "img.tif"
+    tifffile.imwrite(tmp_path / "small_labels.tif", np.zeros((H, W - 1), np.uint16))
+    _expect_input_error(
+        make_cfg(image=img, labels=tmp_path / "small_labels.tif"),
+        out,
+        "small_labels.tif",
+        f"{H} x {W - 1}",
+        f"{H} x {W}",
+        "img.tif",
+    )
+    big = np.zeros((H, W), np.int32)
+    big[H - 1, W - 1] = 70000
+    neg = np.zeros((H, W), np.int64)
+    neg[3, 3] = -1
+    write_h5(tmp_path / "lab.h5", {"big": big, "neg": neg, "float": np.zeros((H, W), np.float32)})
+    _expect_input_error(make_cfg(image=img, labels=f"{tmp_path / 'lab.h5'}:big"), out, "lab.h5:big", "70000")
+    _expect_input_error(make_cfg(image=img, labels=f"{tmp_path / 'lab.h5'}:neg"), out, "lab.h5:neg", "-1")
+    _expect_input_error(make_cfg(image=img, labels=f"{tmp_path / 'lab.h5'}:float"), out, "float32", "integer")
+    write_h5(tmp_path / "maps.h5", {"c2": np.zeros((H, W, 2)), "cint": np.zeros((H, W, 3), np.int16)})
+    write_h5(tmp_path / "maps.h5", {"cshape": np.zeros((H, W + 1, 3)), "dint": np.zeros((H, W), np.uint8)})
+    maps = tmp_path / "maps.h5"
+    _expect_input_error(make_cfg(image=img, coords=f"{maps}:c2"), out, "maps.h5:c2", "H x W x 3")
+    _expect_input_error(make_cfg(image=img, coords=f"{maps}:cint"), out, "maps.h5:cint", "float")
+    _expect_input_error(make_cfg(image=img, coords=f"{maps}:cshape"), out, "maps.h5:cshape", f"{W + 1}")
+    _expect_input_error(make_cfg(image=img, depth=f"{maps}:dint"), out, "maps.h5:dint", "float H x W depth")
+
+
+def test_empty_image_and_bad_label_names_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"importer\.image"):
+        import_section(make_cfg(), tmp_path / "out", overwrite=False)
+    tifffile.imwrite(tmp_path / "img.tif", rand_u8((H, W)))
+    with pytest.raises(ConfigError, match=r"importer\.label_names"):
+        import_section(
+            make_cfg(image=tmp_path / "img.tif", label_names={70000: "x"}), tmp_path / "out", overwrite=False
+        )
+
+
+def test_existing_store_needs_overwrite(tmp_path: Path) -> None:
+    first, second = rand_u8((H, W), seed=1), rand_u8((H, W), seed=2)
+    tifffile.imwrite(tmp_path / "a.tif", first)
+    tifffile.imwrite(tmp_path / "b.tif", second)
+    out = tmp_path / "out"
+    path = import_section(make_cfg(image=tmp_path / "a.tif"), out, overwrite=False)
+    before = tree_digest(out)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        import_section(make_cfg(image=tmp_path / "b.tif"), out, overwrite=False)
+    assert tree_digest(out) == before
+    assert import_section(make_cfg(image=tmp_path / "b.tif"), out, overwrite=True) == path
+    np.testing.assert_array_equal(open_section(path).read("image"), second)
+    assert load_config(out / "B07_s0012.import.yaml").importer.image == str(tmp_path / "b.tif")
+    # The same section in the other backend counts as existing too (list_sections would see both).
+    with pytest.raises(OutputExistsError, match=r"B07_s0012\.zarr already holds section 12.*--overwrite"):
+        import_section(make_cfg("hdf5", image=tmp_path / "a.tif"), out, overwrite=False)
+    h5_path = import_section(make_cfg("hdf5", image=tmp_path / "a.tif"), out, overwrite=True)
+    assert list_sections(out) == [h5_path] and not path.exists()
+    np.testing.assert_array_equal(open_section(h5_path).read("image"), first)
+    path = import_section(make_cfg(image=tmp_path / "b.tif"), out, overwrite=True)
+    assert list_sections(out) == [path]
+    # A failed overwrite keeps the existing store.
+    (tmp_path / "cut.tif").write_bytes((tmp_path / "a.tif").read_bytes()[:-100])
+    with pytest.raises(InputError, match="truncated"):
+        import_section(make_cfg(image=tmp_path / "cut.tif"), out, overwrite=True)
+    np.testing.assert_array_equal(open_section(path).read("image"), second)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "cytonet.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr, stderr
+    return [line for line in stderr.splitlines() if line.startswith("cytonet: error:")]
+
+
+def test_cli_import(tmp_path: Path) -> None:
+    image = rand_u8((H, W), seed=11)
+    tifffile.imwrite(tmp_path / "scan.tif", image, tile=(64, 64))
+    labels = np.random.default_rng(11).integers(0, 4, (H, W)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "labels.tif", labels)
+    config = tmp_path / "import.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"root_dir": str(tmp_path / "runs")},
+                "importer": {"pixel_size_um": 2.0, "brain": "B05", "label_names": {2: "hOc1"}},
+                "sections": {"backend": "hdf5", "chunk_px": 64, "compression": "blosc-zstd"},
+            }
+        )
+    )
+    out = tmp_path / "out"
+
+    ok = cli("import", config, "importer.image=scan.tif", "importer.labels=labels.tif", "--out", out, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    store = out / "B05" / "B05_s0000.h5"
+    assert ok.stdout.strip() == str(store)
+    r = open_section(store)
+    np.testing.assert_array_equal(r.read("image"), image)
+    np.testing.assert_array_equal(r.read("labels"), labels)
+    assert r.meta.label_table == {0: "background", 1: "white_matter", 2: "hOc1", 3: "area_3"}
+    assert (out / "B05_s0000.import.yaml").is_file()
+    before = tree_digest(out)
+
+    again = cli("import", config, "importer.image=scan.tif", "--out", out, cwd=tmp_path)
+    assert again.returncode == 1
+    assert len(error_lines(again.stderr)) == 1 and "--overwrite" in again.stderr
+    assert tree_digest(out) == before  # the first output is untouched
+
+    bad = cli("import", config, "importer.image=missing.tif", "--out", out, cwd=tmp_path)
+    assert bad.returncode == 1
+    (line,) = error_lines(bad.stderr)
+    assert "missing.tif" in line and "does not exist" in line
+
+    unknown = cli("import", config, "importer.imagee=scan.tif", "--out", out, cwd=tmp_path)
+    assert unknown.returncode == 2
+    (line,) = error_lines(unknown.stderr)
+    assert "importer.imagee" in line and "valid keys" in line
+    assert tree_digest(out) == before

@@ -1,0 +1,346 @@
+"""Section stores (cytonet.data.sections): round trips through both backends, metadata, codecs, atomic writes,
+refusal to overwrite, fork-safe readers, listing, format versions."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cytonet import __version__
+from cytonet.data.sections import (
+    FORMAT_VERSION,
+    SUFFIXES,
+    SectionMeta,
+    SectionReader,
+    create_section,
+    list_sections,
+    open_section,
+)
+from cytonet.errors import InputError, OutputExistsError
+
+BACKENDS = ["zarr", "hdf5"]
+LAYERS = ("image", "labels", "depth", "coords")
+SHAPE = (100, 70)  # not a multiple of the chunk edge: partial edge chunks are exercised
+CHUNK = 32
+
+
+def make_meta(shape: tuple[int, int] = SHAPE, **kw: Any) -> SectionMeta:
+    args: dict[str, Any] = {
+        "brain": "B03",
+        "section_index": 17,
+        "z_mm": 12.5,
+        "pixel_size_um": 2.0,
+        "shape": shape,
+        "label_table": {0: "background", 1: "white_matter", 2: "hOc1", 40: "area_40"},
+        "seed": 1234,
+        "source": "synthetic",
+        "extra": {"config": {"synth": {"n_brains": 2, "cortex_thickness_mm": [2.0, 3.0]}}, "note": "x"},
+    }
+    args.update(kw)
+    return SectionMeta(**args)
+
+
+def make_layers(shape: tuple[int, int] = SHAPE, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    depth = rng.random(shape, dtype=np.float32)
+    depth[:, :5] = np.nan  # outside the cortex
+    return {
+        "image": rng.integers(0, 256, shape, dtype=np.uint8),
+        "labels": rng.integers(0, 41, shape).astype(np.uint16),
+        "depth": depth,
+        "coords": rng.normal(size=(*shape, 3)).astype(np.float32),
+    }
+
+
+def write_store(
+    path: Path,
+    data: dict[str, np.ndarray],
+    meta: SectionMeta | None = None,
+    *,
+    compression: str = "blosc-zstd",
+    overwrite: bool = False,
+) -> Path:
+    """Write ``data`` one chunk row at a time, as the generator and the importer do."""
+    meta = meta or make_meta(data["image"].shape)
+    with create_section(
+        path,
+        meta,
+        layers=tuple(data),
+        chunk_px=CHUNK,
+        compression=compression,  # type: ignore[arg-type]
+        overwrite=overwrite,
+    ) as w:
+        for layer, arr in data.items():
+            for y0 in range(0, arr.shape[0], CHUNK):
+                w.write(layer, y0, 0, arr[y0 : y0 + CHUNK])
+    return path
+
+
+def store_path(tmp_path: Path, backend: str, name: str = "B03_s0017") -> Path:
+    return tmp_path / f"{name}{SUFFIXES[backend]}"
+
+
+def tree_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_round_trip_all_layers(tmp_path: Path, backend: str) -> None:
+    data = make_layers()
+    path = write_store(store_path(tmp_path, backend), data)
+    with open_section(path) as r:
+        assert r.backend == backend
+        assert r.shape == SHAPE
+        assert r.layers == LAYERS
+        for layer, expected in data.items():
+            full = r.read(layer)
+            assert full.dtype == expected.dtype and full.shape == expected.shape
+            np.testing.assert_array_equal(full, expected)  # NaNs compare equal here
+            # a region crossing chunk borders
+            np.testing.assert_array_equal(r.read(layer, 13, 77, 5, 61), expected[13:77, 5:61])
+            # empty and single-pixel regions
+            assert r.read(layer, 10, 10, 3, 9).shape[:2] == (0, 6)
+            np.testing.assert_array_equal(r.read(layer, 99, 100, 69, 70), expected[99:, 69:])
+            # bands of rows
+            bands = list(r.iter_rows(layer, 48))
+            assert [y0 for y0, _ in bands] == [0, 48, 96]
+            np.testing.assert_array_equal(np.concatenate([b for _, b in bands]), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_reads(tmp_path: Path, backend: str) -> None:
+    data = make_layers()
+    path = write_store(store_path(tmp_path, backend), data)
+    h, w = SHAPE
+    with open_section(path) as r:
+        for layer, expected in data.items():
+            fill = {"image": 0, "labels": 0, "depth": np.nan, "coords": np.nan}[layer]
+            box = r.read_padded(layer, -7, h + 5, -3, w + 9)  # past every edge
+            assert box.shape[:2] == (h + 12, w + 12) and box.dtype == expected.dtype
+            np.testing.assert_array_equal(box[7 : 7 + h, 3 : 3 + w], expected)
+            outside = np.ones(box.shape[:2], dtype=bool)
+            outside[7 : 7 + h, 3 : 3 + w] = False
+            np.testing.assert_array_equal(box[outside], np.full_like(box[outside], fill))
+            # entirely outside: all fill
+            far = r.read_padded(layer, h + 10, h + 20, 0, 4)
+            np.testing.assert_array_equal(far, np.full_like(far, fill))
+            # entirely inside: same as read
+            np.testing.assert_array_equal(r.read_padded(layer, 3, 40, 2, 50), expected[3:40, 2:50])
+        with pytest.raises(ValueError, match="outside the section"):
+            r.read("image", 0, h + 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_metadata_attributes(tmp_path: Path, backend: str) -> None:
+    meta = make_meta()
+    path = write_store(store_path(tmp_path, backend), make_layers(), meta)
+    r = open_section(path)
+    m = r.meta
+    assert m.brain == "B03"
+    assert m.section_index == 17
+    assert m.z_mm == 12.5
+    assert m.pixel_size_um == 2.0
+    assert m.shape == SHAPE
+    assert m.label_table == {0: "background", 1: "white_matter", 2: "hOc1", 40: "area_40"}
+    assert all(isinstance(k, int) for k in m.label_table)
+    assert m.seed == 1234
+    assert m.source == "synthetic"
+    assert m.cytonet_version == __version__
+    assert m.extra == meta.extra
+    assert m == meta  # nothing lost or changed on the way through the attributes
+    # seed None (imported sections) survives as None
+    path2 = write_store(store_path(tmp_path, backend, "B03_s0018"), make_layers(), make_meta(seed=None))
+    assert open_section(path2).meta.seed is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compression_none_vs_blosc_zstd(tmp_path: Path, backend: str) -> None:
+    data = make_layers()
+    data["image"] = np.zeros(SHAPE, dtype=np.uint8)  # compresses to nearly nothing
+    data["image"][::7] = 200
+    sizes = {}
+    for compression in ("none", "blosc-zstd"):
+        path = write_store(store_path(tmp_path / compression, backend), data, compression=compression)
+        with open_section(path) as r:
+            for layer, expected in data.items():
+                np.testing.assert_array_equal(r.read(layer), expected)
+            arr = r.array("image")
+            if backend == "zarr":
+                codecs = [type(c).__name__ for c in arr.compressors]
+                assert codecs == ([] if compression == "none" else ["BloscCodec"])
+            else:
+                plist = arr.id.get_create_plist()
+                filters = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+                assert filters == ([] if compression == "none" else [32001])  # 32001: the HDF5 blosc filter
+        sizes[compression] = tree_bytes(path)
+    assert sizes["blosc-zstd"] < sizes["none"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_refuses_to_overwrite_and_overwrite_replaces(tmp_path: Path, backend: str) -> None:
+    path = store_path(tmp_path, backend)
+    first = make_layers(seed=1)
+    write_store(path, first)
+    second = make_layers(seed=2)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        write_store(path, second)
+    np.testing.assert_array_equal(open_section(path).read("image"), first["image"])
+    write_store(path, second, make_meta(brain="B09"), overwrite=True)
+    r = open_section(path)
+    assert r.meta.brain == "B09"
+    np.testing.assert_array_equal(r.read("image"), second["image"])
+    assert not path.with_name(path.name + ".partial").exists()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_failing_writer_leaves_no_store(tmp_path: Path, backend: str) -> None:
+    path = store_path(tmp_path, backend)
+    partial = path.with_name(path.name + ".partial")
+    data = make_layers()
+    with pytest.raises(RuntimeError, match="boom"), create_section(path, make_meta(), chunk_px=CHUNK) as w:
+        w.write("image", 0, 0, data["image"][:CHUNK])
+        assert partial.exists() and not path.exists()
+        raise RuntimeError("boom")
+    assert not path.exists() and not partial.exists()
+    assert list(tmp_path.iterdir()) == []
+
+    # An existing store survives a failed overwrite untouched.
+    write_store(path, data, make_meta(brain="OLD"))
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        create_section(path, make_meta(brain="NEW"), chunk_px=CHUNK, overwrite=True) as w,
+    ):
+        w.write("image", 0, 0, np.full((CHUNK, SHAPE[1]), 7, dtype=np.uint8))
+        raise RuntimeError("boom")
+    assert not partial.exists()
+    r = open_section(path)
+    assert r.meta.brain == "OLD"
+    for layer, expected in data.items():
+        np.testing.assert_array_equal(r.read(layer), expected)
+
+
+def test_writer_rejects_bad_layers_and_regions(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="image"):
+        create_section(tmp_path / "a.zarr", make_meta(), layers=("labels",))
+    with pytest.raises(InputError, match="layers"):
+        create_section(tmp_path / "a.zarr", make_meta(), layers=("image", "colour"))
+    with pytest.raises(InputError, match="suffix"):
+        create_section(tmp_path / "a.n5", make_meta())
+    with create_section(tmp_path / "a.h5", make_meta(), layers=("image",), chunk_px=CHUNK) as w:
+        with pytest.raises(ValueError, match="outside"):
+            w.write("image", 90, 0, np.zeros((20, 10), dtype=np.uint8))
+        with pytest.raises(KeyError, match="labels"):
+            w.write("labels", 0, 0, np.zeros((2, 2), dtype=np.uint16))
+        w.write("image", 0, 0, np.ones(SHAPE, dtype=np.uint8))
+    r = open_section(tmp_path / "a.h5")
+    assert r.layers == ("image",) and not r.has("labels")
+    with pytest.raises(InputError, match="no layer 'labels'"):
+        r.read("labels")
+
+
+def _read_in_child(args: tuple[SectionReader, int, int]) -> np.ndarray:
+    reader, y0, y1 = args
+    return reader.read("image", y0, y1) + reader.read("labels", y0, y1).astype(np.uint8)
+
+
+def _child_via_fork(reader: SectionReader, queue: Any) -> None:
+    try:
+        queue.put(("ok", reader.read("image", 0, 50)))
+    except Exception as exc:
+        queue.put(("error", repr(exc)))
+
+
+def test_reader_works_in_forked_children(tmp_path: Path) -> None:
+    data = make_layers()
+    path = write_store(store_path(tmp_path, "hdf5"), data)
+    expected = data["image"] + data["labels"].astype(np.uint8)
+    ctx = mp.get_context("fork")
+
+    # Pickled before first use (as a DataLoader does with its dataset): each child opens its own handle.
+    reader = open_section(path)
+    assert reader._handle is None  # the constructor closed the handle it read the metadata with
+    clone = pickle.loads(pickle.dumps(reader))
+    np.testing.assert_array_equal(clone.read("image"), data["image"])
+    with ctx.Pool(2) as pool:
+        parts = pool.map(_read_in_child, [(reader, y0, y0 + 25) for y0 in range(0, SHAPE[0], 25)])
+    np.testing.assert_array_equal(np.concatenate(parts), expected)
+
+    # Used in the parent first, then inherited through fork (not pickled): the child sees another pid and
+    # opens its own handle instead of sharing the parent's.
+    np.testing.assert_array_equal(reader.read("image", 0, 10), data["image"][:10])
+    assert reader._handle is not None
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_via_fork, args=(reader, queue))
+    child.start()
+    status, result = queue.get(timeout=60)
+    child.join(timeout=60)
+    assert status == "ok", result
+    np.testing.assert_array_equal(result, data["image"][:50])
+    # the parent's handle still works after the child is gone
+    np.testing.assert_array_equal(reader.read("image", 50, 100), data["image"][50:])
+    reader.close()
+
+
+def test_list_sections_ignores_partial_stores(tmp_path: Path) -> None:
+    data = make_layers((40, 30))
+    a = write_store(tmp_path / "B01" / "B01_s0000.zarr", data)
+    b = write_store(tmp_path / "B02" / "B02_s0003.h5", data)
+    c = write_store(tmp_path / "B01" / "B01_s0001.hdf5", data)
+    unfinished = [
+        create_section(tmp_path / "B01" / "B01_s0002.zarr", make_meta((40, 30)), chunk_px=CHUNK),
+        create_section(tmp_path / "B02" / "B02_s0004.h5", make_meta((40, 30)), chunk_px=CHUNK),
+    ]
+    assert (tmp_path / "B01" / "B01_s0002.zarr.partial").exists()
+    assert (tmp_path / "B02" / "B02_s0004.h5.partial").exists()
+    assert list_sections(tmp_path) == sorted([a, b, c])
+    for w in unfinished:
+        w.abort()
+    with pytest.raises(InputError, match="does not exist"):
+        list_sections(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_format_version_mismatch_is_refused(tmp_path: Path, backend: str) -> None:
+    path = write_store(store_path(tmp_path, backend), make_layers((40, 30)))
+    if backend == "zarr":
+        import zarr
+
+        zarr.open_group(str(path), mode="r+").attrs["format_version"] = FORMAT_VERSION + 98
+    else:
+        import h5py
+
+        with h5py.File(path, "r+") as f:
+            f.attrs["format_version"] = json.dumps(FORMAT_VERSION + 98)
+    with pytest.raises(InputError, match=rf"format version {FORMAT_VERSION + 98} is not supported.*expected"):
+        open_section(path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_missing_metadata_and_missing_store(tmp_path: Path, backend: str) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        open_section(store_path(tmp_path, backend, "absent"))
+    path = write_store(store_path(tmp_path, backend), make_layers((40, 30)))
+    if backend == "zarr":
+        import zarr
+
+        del zarr.open_group(str(path), mode="r+").attrs["brain"]
+    else:
+        import h5py
+
+        with h5py.File(path, "r+") as f:
+            del f.attrs["brain"]
+    with pytest.raises(InputError, match="lacks the attribute 'brain'"):
+        open_section(path)
+
+
+def test_corrupt_hdf5_store_is_an_input_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.h5"
+    path.write_bytes(b"not an hdf5 file at all" * 10)
+    with pytest.raises(InputError, match=r"bad\.h5"):
+        open_section(path)
