@@ -11,8 +11,8 @@ Inputs, given as strings in ``cfg.importer``:
   tifffile's zarr store (tile by tile or strip by strip), or memory-mapped when the image is stored uncompressed
   and contiguous. A pyramid (OME sub-IFDs or reduced-resolution pages) gives its level 0; further series that
   are smaller than the first (thumbnails, label or macro images of slide scanners) are ignored. A stack (several
-  full-size pages: z, time, channels) is refused, as is a compression this installation cannot decode (JPEG,
-  LZW, JPEG and JPEG 2000 are decoded through ``imagecodecs``, a dependency; a codec it lacks is refused up front).
+  full-size pages: z, time, channels) is refused, as is a compression this installation cannot decode (LZW,
+  JPEG and JPEG 2000 are decoded through ``imagecodecs``, a dependency; a codec it lacks is refused up front).
 - HDF5: ``file.h5:/path/to/dataset`` (also ``.hdf5``, ``.hdf``, ``.he5``); without ``:dataset`` the file must hold
   exactly one dataset.
 - zarr (v2 or v3): ``path.zarr`` (an array, an OME-Zarr multiscale group whose level 0 is taken, or a group
