@@ -108,9 +108,118 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="processes for parallel steps (default 2)")
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from cytonet.data.extract import run_extract
+
+    cfg = _load(args)
+    out = Path(args.out) if args.out else cfg.resolve_path(cfg.extract.out_dir)
+    result = run_extract(
+        cfg, out, overwrite=args.overwrite, task_id=args.task_id, num_tasks=args.num_tasks, workers=args.workers
+    )
+    if result.manifest is not None:
+        print(result.out)
+    return EXIT_OK
+
+
+def _extract_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=1, help="processes writing shards in this task (default 1)")
+    p.add_argument(
+        "--task-id", type=int, default=0, help="this task's number, 0..N-1 (e.g. $SLURM_ARRAY_TASK_ID; default 0)"
+    )
+    p.add_argument("--num-tasks", type=int, default=1, help="number of array tasks sharing the work (default 1)")
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from cytonet.data.patches import check_store, describe_store
+
+    if args.overrides:
+        raise UsageError(f"store takes no overrides, got {args.overrides}")
+    if args.action == "info":
+        print(describe_store(args.path))
+    else:
+        result = check_store(args.path, read_patches=not args.quick)
+        print(f"{args.path}: ok ({result.shards} shards, {result.patches} patches)")
+    return EXIT_OK
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "action", choices=["info", "check"], help="info: counts per split, area, brain; check: verify every shard"
+    )
+    p.add_argument("path", metavar="PATH", help="patch store folder (holding manifest.json)")
+    p.add_argument("--quick", action="store_true", help="check: metadata only, do not decompress every patch")
+
+
+def _train_command(kind: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from cytonet.train.loop import run_stage
+        from cytonet.train.preempt import Preempted
+        from hpc.env import detect
+
+        cfg = _load(args)
+        env = detect().dist()  # hpc/ reads the launcher's variables; cytonet gets plain values
+        setup_logging("DEBUG" if args.debug else cfg.run.log_level, env.rank, env.world_size)
+        resume = False if args.overwrite else args.resume
+        try:
+            run_stage(cfg, env, kind, out=Path(args.out) if args.out else None, resume=resume, fresh=args.overwrite)  # type: ignore[arg-type]
+        except Preempted as exc:
+            log.warning("%s", exc)
+            return exc.exit_code
+        return EXIT_OK
+
+    return run
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--resume",
+        dest="resume",
+        action="store_const",
+        const=True,
+        default=None,
+        help="require a checkpoint in the run folder and continue from it (default: resume when one exists)",
+    )
+    group.add_argument(
+        "--no-resume", dest="resume", action="store_const", const=False, help="refuse a run folder with checkpoints"
+    )
+
+
 COMMANDS: list[Command] = [
     Command("synth", "generate synthetic brains into section stores", cmd_synth, extra_args=_synth_args),
     Command("import", "import a real section (TIFF/OME-TIFF, HDF5, zarr) into a section store", cmd_import),
+    Command(
+        "extract",
+        "sample class-balanced patches from section stores into a sharded patch store (array tasks: --task-id)",
+        cmd_extract,
+        extra_args=_extract_args,
+    ),
+    Command(
+        "store",
+        "inspect a patch store: `store info PATH` (counts) or `store check PATH` (verify shards)",
+        cmd_store,
+        takes_config=False,
+        writes=False,
+        extra_args=_store_args,
+    ),
+    Command(
+        "pretrain",
+        "contrastive pretraining (supcon or distance-weighted) with DDP; run under torchrun for several ranks",
+        _train_command("pretrain"),
+        extra_args=_train_args,
+    ),
+    Command(
+        "probe",
+        "linear probe on the frozen pretrained encoder; weighted F1, top-1, top-3 on held-out data",
+        _train_command("probe"),
+        extra_args=_train_args,
+    ),
+    Command(
+        "scratch",
+        "baseline: encoder plus linear head trained end to end with cross-entropy",
+        _train_command("scratch"),
+        extra_args=_train_args,
+    ),
     Command("check-config", "load and validate a config, print it resolved", cmd_check_config, writes=False),
     Command(
         "demo",

@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -53,8 +53,8 @@ class RunConfig:
 class SynthConfig:
     """The built-in synthetic brains (``cytonet synth``)."""
 
-    out_dir: str = "runs/demo/sections"
-    """Folder the section stores are written to (``--out`` overrides it)."""
+    out_dir: str = "sections"
+    """Folder the section stores are written to; relative paths lie below ``run.root_dir``; ``--out`` overrides."""
     n_brains: int = 4
     """Number of brains; each has its own stain, cell-size scale, thickness and distortion."""
     sections_per_brain: int = 5
@@ -165,12 +165,18 @@ class ImportConfig:
     """Section number within the brain."""
     z_mm: float = 0.0
     """Position of the section plane along the cutting axis, mm."""
-    out_dir: str = "runs/import"
-    """Folder the section store is written to (``--out`` overrides it)."""
+    out_dir: str = "sections"
+    """Folder the section store is written to; relative paths lie below ``run.root_dir``; ``--out`` overrides."""
 
     def validate(self, prefix: str) -> None:
         _check(self.pixel_size_um > 0, f"{prefix}.pixel_size_um", self.pixel_size_um, "> 0")
         _check(self.section_index >= 0, f"{prefix}.section_index", self.section_index, ">= 0")
+        _check(
+            bool(self.brain) and all(ch.isalnum() or ch in "-_." for ch in self.brain) and self.brain[0] != ".",
+            f"{prefix}.brain",
+            self.brain,
+            "use letters, digits, '-', '_' or '.' (it names a folder), e.g. B01",
+        )
 
 
 @dataclass
@@ -296,9 +302,267 @@ class DistConfig:
     """Collective timeout: a dead rank makes the others fail after this long instead of hanging."""
     sync_batchnorm: bool = True
     """Synchronise BatchNorm statistics across ranks (seed 002)."""
+    check_replicas: bool = False
+    """After every step, check that all ranks hold bitwise identical weights (a debugging aid; one collective)."""
+    sync_batchnorm_impl: Literal["auto", "torch", "cytonet", "apex"] = "auto"
+    """Synced BatchNorm implementation: ``auto``: torch's on CUDA, cytonet's on CPU (torch's refuses CPU
+    tensors); ``apex``: NVIDIA apex's (must be importable, CUDA only)."""
 
     def validate(self, prefix: str) -> None:
         _check(self.timeout_s > 0, f"{prefix}.timeout_s", self.timeout_s, "> 0 s")
+
+
+@dataclass
+class ExtractConfig:
+    """``cytonet extract``: sample patch centres from section stores into a sharded patch store."""
+
+    sections_dir: str = "sections"
+    """Folder holding the section stores; relative paths lie below ``run.root_dir``."""
+    out_dir: str = "patches"
+    """Folder of the patch store; relative paths lie below ``run.root_dir``; ``--out`` overrides."""
+    sampling: Literal["centerline", "cortex"] = "centerline"
+    """``centerline``: centres where the cortical depth is 0.5 +- ``centerline_tolerance`` (seed 002);
+    ``cortex``: centres uniformly inside the cortex, depth 0..1 (seed 004)."""
+    centerline_tolerance: float = 0.05
+    """Half-width of the depth band around 0.5 that counts as the centre line of the cortical ribbon."""
+    candidate_stride_px: int = 1
+    """Only pixels on a grid of this step (in section pixels) are candidate centres; >1 saves survey time."""
+    patches_per_area: int = 256
+    """Training patches per area (paper: 1200); areas with fewer candidate pixels are oversampled."""
+    eval_patches_per_area: int = 64
+    """Patches per area in the ``test`` and ``unseen`` splits (never oversampled: fewer if fewer candidates)."""
+    test_fraction: float = 0.2
+    """Fraction of the sections of each training brain held out as the ``test`` split (seed 004: 80/20)."""
+    heldout_brains: list[str] = field(default_factory=list)
+    """Brains whose sections form the ``unseen`` split; empty: the last ``n_heldout_brains`` in sorted order."""
+    n_heldout_brains: int = 1
+    """Number of held-out brains when ``heldout_brains`` is empty (0: no ``unseen`` split)."""
+    patch_size_px: int | None = None
+    """Edge of the crop the model sees (px); null: ``model.patch_size_px``. Patches are stored larger (margin)."""
+    pixel_size_um: float | None = None
+    """Pixel size of the stored patches; null: the sections' own. Must be an integer multiple of the sections'
+    pixel size (patches are block-averaged); paper: 2, demo: 8."""
+    patches_per_shard: int = 128
+    """Patches per shard file; a zarr shard is buffered in memory while written (paper patches: 3.3 MB each)."""
+    backend: Backend = "hdf5"
+    """Patch store backend: ``hdf5`` (one .h5 file per shard) or ``zarr`` (one zarr group per shard)."""
+    compression: Literal["blosc-zstd", "none"] = "none"
+    """Codec of the stored patches (see benchmarks/bench_patch_reads.py for the measured trade-off)."""
+    seed: int = 0
+    """Seed of the sampling, the split of sections and the order of patches in shards."""
+
+    def validate(self, prefix: str) -> None:
+        _check(
+            0 < self.centerline_tolerance <= 0.5,
+            f"{prefix}.centerline_tolerance",
+            self.centerline_tolerance,
+            "use 0 < tolerance <= 0.5 (depth runs 0..1)",
+        )
+        _check(self.candidate_stride_px >= 1, f"{prefix}.candidate_stride_px", self.candidate_stride_px, ">= 1")
+        _check(self.patches_per_area >= 1, f"{prefix}.patches_per_area", self.patches_per_area, ">= 1 (paper: 1200)")
+        _check(self.eval_patches_per_area >= 0, f"{prefix}.eval_patches_per_area", self.eval_patches_per_area, ">= 0")
+        _check(0 <= self.test_fraction < 1, f"{prefix}.test_fraction", self.test_fraction, "use 0 <= fraction < 1")
+        _check(self.n_heldout_brains >= 0, f"{prefix}.n_heldout_brains", self.n_heldout_brains, ">= 0")
+        if self.patch_size_px is not None:
+            _check(self.patch_size_px >= 8, f"{prefix}.patch_size_px", self.patch_size_px, ">= 8 px, or null")
+        if self.pixel_size_um is not None:
+            _check(self.pixel_size_um > 0, f"{prefix}.pixel_size_um", self.pixel_size_um, "> 0, or null")
+        _check(self.patches_per_shard >= 1, f"{prefix}.patches_per_shard", self.patches_per_shard, ">= 1")
+        _check(self.seed >= 0, f"{prefix}.seed", self.seed, "use a non-negative integer")
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation, applied batched on the training device (defaults: seed 002)."""
+
+    enabled: bool = True
+    """Apply the random transforms; false: only the centre crop (evaluation)."""
+    rotation_max_deg: float = 180.0
+    """Rotation angle drawn from U[-max, max] degrees (seed 002: U[-pi, pi])."""
+    shift_max_mm: float = 0.2
+    """Patch centre moved in a random direction by U[0, max] mm (seed 002: 0.2); sets the stored margin."""
+    mirror_p: float = 0.5
+    """Probability of a vertical mirror."""
+    intensity_p: float = 1.0
+    """Probability of the unbiased gamma augmentation alpha * x^gamma + beta (seed 002: always)."""
+    alpha_range: tuple[float, float] = (0.9, 1.0)
+    """alpha ~ U[low, high]."""
+    beta_range: tuple[float, float] = (-0.1, 0.1)
+    """beta ~ U[low, high]."""
+    gamma_z_max: float = 0.05
+    """gamma = log(0.5 + Z/sqrt 2) / log(0.5 - Z/sqrt 2), Z ~ U[-max, max] (seed 002 with the README erratum)."""
+    blur_p: float = 0.25
+    """Probability of a Gaussian blur G_sigma(x)."""
+    sharpen_p: float = 0.25
+    """Probability of sharpening (exclusive with the blur)."""
+    sigma_range_px: tuple[float, float] = (0.125, 1.0)
+    """sigma ~ U[low, high] px of the Gaussian used by blur and sharpening."""
+    sharpen_delta_range: tuple[float, float] = (0.5, 1.5)
+    """delta ~ U[low, high] of the sharpening."""
+    sharpen_formula: Literal["as_printed", "unsharp_mask"] = "as_printed"
+    """``as_printed``: x + delta * (G(x) - x) as seed 002 prints it (moves towards the blur);
+    ``unsharp_mask``: x + delta * (x - G(x)), a true sharpening."""
+    seed: int = 0
+    """Seed of the per-sample parameters, drawn from (seed, epoch, sample index, view)."""
+
+    @property
+    def blur_radius_px(self) -> int:
+        """Half-width of the Gaussian kernel: 3 sigma_max, rounded up (the resampled area is this much larger)."""
+        import math
+
+        return max(1, math.ceil(3.0 * self.sigma_range_px[1]))
+
+    def validate(self, prefix: str) -> None:
+        _check(
+            0 <= self.rotation_max_deg <= 180,
+            f"{prefix}.rotation_max_deg",
+            self.rotation_max_deg,
+            "use 0-180 degrees",
+        )
+        _check(0 <= self.shift_max_mm <= 5, f"{prefix}.shift_max_mm", self.shift_max_mm, "use 0-5 mm (paper: 0.2)")
+        for name in ("mirror_p", "intensity_p", "blur_p", "sharpen_p"):
+            p = getattr(self, name)
+            _check(0 <= p <= 1, f"{prefix}.{name}", p, "a probability in [0, 1]")
+        _check(
+            self.blur_p + self.sharpen_p <= 1,
+            f"{prefix}.sharpen_p",
+            self.sharpen_p,
+            f"blur_p + sharpen_p must be <= 1 (they exclude each other; blur_p={self.blur_p})",
+        )
+        for name in ("alpha_range", "beta_range", "sigma_range_px", "sharpen_delta_range"):
+            lo, hi = getattr(self, name)
+            _check(lo <= hi, f"{prefix}.{name}", [lo, hi], "give [low, high] with low <= high")
+        _check(self.alpha_range[0] > 0, f"{prefix}.alpha_range", list(self.alpha_range), "low must be > 0")
+        _check(
+            0 < self.sigma_range_px[0] and self.sigma_range_px[1] <= 8,
+            f"{prefix}.sigma_range_px",
+            list(self.sigma_range_px),
+            "use 0 < low <= high <= 8 px",
+        )
+        _check(
+            0 <= self.gamma_z_max < 0.5 * 2**0.5,
+            f"{prefix}.gamma_z_max",
+            self.gamma_z_max,
+            "use 0 <= Z_max < 0.707 (log of a non-positive number otherwise; paper: 0.05)",
+        )
+        _check(self.seed >= 0, f"{prefix}.seed", self.seed, "use a non-negative integer")
+
+
+@dataclass
+class LoaderConfig:
+    """Reading patch stores for training: sampler, batching and DataLoader workers."""
+
+    batch_size_per_rank: int = 32
+    """Samples per rank and step; the global batch is this times the world size (paper: 4096 on 32 GPUs)."""
+    workers: int = 2
+    """DataLoader worker processes per rank (they read and decompress; augmentation runs on the device).
+    On a CPU-only machine with few cores, 0 (read in the training process) avoids oversubscribing torch's
+    threads (see benchmarks/bench_loader.py)."""
+    prefetch_factor: int = 4
+    """Batches each worker reads ahead."""
+    shard_block: int = 4
+    """Shards shuffled together: each epoch shuffles the shard order, then the samples within blocks of this
+    many shards (read locality vs. mixing)."""
+    class_aware: bool = True
+    """Build global batches of groups of ``samples_per_class`` same-area samples, so SupCon has positives."""
+    samples_per_class: int = 4
+    """Samples per area group in a class-aware batch; must divide ``batch_size_per_rank``."""
+    seed: int = 0
+    """Seed of the per-epoch shuffle (the order is a function of seed and epoch only)."""
+    pin_memory: bool = True
+    """Pin host memory of batches when training on CUDA."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.batch_size_per_rank >= 1, f"{prefix}.batch_size_per_rank", self.batch_size_per_rank, ">= 1")
+        _check(self.workers >= 0, f"{prefix}.workers", self.workers, ">= 0 (0: read in the main process)")
+        _check(self.prefetch_factor >= 1, f"{prefix}.prefetch_factor", self.prefetch_factor, ">= 1")
+        _check(self.shard_block >= 1, f"{prefix}.shard_block", self.shard_block, ">= 1")
+        _check(self.samples_per_class >= 1, f"{prefix}.samples_per_class", self.samples_per_class, ">= 1")
+        if self.class_aware:
+            _check(
+                self.batch_size_per_rank % self.samples_per_class == 0,
+                f"{prefix}.samples_per_class",
+                self.samples_per_class,
+                f"must divide batch_size_per_rank ({self.batch_size_per_rank})",
+            )
+        _check(self.seed >= 0, f"{prefix}.seed", self.seed, "use a non-negative integer")
+
+
+@dataclass
+class TrainConfig:
+    """One training stage (``pretrain``, ``probe`` or ``scratch``): length, batch, checkpoints, preemption."""
+
+    out_dir: str = "pretrain"
+    """Run folder of the stage (checkpoints, metrics, logs); relative paths lie below ``run.root_dir``."""
+    epochs: int = 20
+    """Passes over the training split (seed 002: pretrain 150, probe 30, scratch 180)."""
+    max_steps: int = 0
+    """Stop after this many optimiser steps in total (0: run all ``epochs``)."""
+    global_batch_size: int = 64
+    """Samples per step over all ranks; divided by the world size (seed 002: 4096; seed 004: 2048)."""
+    checkpoint_every_steps: int = 50
+    """Write a checkpoint every this many steps (and at the end, and on preemption)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints are kept."""
+    log_every_steps: int = 10
+    """Log loss and throughput every this many steps (rank 0)."""
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that request a checkpoint and a requeue exit at the next step boundary."""
+    requeue_exit_code: int = 75
+    """Exit status after a preemption checkpoint (75 = EX_TEMPFAIL): the launchers requeue on it."""
+    min_epochs: ClassVar[int] = 1
+
+    def per_rank_batch(self, world_size: int, prefix: str) -> int:
+        """The batch of one rank; raises naming the key when the global batch does not divide."""
+        _check(
+            self.global_batch_size % world_size == 0,
+            f"{prefix}.global_batch_size",
+            self.global_batch_size,
+            f"must be divisible by the world size {world_size}",
+        )
+        return self.global_batch_size // world_size
+
+    def validate(self, prefix: str) -> None:
+        _check(
+            self.epochs >= self.min_epochs,
+            f"{prefix}.epochs",
+            self.epochs,
+            f">= {self.min_epochs}" + (" (0: pretrain + probe epochs)" if self.min_epochs == 0 else ""),
+        )
+        _check(self.max_steps >= 0, f"{prefix}.max_steps", self.max_steps, ">= 0 (0: all epochs)")
+        _check(self.global_batch_size >= 2, f"{prefix}.global_batch_size", self.global_batch_size, ">= 2")
+        _check(
+            self.checkpoint_every_steps >= 1, f"{prefix}.checkpoint_every_steps", self.checkpoint_every_steps, ">= 1"
+        )
+        _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", self.keep_checkpoints, ">= 1")
+        _check(self.log_every_steps >= 1, f"{prefix}.log_every_steps", self.log_every_steps, ">= 1")
+        valid = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGCONT")
+        for name in self.preempt_signals:
+            _check(name in valid, f"{prefix}.preempt_signals", self.preempt_signals, f"use names among {valid}")
+        _check(
+            0 < self.requeue_exit_code < 128, f"{prefix}.requeue_exit_code", self.requeue_exit_code, "use 1-127"
+        )
+
+
+@dataclass
+class ProbeConfig(TrainConfig):
+    """Linear probe: frozen pretrained encoder, projection head dropped, linear classifier (seed 002: 30 epochs)."""
+
+    out_dir: str = "probe"
+    epochs: int = 30
+    encoder_from: str = "pretrain"
+    """Run folder of the pretraining whose final encoder is probed; relative paths lie below ``run.root_dir``."""
+
+
+@dataclass
+class ScratchConfig(TrainConfig):
+    """Baseline: the same encoder plus a linear head trained end to end with cross-entropy."""
+
+    out_dir: str = "scratch"
+    epochs: int = 0
+    """0: as many epochs as pretraining plus probe (seed 002: 150 + 30 = 180)."""
+
+    min_epochs: ClassVar[int] = 0
 
 
 @dataclass
@@ -313,6 +577,22 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    scratch: ScratchConfig = field(default_factory=ScratchConfig)
+
+    @property
+    def scratch_epochs(self) -> int:
+        """Epochs of the scratch baseline: ``scratch.epochs``, or pretrain + probe epochs when it is 0."""
+        return self.scratch.epochs or self.pretrain.epochs + self.probe.epochs
+
+    def resolve_path(self, path: str) -> Path:
+        """A configured path: absolute as given, relative ones below ``run.root_dir``."""
+        p = Path(path)
+        return p if p.is_absolute() else Path(self.run.root_dir) / p
 
     def validate(self) -> None:
         """Validate every section, then the rules that span sections."""
@@ -372,6 +652,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} is invalid: expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-6 (no dot) as a string; accept any numeric spelling.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r} is invalid: expected a number") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}={value!r} is invalid: expected a number")
         return float(value)
@@ -492,7 +778,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
             return [plain(x) for x in v]
         return v
 
-    return plain(dataclasses.asdict(cfg))  # type: ignore[no-any-return]
+    return plain(dataclasses.asdict(cfg))
 
 
 def config_to_yaml(cfg: Config) -> str:

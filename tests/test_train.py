@@ -1,0 +1,288 @@
+"""Training stages as real processes: single process, torchrun with 2 ranks, 2 simulated nodes; kill-and-resume
+bitwise, preemption signals, non-finite loss, a dead rank, probe and scratch reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from ringdata import make_sections
+
+from cytonet.config import load_config
+from cytonet.data.extract import run_extract
+from cytonet.train.checkpoint import latest_checkpoint, list_checkpoints
+from cytonet.train.metrics import classification_metrics
+
+pytestmark = pytest.mark.distributed
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Ring sections of 3 brains and their patch store; returns the folder holding base.yaml."""
+    root = tmp_path_factory.mktemp("train")
+    make_sections(root / "sections")
+    cfg = {
+        "run": {"root_dir": str(root)},
+        "extract": {
+            "sections_dir": str(root / "sections"),
+            "patches_per_area": 16,
+            "eval_patches_per_area": 4,
+            "patches_per_shard": 16,
+        },
+        "model": {"n_blocks": 2, "patch_size_px": 49},
+        "loader": {"workers": 0, "samples_per_class": 2, "batch_size_per_rank": 8},
+        "pretrain": {"epochs": 3, "global_batch_size": 8, "checkpoint_every_steps": 1, "log_every_steps": 4},
+        "probe": {"epochs": 2, "global_batch_size": 8},
+        "scratch": {"epochs": 2, "global_batch_size": 8},
+        "dist": {"timeout_s": 20.0},
+    }
+    (root / "base.yaml").write_text(yaml.safe_dump(cfg))
+    run_extract(load_config(root / "base.yaml"), root / "patches")
+    return root
+
+
+def cli(data: Path, command: str, out: Path, *overrides: str) -> list[str]:
+    return [str(BIN / "cytonet"), command, str(data / "base.yaml"), *overrides, "--out", str(out)]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [str(BIN / "torchrun"), *args, "-m", "cytonet.cli"]
+
+
+def final_state(out: Path) -> dict[str, torch.Tensor]:
+    path = latest_checkpoint(out)
+    assert path is not None, f"no checkpoint in {out}"
+    return torch.load(path, weights_only=True)["model"]  # type: ignore[no-any-return]
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def wait_for_checkpoint(out: Path, proc: subprocess.Popen[str], min_step: int, timeout: float = 120.0) -> int:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        found = list_checkpoints(out)
+        if found and int(found[-1].stem.split("-")[1]) >= min_step:
+            return int(found[-1].stem.split("-")[1])
+        if proc.poll() is not None:
+            pytest.fail(f"process ended ({proc.returncode}) before checkpoint {min_step}: {proc.stdout}")
+        time.sleep(0.05)
+    pytest.fail(f"no checkpoint >= {min_step} in {out} after {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def reference(data: Path) -> dict[str, torch.Tensor]:
+    """An uninterrupted single-process pretraining: 3 epochs of 8 steps."""
+    out = data / "ref"
+    r = subprocess.run(cli(data, "pretrain", out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "DONE").is_file() and (out / "encoder.pt").is_file()
+    assert json.loads((out / "DONE").read_text())["step"] == 24
+    return final_state(out)
+
+
+def test_kill_at_random_step_and_resume_is_bitwise(data: Path, reference: dict[str, torch.Tensor]) -> None:
+    out = data / "killed"
+    kill_after = random.Random().randint(1, 20)
+    proc = subprocess.Popen(cli(data, "pretrain", out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_checkpoint(out, proc, kill_after)  # type: ignore[arg-type]
+    proc.kill()  # SIGKILL: no handler runs, possibly in the middle of a step or a checkpoint write
+    proc.wait()
+    r = subprocess.run(cli(data, "pretrain", out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr, f"killed after checkpoint {kill_after} but the rerun did not resume"
+    assert_bitwise_equal(final_state(out), reference)
+
+
+def test_signal_checkpoints_exits_for_requeue_and_resumes(data: Path, reference: dict[str, torch.Tensor]) -> None:
+    out = data / "signalled"
+    proc = subprocess.Popen(
+        cli(data, "pretrain", out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    wait_for_checkpoint(out, proc, 3)  # type: ignore[arg-type]
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert "preempted at step" in err
+    # Completing from the preemption checkpoint gives the uninterrupted weights.
+    r = subprocess.run(cli(data, "pretrain", out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_bitwise_equal(final_state(out), reference)
+
+
+def test_torchrun_two_ranks_identical_weights(data: Path, reference: dict[str, torch.Tensor]) -> None:
+    out = data / "ddp2"
+    cmd = torchrun("--standalone", "--nproc_per_node=2") + [
+        "pretrain",
+        str(data / "base.yaml"),
+        "dist.check_replicas=true",
+        "--out",
+        str(out),
+    ]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 0/2" in r.stderr
+    # Synced BN and gathered negatives make 2 ranks x 4 samples train like 1 rank x 8 (up to float order).
+    two = final_state(out)
+    for k, v in reference.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(two[k], v, rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_two_simulated_nodes(data: Path) -> None:
+    out = data / "nodes2"
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            torchrun(
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={node}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+            )
+            + [
+                "pretrain",
+                str(data / "base.yaml"),
+                "pretrain.max_steps=6",
+                "dist.check_replicas=true",
+                "--out",
+                str(out),
+            ],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    assert json.loads((out / "DONE").read_text())["step"] == 6
+
+
+def test_signal_on_one_rank_stops_all_ranks_together(data: Path) -> None:
+    out = data / "ddp-signal"
+    cmd = torchrun("--standalone", "--nproc_per_node=2") + [
+        "pretrain",
+        str(data / "base.yaml"),
+        "pretrain.epochs=50",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(out, proc, 2)  # type: ignore[arg-type]
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(children) == 2, children
+    os.kill(int(children[1]), signal.SIGUSR1)  # one worker only: the ranks must agree before acting
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "preempted at step" in err
+    assert "exitcode  : 75" in err or "exit code 75" in err or "exitcode: 75" in err, err[-3000:]
+    state = torch.load(latest_checkpoint(out), weights_only=True)  # type: ignore[arg-type]
+    assert len(state["rng"]) == 2 and state["step"] >= 2
+
+
+def test_non_finite_loss_stops_every_rank(data: Path) -> None:
+    out = data / "nan"
+    cmd = torchrun("--standalone", "--nproc_per_node=2") + [
+        "pretrain",
+        str(data / "base.yaml"),
+        "optim.name=sgd",
+        "optim.base_lr=1e30",
+        "--out",
+        str(out),
+    ]
+    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.count("the loss is not finite at step") == 2, r.stderr[-3000:]
+
+
+def test_dead_rank_fails_the_others_within_timeout(data: Path) -> None:
+    out = data / "dead"
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        cmd = cli(data, "pretrain", out, "pretrain.epochs=50", "dist.timeout_s=10")
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    wait_for_checkpoint(out, procs[0], 2)  # type: ignore[arg-type]
+    procs[1].kill()
+    started = time.monotonic()
+    _, err = procs[0].communicate(timeout=120)
+    assert procs[0].returncode == 1, err[-2000:]
+    assert time.monotonic() - started < 10 + 30
+    assert "cytonet: error:" in err
+
+
+def test_probe_and_scratch_write_reports(data: Path, reference: dict[str, torch.Tensor]) -> None:
+    for stage in ("probe", "scratch"):
+        out = data / stage
+        extra = [f"probe.encoder_from={data / 'ref'}"] if stage == "probe" else []
+        r = subprocess.run(cli(data, stage, out, *extra), env=ENV, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        for split in ("test", "unseen"):
+            m = json.loads((out / f"metrics-{split}.json").read_text())
+            assert set(m) == {"f1", "top1", "top3", "n"} and m["n"] > 0
+            assert 0 <= m["top1"] <= m["top3"] <= 100
+            assert (out / f"per-area-{split}.csv").read_text().count("\n") == 1 + 4
+            assert (out / f"confusion-{split}.png").stat().st_size > 1000
+    # The probe trained only the linear layer: its encoder equals the pretrained one.
+    probe_encoder = torch.load(data / "probe" / "encoder.pt", weights_only=True)["encoder"]
+    ref_encoder = torch.load(data / "ref" / "encoder.pt", weights_only=True)["encoder"]
+    assert_bitwise_equal(probe_encoder, ref_encoder)
+
+
+def test_rerun_of_finished_stage_is_skipped_and_no_resume_refuses(
+    data: Path, reference: dict[str, torch.Tensor]
+) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in (data / "ref").iterdir()}
+    r = subprocess.run(cli(data, "pretrain", data / "ref"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "already holds a finished run" in r.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (data / "ref").iterdir()} == before
+    r = subprocess.run(
+        cli(data, "pretrain", data / "ref", "--no-resume"), env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 1 and "holds checkpoint" in r.stderr
+    # Another config (a different temperature) must not resume these checkpoints.
+    r = subprocess.run(
+        cli(data, "pretrain", data / "ref", "loss.temperature=0.5"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 1 and "another config" in r.stderr and "loss.temperature" in r.stderr
+
+
+def test_classification_metrics_by_hand() -> None:
+    scores = np.array([[0.9, 0.05, 0.05, 0.0], [0.1, 0.2, 0.7, 0.0], [0.3, 0.4, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]])
+    labels = np.array([0, 1, 1, 3])
+    m = classification_metrics(scores, labels, 4)
+    assert m["top1"] == pytest.approx(75.0)  # rows 0, 2, 3 right
+    assert m["top3"] == pytest.approx(100.0)
+    # weighted F1: class 0 f1=1 (w 1/4), class 1: p=1, r=1/2, f1=2/3 (w 2/4), class 3 f1=1 (w 1/4)
+    assert m["f1"] == pytest.approx(100 * (0.25 + 0.5 * 2 / 3 + 0.25))
