@@ -11,6 +11,9 @@ depth     float32     cortical depth, 0 at the pial surface, 1 at the white-matt
 coords    float32     H x W x 3: position in the shared 3D reference space, mm
 ========  ==========  ===========================================================================
 
+Writers may quantise the float layers to make them compress well: the synthetic generator stores depth in
+steps of 1/4096 and coordinates in the power-of-two step at or below half a pixel (1/256 mm at 8 um/px).
+
 Layout on disk: a zarr v3 group ``<name>.zarr/`` with one array per layer, or one HDF5 file ``<name>.h5``
 with one dataset per layer; metadata (:class:`SectionMeta`) as attributes of the group / file root.
 
