@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from cytonet.config import Config, config_to_dict, save_config
-from cytonet.errors import OutputExistsError
+from cytonet.errors import CytonetError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +99,89 @@ def run_synth(cfg: Config, out: Path, *, overwrite: bool, preview: bool, workers
     return paths
 
 
+def run_extract_step(cfg: Config, *, overwrite: bool, workers: int) -> Path:
+    """Extract the patch store of ``cfg`` (skipped when it is complete)."""
+    from cytonet.data.extract import run_extract
+
+    out = cfg.resolve_path(cfg.extract.out_dir)
+    run_extract(cfg, out, overwrite=overwrite, workers=workers)
+    return out
+
+
+def run_torchrun(config_path: Path, command: str, nproc: int, extra: list[str] | None = None) -> None:
+    """Run ``cytonet <command> CONFIG`` under torchrun with ``nproc`` local processes (gloo on CPU)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "cytonet.cli",
+        command,
+        str(config_path),
+        *(extra or []),
+    ]
+    log.info("demo: %s", " ".join(cmd[2:]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, env=env, check=False)
+    if result.returncode != 0:
+        raise CytonetError(f"`{' '.join(cmd[2:])}` failed with exit status {result.returncode}")
+
+
+def fig2_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The metrics in the form of seed 002 Fig. 2: model, dataset, F1, top-1, top-3 (percent)."""
+    names = {"test": "held-out sections", "unseen": "held-out brain"}
+    lines = [f"{'model':<12} {'dataset':<18} {'F1':>6} {'top-1':>6} {'top-3':>6}"]
+    for split in ("test", "unseen"):
+        for model, metrics in results.items():
+            m = metrics.get(split)
+            if m is None:
+                continue
+            lines.append(f"{model:<12} {names[split]:<18} {m['f1']:6.2f} {m['top1']:6.2f} {m['top3']:6.2f}")
+    return "\n".join(lines)
+
+
 def run_demo(cfg: Config, *, overwrite: bool, workers: int = 2) -> None:
-    """The main job end to end on the built-in synthetic brains."""
+    """The main job end to end on the built-in synthetic brains: synth, extract, pretrain (torchrun, 2
+    processes), probe and scratch, then the seed 002 Fig. 2 table. Finished steps are skipped on a rerun."""
     root = Path(cfg.run.root_dir)
     root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, root)
+    config_path = save_config(cfg, root)
     started = time.perf_counter()
-    sections = run_synth(cfg, cfg.resolve_path(cfg.synth.out_dir), overwrite=overwrite, preview=True, workers=workers)
-    log.info("demo: %d sections in %s", len(sections), cfg.resolve_path(cfg.synth.out_dir))
-    log.info("demo: finished in %.1f s; outputs in %s", time.perf_counter() - started, root)
+    timings: dict[str, float] = {}
+
+    def timed(name: str, t0: float) -> None:
+        timings[name] = time.perf_counter() - t0
+        log.info("demo: %s done in %.1f s", name, timings[name])
+
+    t0 = time.perf_counter()
+    sections_dir = cfg.resolve_path(cfg.synth.out_dir)
+    run_synth(cfg, sections_dir, overwrite=overwrite, preview=True, workers=workers)
+    timed("synth", t0)
+    t0 = time.perf_counter()
+    run_extract_step(cfg, overwrite=overwrite, workers=workers)
+    timed("extract", t0)
+    t0 = time.perf_counter()
+    run_torchrun(config_path, "pretrain", 2, ["--overwrite"] if overwrite else [])
+    timed("pretrain", t0)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for kind, label in (("scratch", "scratch"), ("probe", "contrastive")):
+        t0 = time.perf_counter()
+        run_torchrun(config_path, kind, 2, ["--overwrite"] if overwrite else [])
+        timed(kind, t0)
+        out = cfg.resolve_path(getattr(cfg, kind).out_dir)
+        results[label] = {
+            split: json.loads((out / f"metrics-{split}.json").read_text())
+            for split in ("test", "unseen")
+            if (out / f"metrics-{split}.json").is_file()
+        }
+    table = fig2_table(results)
+    (root / "results.txt").write_text(table + "\n")
+    print(table)
+    log.info(
+        "demo: finished in %.1f s (%s); outputs in %s",
+        time.perf_counter() - started,
+        ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
+        root,
+    )
