@@ -153,6 +153,8 @@ class LaunchEnv:
             world_size=self.world_size,
             master_addr=self.master_addr,
             master_port=self.master_port,
+            local_world_size=self.local_world_size,
+            node_rank=self.node_rank,
         )
 
 
