@@ -53,7 +53,7 @@ def test_check_config_prints_resolved(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     resolved = yaml.safe_load(r.stdout)
     assert resolved["synth"]["n_brains"] == 2
-    assert resolved["model"]["patch_size_px"] == 265
+    assert resolved["model"]["patch_size_px"] == 121
 
 
 def test_config_errors_exit_2_with_one_line(tmp_path: Path) -> None:

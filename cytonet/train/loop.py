@@ -16,19 +16,20 @@ the CPU a run killed at any step and resumed ends with weights bitwise identical
 
 Outputs in the run folder: ``config.resolved.yaml``, ``ckpt-*.pt``, ``encoder.pt`` (final encoder weights, the
 input of probe and inference), ``metrics-<split>.json``, ``per-area-<split>.csv``, ``confusion-<split>.png``
-(probe and scratch), ``train-log.csv`` and ``DONE``.
+(probe and scratch), ``train-log.csv`` (per step; also TensorBoard scalars in ``tensorboard/`` when tensorboard
+is installed) and ``DONE``.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -49,6 +50,7 @@ from cytonet.precision import MixedPrecision
 from cytonet.train import checkpoint as ckpt
 from cytonet.train.metrics import predict, write_report
 from cytonet.train.preempt import Preempted, PreemptionFlag
+from cytonet.train.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -239,14 +241,15 @@ def _run(
             )
         distributed.barrier()
 
-    log_rows: list[dict[str, Any]] = []
     model.train()
     started, seen = time.perf_counter(), 0
-    with PreemptionFlag(tcfg.preempt_signals) as flag:
+    progress = Progress(out, kind, total_steps, step, active=env.is_main)
+    with PreemptionFlag(tcfg.preempt_signals) as flag, contextlib.closing(progress):
         while step < total_steps:
             loader.set_epoch(epoch)
             for batch in loader:
-                set_lr(optimizer, lr_at(step, cfg.optim, tcfg.global_batch_size, total_steps))
+                lr = lr_at(step, cfg.optim, tcfg.global_batch_size, total_steps)
+                set_lr(optimizer, lr)
                 with mp.autocast():
                     outputs = model(batch.images)
                 targets = batch.labels
@@ -280,8 +283,9 @@ def _run(
                             f"{kind}: after step {step} the weights of rank(s) {differ} differ from rank 0"
                         )
                 seen += batch.images.shape[0] * env.world_size
+                rate = seen / max(time.perf_counter() - started, 1e-9)
+                progress.update(step, epoch, loss_value, lr, rate)
                 if step % tcfg.log_every_steps == 0 or step == total_steps:
-                    rate = seen / max(time.perf_counter() - started, 1e-9)
                     log.info(
                         "%s step %d/%d epoch %d loss %.4f (%.0f img/s)",
                         kind,
@@ -291,7 +295,6 @@ def _run(
                         loss_value,
                         rate,
                     )
-                log_rows.append({"step": step, "epoch": epoch, "loss": loss_value})
                 if stop > 0:
                     save(step, epoch)
                     raise Preempted(tcfg.requeue_exit_code, step)
@@ -326,7 +329,6 @@ def _run(
     if env.is_main:
         encoder = raw_model.get_submodule("encoder")
         torch.save({"encoder": encoder.state_dict(), "config": config_dict}, out / ENCODER_FILE)
-        _append_log(out / "train-log.csv", log_rows)
         (out / DONE_FILE).write_text(json.dumps({"step": step, "metrics": metrics}, indent=1))
     distributed.barrier()
     return StageResult(out, step, metrics)
@@ -346,12 +348,3 @@ def _clear_run(out: Path) -> None:
 
 def _fmt(m: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.2f}" if isinstance(v, float) and not math.isnan(v) else f"{k} {v}" for k, v in m.items())
-
-
-def _append_log(path: Path, rows: list[dict[str, Any]]) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["step", "epoch", "loss"])
-        if new:
-            w.writeheader()
-        w.writerows(rows)
