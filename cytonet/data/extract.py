@@ -1,0 +1,700 @@
+"""``cytonet extract``: sample patch centres from section stores and write a sharded patch store.
+
+Entry point: :func:`run_extract` (the CLI calls it once per process / SLURM array task).
+
+Steps, each deterministic from the config and the section stores alone:
+
+1. **Splits.** Sections are grouped by brain. The held-out brains (``extract.heldout_brains``, or the last
+   ``n_heldout_brains`` in sorted order) form the ``unseen`` split; within every other brain a fraction
+   ``test_fraction`` of the sections (chosen by a hash of seed, brain and section) forms ``test``; the rest is
+   ``train`` (seed 004: 80/20 sections, held-out brain).
+2. **Survey** (one pass over each section's labels and depth, in row bands, bounded memory). Candidate centres
+   are cortical pixels (area id >= 2) on the centre line of the ribbon (|depth - 0.5| <= tolerance, seed 002)
+   or anywhere in the cortex (depth in [0, 1], seed 004). Each candidate gets a 64-bit key hashed from (seed,
+   brain, section, pixel); per area the section keeps its count and the candidates with the smallest keys (a
+   bottom-k sample, the same whatever the band size). Results are cached in ``OUT/.survey/`` (one file per
+   section, written atomically), so tasks share the work: each task walks the sections from its own offset
+   and skips those already surveyed by another.
+3. **Plan.** Per split and area, the candidates with the smallest keys over all the split's sections are a
+   uniform sample without replacement of that area's candidates: ``patches_per_area`` for ``train``,
+   ``eval_patches_per_area`` for ``test``/``unseen``. A training area with fewer candidates than wanted is
+   oversampled (the rest drawn with replacement by hash), which balances the classes. The patches of a split
+   are put in a hashed order and cut into shards of ``patches_per_shard``; shards are numbered train, test,
+   unseen. The plan depends on the seed and the data only, not on the number of tasks or processes.
+4. **Shards.** Task ``t`` of ``T`` owns the shards ``i`` with ``i % T == t`` and writes them with ``workers``
+   processes, each process whole shards (never two writers in one file: PLATFORM.md shows silent loss for
+   shared zarr shards and HDF5 files). A shard is written to ``<name>.partial`` and renamed when complete, so
+   a rerun skips shards that exist under their final name (untouched) and redoes partial ones.
+5. **Manifest.** The task that finds every shard complete after its own work writes ``metadata.npy`` and
+   ``manifest.json`` (atomically; the last task to finish always sees all shards, and two finalizing at once
+   write identical bytes). Rerunning any task after all are done writes it too.
+
+Patches are stored with a margin for rotation, shift and blur (see :mod:`cytonet.data.patches`); with
+``extract.pixel_size_um`` an integer multiple of the sections' pixel size, patches are block-averaged down.
+
+Testing hook: ``CYTONET_EXTRACT_CRASH=<shard>:<patches>`` makes the process exit abruptly (``os._exit``) after
+writing that many patches of that shard, leaving a ``.partial`` shard as a killed job would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cytonet.config import Config, config_to_dict, config_to_yaml
+from cytonet.data import rng
+from cytonet.data.patches import (
+    COLUMNS,
+    MANIFEST,
+    META_DTYPE,
+    METADATA,
+    SPLITS,
+    PatchGeometry,
+    ShardWriter,
+    finalize_store,
+    partial_path,
+    remove_path,
+    shard_name,
+    write_bytes_atomic,
+    write_json_atomic,
+)
+from cytonet.data.sections import WHITE_MATTER_ID, list_sections, open_section
+from cytonet.errors import InputError, OutputExistsError, UsageError
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "extract.json"
+SURVEY_DIR = ".survey"
+CRASH_ENV = "CYTONET_EXTRACT_CRASH"
+_TAG_SURVEY, _TAG_TEST, _TAG_OVERSAMPLE, _TAG_SHUFFLE = 11, 12, 13, 14
+
+#: One planned patch; ``section`` indexes the section list, ``dup`` > 0 marks an oversampled repeat.
+PLAN_DTYPE = np.dtype(
+    [
+        ("area", np.int32),
+        ("section", np.int32),
+        ("y", np.int32),
+        ("x", np.int32),
+        ("depth", np.float32),
+        ("key", np.uint64),
+        ("dup", np.int32),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class SectionEntry:
+    """A section store as extraction sees it."""
+
+    path: str
+    name: str
+    brain: str
+    section_index: int
+    shape: tuple[int, int]
+    pixel_size_um: float
+    label_table: dict[int, str]
+    split: str = "train"
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything a worker process needs to write one shard."""
+
+    out: str
+    index: int
+    split: str
+    first: int
+    records: np.ndarray
+    sections: tuple[SectionEntry, ...]
+    brains: tuple[str, ...]
+    factor: int
+    geometry: PatchGeometry
+    backend: str
+    compression: str
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.index, self.backend)
+
+
+@dataclass
+class ExtractResult:
+    """What one call of :func:`run_extract` did."""
+
+    out: Path
+    n_shards: int
+    written: int
+    skipped: int
+    manifest: Path | None
+    """The manifest path when the store is complete (written now or earlier), else None."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sections and splits
+
+
+def discover_sections(sections_dir: Path) -> list[SectionEntry]:
+    """Every section store below ``sections_dir``, sorted by (brain, section index)."""
+    paths = list_sections(sections_dir)
+    if not paths:
+        raise InputError(f"no section stores (.zarr / .h5) found below {sections_dir}; run `cytonet synth` first")
+    entries = []
+    for p in paths:
+        with open_section(p) as r:
+            m = r.meta
+            if not r.has("labels"):
+                raise InputError(f"section store {p} has no labels layer: extraction needs area labels")
+            entries.append(
+                SectionEntry(
+                    path=str(p),
+                    name=f"{m.brain}_s{m.section_index:04d}",
+                    brain=m.brain,
+                    section_index=m.section_index,
+                    shape=m.shape,
+                    pixel_size_um=m.pixel_size_um,
+                    label_table=dict(m.label_table),
+                )
+            )
+    entries.sort(key=lambda e: (e.brain, e.section_index))
+    seen: dict[str, str] = {}
+    for e in entries:
+        if e.name in seen:
+            raise InputError(
+                f"two section stores hold brain {e.brain} section {e.section_index}: {seen[e.name]}, {e.path}"
+            )
+        seen[e.name] = e.path
+    return entries
+
+
+def assign_splits(entries: list[SectionEntry], cfg: Config) -> list[SectionEntry]:
+    """Give every section its split: held-out brains -> unseen; a hashed fraction of the others' -> test."""
+    ecfg = cfg.extract
+    brains = sorted({e.brain for e in entries})
+    if ecfg.heldout_brains:
+        unknown = [b for b in ecfg.heldout_brains if b not in brains]
+        if unknown:
+            raise InputError(f"extract.heldout_brains names {unknown}, not among the brains found: {brains}")
+        heldout = set(ecfg.heldout_brains)
+    else:
+        heldout = set(brains[len(brains) - ecfg.n_heldout_brains :]) if ecfg.n_heldout_brains else set()
+    if len(heldout) >= len(brains):
+        raise InputError(
+            f"extract: holding out {sorted(heldout)} leaves no training brain (brains found: {brains}); "
+            "lower extract.n_heldout_brains or list fewer extract.heldout_brains"
+        )
+    out = []
+    for brain in brains:
+        mine = [e for e in entries if e.brain == brain]
+        if brain in heldout:
+            out += [dataclasses.replace(e, split="unseen") for e in mine]
+            continue
+        n_test = 0
+        if ecfg.test_fraction > 0 and len(mine) >= 2:
+            n_test = min(len(mine) - 1, max(1, round(ecfg.test_fraction * len(mine))))
+        keys = [int(rng.hash_words((ecfg.seed, _TAG_TEST, rng.string_word(brain)), e.section_index)) for e in mine]
+        test = {mine[i].section_index for i in sorted(range(len(mine)), key=lambda i: keys[i])[:n_test]}
+        out += [dataclasses.replace(e, split="test" if e.section_index in test else "train") for e in mine]
+    return out
+
+
+def _pixel_factor(entries: list[SectionEntry], target_um: float | None) -> tuple[float, int]:
+    """(patch pixel size, integer downsampling factor) shared by all sections."""
+    sizes = sorted({e.pixel_size_um for e in entries})
+    if len(sizes) > 1 and not all(math.isclose(s, sizes[0], rel_tol=1e-6) for s in sizes):
+        raise InputError(f"sections have different pixel sizes {sizes} um; extract them into separate stores")
+    native = sizes[0]
+    if target_um is None:
+        return native, 1
+    ratio = target_um / native
+    factor = round(ratio)
+    if factor < 1 or not math.isclose(ratio, factor, rel_tol=1e-6):
+        raise InputError(
+            f"extract.pixel_size_um={target_um} is not an integer multiple of the sections' {native} um/px; "
+            f"use {native:g}, {2 * native:g}, {4 * native:g}, ... or null"
+        )
+    return native * factor, factor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Survey: candidate centres per section and area
+
+
+def _survey_settings(cfg: Config, entry: SectionEntry) -> dict[str, Any]:
+    e = cfg.extract
+    return {
+        "sampling": e.sampling,
+        "centerline_tolerance": e.centerline_tolerance,
+        "candidate_stride_px": e.candidate_stride_px,
+        "keep": max(e.patches_per_area, e.eval_patches_per_area),
+        "seed": e.seed,
+        "section": entry.name,
+        "shape": list(entry.shape),
+    }
+
+
+def survey_section(path: str, name: str, out_file: str, settings: dict[str, Any]) -> str:
+    """Survey one section into ``out_file`` (skipped when a survey with the same settings exists)."""
+    target = Path(out_file)
+    if _survey_matches(target, settings):
+        return "cached"
+    keep = int(settings["keep"])
+    stride = int(settings["candidate_stride_px"])
+    tol = float(settings["centerline_tolerance"])
+    centerline = settings["sampling"] == "centerline"
+    reader = open_section(path)
+    h, w = reader.shape
+    brain, index = reader.meta.brain, reader.meta.section_index
+    salt = (int(settings["seed"]), _TAG_SURVEY, rng.string_word(brain), index)
+    has_depth = reader.has("depth")
+    if centerline and not has_depth:
+        raise InputError(f"section store {path} has no depth layer: centre-line sampling needs cortical depth")
+    band = max(256, int(reader.array("labels").chunks[0]))
+    counts: dict[int, int] = {}
+    kept: dict[int, np.ndarray] = {}
+    for y0 in range(0, h, band):
+        y1 = min(h, y0 + band)
+        labels = reader.read("labels", y0, y1)
+        depth = reader.read("depth", y0, y1) if has_depth else np.full(labels.shape, np.nan, np.float32)
+        r0 = (-y0) % stride
+        labels, depth = labels[r0::stride, ::stride], depth[r0::stride, ::stride]
+        mask = labels > WHITE_MATTER_ID
+        with np.errstate(invalid="ignore"):
+            if centerline:
+                mask &= np.abs(depth - 0.5) <= tol
+            elif has_depth:
+                mask &= (depth >= 0) & (depth <= 1)
+        rows, cols = np.nonzero(mask)
+        if len(rows) == 0:
+            continue
+        ys = (y0 + r0 + rows * stride).astype(np.int32)
+        xs = (cols * stride).astype(np.int32)
+        cand = np.zeros(len(ys), dtype=PLAN_DTYPE)
+        cand["area"], cand["y"], cand["x"] = labels[rows, cols], ys, xs
+        cand["depth"] = depth[rows, cols]
+        cand["key"] = rng.hash_words(salt, ys.astype(np.int64) * w + xs)
+        cand = cand[np.argsort(cand["area"], kind="stable")]
+        areas, starts = np.unique(cand["area"], return_index=True)
+        for a, block in zip(areas.tolist(), np.split(cand, starts[1:])):
+            counts[a] = counts.get(a, 0) + len(block)
+            merged = block if a not in kept else np.concatenate([kept[a], block])
+            if len(merged) > keep:
+                merged = merged[np.argpartition(merged["key"], keep - 1)[:keep]]
+            kept[a] = merged
+    reader.close()
+    areas_sorted = sorted(kept)
+    blocks = [np.sort(kept[a], order="key") for a in areas_sorted]
+    data = np.concatenate(blocks) if blocks else np.zeros(0, dtype=PLAN_DTYPE)
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        settings=np.array(json.dumps(settings, sort_keys=True)),
+        areas=np.array(areas_sorted, dtype=np.int64),
+        counts=np.array([counts[a] for a in areas_sorted], dtype=np.int64),
+        candidates=data,
+    )
+    write_bytes_atomic(target, buf.getvalue())
+    return "surveyed"
+
+
+def _survey_matches(path: Path, settings: dict[str, Any]) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return bool(json.loads(str(z["settings"])) == json.loads(json.dumps(settings)))
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+@dataclass
+class Survey:
+    counts: dict[int, int]
+    """Candidate pixels per area."""
+    candidates: dict[int, np.ndarray]
+    """Per area the kept candidates (PLAN_DTYPE), sorted by key."""
+
+
+def load_survey(path: Path) -> Survey:
+    with np.load(path, allow_pickle=False) as z:
+        areas = z["areas"].tolist()
+        counts = dict(zip(areas, z["counts"].tolist()))
+        data = z["candidates"]
+    cands: dict[int, np.ndarray] = {}
+    if len(data):
+        order_areas, starts = np.unique(data["area"], return_index=True)
+        for a, block in zip(order_areas.tolist(), np.split(data, starts[1:])):
+            cands[a] = block
+    return Survey(counts, cands)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plan
+
+
+def build_plan(entries: list[SectionEntry], surveys: list[Survey], cfg: Config) -> dict[str, np.ndarray]:
+    """Planned patches per split (PLAN_DTYPE, in shard order): class-balanced, hashed, task-independent."""
+    e = cfg.extract
+    plan: dict[str, np.ndarray] = {}
+    for code, split in enumerate(SPLITS):
+        ids = [i for i, s in enumerate(entries) if s.split == split]
+        want = e.patches_per_area if split == "train" else e.eval_patches_per_area
+        areas = sorted({a for i in ids for a in surveys[i].counts})
+        chosen = []
+        for area in areas:
+            blocks = []
+            for i in ids:
+                block = surveys[i].candidates.get(area)
+                if block is not None and len(block):
+                    block = block.copy()
+                    block["section"] = i
+                    blocks.append(block)
+            if not blocks:
+                continue
+            pool = np.concatenate(blocks)
+            pool = pool[np.lexsort((pool["x"], pool["y"], pool["section"], pool["key"]))]
+            total = sum(surveys[i].counts.get(area, 0) for i in ids)
+            take = pool[: min(want, len(pool))]
+            chosen.append(take)
+            if split == "train" and total < want:
+                # Oversampling: fewer candidate pixels than wanted; every candidate is kept (total < want <=
+                # keep), so repeats are drawn from the whole area with replacement.
+                extra_n = want - total
+                u = rng.uniform(rng.hash_words((e.seed, _TAG_OVERSAMPLE, area), np.arange(extra_n)))
+                extra = pool[np.minimum((u * len(pool)).astype(np.int64), len(pool) - 1)].copy()
+                extra["dup"] = np.arange(1, extra_n + 1)
+                chosen.append(extra)
+        recs = np.concatenate(chosen) if chosen else np.zeros(0, dtype=PLAN_DTYPE)
+        order = np.argsort(rng.hash_words((e.seed, _TAG_SHUFFLE, code), np.arange(len(recs))), kind="stable")
+        plan[split] = recs[order]
+    return plan
+
+
+def plan_shards(plan: dict[str, np.ndarray], per_shard: int, backend: str) -> list[dict[str, Any]]:
+    """Shard list (name, split, n, first) over the splits in order train, test, unseen."""
+    shards: list[dict[str, Any]] = []
+    first = 0
+    for split in SPLITS:
+        n = len(plan[split])
+        for start in range(0, n, per_shard):
+            k = min(per_shard, n - start)
+            shards.append({"name": shard_name(len(shards), backend), "split": split, "n": k, "first": first})
+            first += k
+    return shards
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing shards
+
+
+class _PointReader:
+    """Reads single pixels of a layer, caching whole chunks (patch centres come sorted by section, y, x)."""
+
+    def __init__(self, reader: Any, layer: str, max_blocks: int = 16) -> None:
+        self.reader = reader
+        self.layer = layer
+        self.chunk = tuple(int(c) for c in reader.array(layer).chunks[:2])
+        self.blocks: dict[tuple[int, int], np.ndarray] = {}
+        self.max_blocks = max_blocks
+
+    def __call__(self, y: int, x: int) -> np.ndarray:
+        cy, cx = y // self.chunk[0], x // self.chunk[1]
+        block = self.blocks.get((cy, cx))
+        if block is None:
+            h, w = self.reader.shape
+            y0, x0 = cy * self.chunk[0], cx * self.chunk[1]
+            block = self.reader.read(self.layer, y0, min(h, y0 + self.chunk[0]), x0, min(w, x0 + self.chunk[1]))
+            if len(self.blocks) >= self.max_blocks:
+                self.blocks.pop(next(iter(self.blocks)))
+            self.blocks[(cy, cx)] = block
+        return np.asarray(block[y - cy * self.chunk[0], x - cx * self.chunk[1]])
+
+
+def read_patch(reader: Any, y: int, x: int, edge: int, factor: int) -> np.ndarray:
+    """The ``edge`` x ``edge`` patch whose pixel ``edge // 2`` covers section pixel (y, x); zero outside."""
+    span = edge * factor
+    y0 = y - (edge // 2) * factor - factor // 2
+    x0 = x - (edge // 2) * factor - factor // 2
+    img = reader.read_padded("image", y0, y0 + span, x0, x0 + span)
+    if factor == 1:
+        return np.ascontiguousarray(img)
+    blocks = img.reshape(edge, factor, edge, factor).astype(np.uint32).sum(axis=(1, 3))
+    return ((blocks + factor * factor // 2) // (factor * factor)).astype(np.uint8)
+
+
+def _crash_point() -> tuple[int, int] | None:
+    raw = os.environ.get(CRASH_ENV)
+    if not raw:
+        return None
+    shard, _, count = raw.partition(":")
+    return int(shard), int(count or 0)
+
+
+def write_shard(job: ShardJob) -> str:
+    """Write one shard (skip it when it already exists under its final name); runs in a worker process."""
+    out = Path(job.out)
+    path = out / job.name
+    if path.exists():
+        return "skipped"
+    crash = _crash_point()
+    recs = job.records
+    n = len(recs)
+    s_px = job.geometry.stored_px
+    readers: dict[int, Any] = {}
+    points: dict[int, Callable[[int, int], np.ndarray] | None] = {}
+    cols: dict[str, np.ndarray] = {name: np.zeros(n, dtype=META_DTYPE[name].base) for name in COLUMNS}
+    cols["coords"] = np.full((n, 3), np.nan, dtype=np.float32)
+    brain_index = {b: i for i, b in enumerate(job.brains)}
+    attrs = {
+        "shard": job.index,
+        "split": job.split,
+        "first": job.first,
+        "geometry": job.geometry.to_dict(),
+        "brains": list(job.brains),
+    }
+    order = np.lexsort((recs["x"], recs["y"], recs["section"]))  # read locality; stored order stays planned
+    with ShardWriter(path, n, s_px, job.compression, attrs) as writer:
+        for count, j in enumerate(order.tolist()):
+            if crash is not None and crash == (job.index, count):
+                os._exit(17)  # simulate a killed job: the .partial shard stays behind
+            r = recs[j]
+            sec_i = int(r["section"])
+            entry = job.sections[sec_i]
+            if sec_i not in readers:
+                readers[sec_i] = open_section(entry.path)
+                points[sec_i] = _PointReader(readers[sec_i], "coords") if readers[sec_i].has("coords") else None
+            y, x = int(r["y"]), int(r["x"])
+            writer.write(j, read_patch(readers[sec_i], y, x, s_px, job.factor))
+            point = points[sec_i]
+            if point is not None:
+                cols["coords"][j] = point(y, x)
+            cols["area"][j] = r["area"]
+            cols["brain"][j] = brain_index[entry.brain]
+            cols["section"][j] = sec_i
+            cols["section_index"][j] = entry.section_index
+            cols["y"][j], cols["x"][j] = y, x
+            cols["depth"][j] = r["depth"]
+        cols["patch_id"] = np.arange(job.first, job.first + n, dtype=np.int64)
+        cols["split"][:] = SPLITS.index(job.split)
+        writer.close(cols)
+    for reader in readers.values():
+        reader.close()
+    return "written"
+
+
+def _run_jobs(fn: Callable[..., str], jobs: list[tuple[Any, ...]], workers: int) -> list[str]:
+    """Run ``fn(*job)`` for every job, in this process (workers <= 1) or in a pool of spawned processes.
+
+    Spawn, not fork: zarr runs an event-loop thread and h5py holds library state; a fresh interpreter
+    inherits neither.
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(*job) for job in jobs]
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(fn, *job) for job in jobs]
+        return [f.result() for f in futures]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command
+
+
+_OURS = (SETTINGS_FILE, MANIFEST, METADATA, "config.resolved.yaml", SURVEY_DIR)
+
+
+def _is_ours(p: Path) -> bool:
+    return p.name in _OURS or p.name.startswith(("shard-", "."))
+
+
+def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to mix extractions: ``out`` must be new, hold this extraction, or be replaced (``overwrite``)."""
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"extract: output {out} exists and is not a folder")
+    settings_path = out / SETTINGS_FILE
+    plain = json.loads(json.dumps(settings))
+    if overwrite and out.exists():
+        for p in out.iterdir():
+            remove_path(p)
+    elif settings_path.is_file():
+        try:
+            old = json.loads(settings_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old != plain:
+            diff = sorted(k for k in plain if not isinstance(old, dict) or old.get(k) != plain[k])
+            raise OutputExistsError(
+                f"extract: {out} holds an extraction with other settings (differing: {', '.join(diff) or 'all'}); "
+                "pass --overwrite (single task) or choose another --out"
+            )
+        return
+    elif out.is_dir():
+        foreign = [p.name for p in out.iterdir() if not _is_ours(p)]
+        if foreign:
+            raise OutputExistsError(
+                f"extract: output folder {out} holds other files ({', '.join(sorted(foreign)[:3])}); "
+                "choose another --out or pass --overwrite"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(settings_path, plain)
+
+
+def extraction_settings(cfg: Config, entries: list[SectionEntry], geometry: PatchGeometry) -> dict[str, Any]:
+    """Everything the store's content depends on (saved in extract.json and the manifest)."""
+    ecfg = config_to_dict(cfg)["extract"]
+    for key in ("out_dir", "sections_dir"):
+        ecfg.pop(key)
+    return {
+        "extract": ecfg,
+        "geometry": geometry.to_dict(),
+        "sections": [
+            {"name": e.name, "split": e.split, "shape": list(e.shape), "pixel_size_um": e.pixel_size_um}
+            for e in entries
+        ],
+    }
+
+
+def _rotated(items: list[Any], task_id: int, num_tasks: int) -> list[Any]:
+    start = (task_id * len(items)) // max(num_tasks, 1)
+    return items[start:] + items[:start]
+
+
+def run_extract(
+    cfg: Config,
+    out: Path,
+    *,
+    sections_dir: Path | None = None,
+    overwrite: bool = False,
+    task_id: int = 0,
+    num_tasks: int = 1,
+    workers: int = 1,
+) -> ExtractResult:
+    """Extract (this task's share of) the patch store of ``cfg`` into ``out``; see the module docstring."""
+    if num_tasks < 1 or not 0 <= task_id < num_tasks:
+        raise UsageError(f"--task-id {task_id} must lie in 0..{num_tasks - 1} (--num-tasks {num_tasks})")
+    if overwrite and num_tasks > 1:
+        raise UsageError(
+            "--overwrite with several tasks would let one task delete another's shards; "
+            "delete the output folder first or run one task with --overwrite"
+        )
+    started = time.perf_counter()
+    ecfg = cfg.extract
+    src = sections_dir if sections_dir is not None else cfg.resolve_path(ecfg.sections_dir)
+    entries = assign_splits(discover_sections(src), cfg)
+    pixel_um, factor = _pixel_factor(entries, ecfg.pixel_size_um)
+    crop = ecfg.patch_size_px if ecfg.patch_size_px is not None else cfg.model.patch_size_px
+    geometry = PatchGeometry.for_crop(crop, pixel_um, cfg.augment.shift_max_mm, cfg.augment.blur_radius_px)
+    settings = extraction_settings(cfg, entries, geometry)
+    _prepare_out(out, settings, overwrite)
+    write_bytes_atomic(out / "config.resolved.yaml", config_to_yaml(cfg).encode())
+
+    # Survey: shared cache, each task starting at its own offset.
+    survey_dir = out / SURVEY_DIR
+    survey_dir.mkdir(exist_ok=True)
+    files = [survey_dir / f"{e.name}.npz" for e in entries]
+    jobs = [(e.path, e.name, str(f), _survey_settings(cfg, e)) for e, f in zip(entries, files)]
+    done = _run_jobs(survey_section, _rotated(jobs, task_id, num_tasks), workers)
+    log.info("extract: surveyed %d sections (%d from cache)", len(done), done.count("cached"))
+    surveys = [load_survey(f) for f in files]
+
+    plan = build_plan(entries, surveys, cfg)
+    shards = plan_shards(plan, ecfg.patches_per_shard, ecfg.backend)
+    brains = tuple(sorted({e.brain for e in entries}))
+    offsets = {split: 0 for split in SPLITS}
+    shard_jobs = []
+    for i, s in enumerate(shards):
+        k = offsets[s["split"]]
+        offsets[s["split"]] += s["n"]
+        if i % num_tasks != task_id:
+            continue
+        remove_path(partial_path(out / s["name"]))  # left by a killed run: never complete, redo the shard
+        if (out / s["name"]).exists():
+            continue
+        shard_jobs.append(
+            ShardJob(
+                out=str(out),
+                index=i,
+                split=s["split"],
+                first=s["first"],
+                records=plan[s["split"]][k : k + s["n"]],
+                sections=tuple(entries),
+                brains=brains,
+                factor=factor,
+                geometry=geometry,
+                backend=ecfg.backend,
+                compression=ecfg.compression,
+            )
+        )
+    mine = sum(1 for i in range(len(shards)) if i % num_tasks == task_id)
+    results = _run_jobs(write_shard, [(job,) for job in shard_jobs], workers)
+    written = results.count("written")
+    log.info(
+        "extract: task %d/%d wrote %d of its %d shards (%d already complete) in %.1f s",
+        task_id,
+        num_tasks,
+        written,
+        mine,
+        mine - len(shard_jobs),
+        time.perf_counter() - started,
+    )
+    manifest: Path | None = None
+    missing = [s["name"] for s in shards if not (out / s["name"]).exists()]
+    if not missing:
+        plan_areas = {int(a) for recs in plan.values() for a in np.unique(recs["area"])}
+        manifest = _finalize(out, cfg, entries, brains, geometry, settings, shards, plan_areas)
+    else:
+        log.info(
+            "extract: %d of %d shards still missing (other tasks); the task that completes the last one writes "
+            "the manifest (or rerun any task)",
+            len(missing),
+            len(shards),
+        )
+    return ExtractResult(out, len(shards), written, mine - written, manifest)
+
+
+def _finalize(
+    out: Path,
+    cfg: Config,
+    entries: list[SectionEntry],
+    brains: tuple[str, ...],
+    geometry: PatchGeometry,
+    settings: dict[str, Any],
+    shards: list[dict[str, Any]],
+    plan_areas: set[int],
+) -> Path:
+    # Classes: the areas of the sections' label tables plus any area id found without a name.
+    names: dict[int, str] = {}
+    for e in entries:
+        for a, name in e.label_table.items():
+            if a > WHITE_MATTER_ID:
+                names.setdefault(a, name)
+    for a in plan_areas:
+        names.setdefault(a, f"area{a}")
+    areas = {str(a): names[a] for a in sorted(names)}
+    header = {
+        "backend": cfg.extract.backend,
+        "compression": cfg.extract.compression,
+        "geometry": geometry.to_dict(),
+        "extract": settings["extract"],
+        "areas": areas,
+        "brains": list(brains),
+        "sections": [
+            {"name": e.name, "brain": e.brain, "section_index": e.section_index, "split": e.split} for e in entries
+        ],
+    }
+    path = finalize_store(out, header, shards)
+    with open(path) as fh:
+        n = json.load(fh)["n_patches"]
+    log.info("extract: store complete: %d patches in %d shards, manifest %s", n, len(shards), path)
+    return path

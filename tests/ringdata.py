@@ -1,0 +1,67 @@
+"""Tiny section stores with known geometry for the extraction, patch-store and loader tests.
+
+Each section is a ring of cortex around a disc of white matter: depth runs 0 at the outer (pial) circle to 1
+at the inner circle, areas are angular sectors of known size (the last one small, so that it is oversampled),
+coordinates are (x, y, z) in mm, and the image is a hash-like pattern of the pixel position, so a stored patch
+can be matched to the exact section pixels it came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cytonet.data.sections import SectionMeta, create_section
+
+PIXEL_UM = 8.0
+SIZE = 160
+R_IN, R_OUT = 35.0, 70.0
+#: Area id -> (start, stop) angle in degrees.
+SECTORS = {2: (0.0, 180.0), 3: (180.0, 270.0), 4: (270.0, 340.0), 5: (340.0, 360.0)}
+
+
+def image_pattern(y: np.ndarray, x: np.ndarray, index: int) -> np.ndarray:
+    return ((y * 31 + x * 17 + index * 7) % 251).astype(np.uint8)
+
+
+def ring_layers(index: int, size: int = SIZE) -> dict[str, np.ndarray]:
+    y, x = np.mgrid[0:size, 0:size]
+    c = (size - 1) / 2
+    r = np.hypot(y - c, x - c)
+    ang = np.degrees(np.arctan2(y - c, x - c)) % 360.0
+    cortex = (r >= R_IN) & (r <= R_OUT)
+    labels = np.zeros((size, size), np.uint16)
+    labels[r < R_IN] = 1
+    for area, (a0, a1) in SECTORS.items():
+        labels[cortex & (ang >= a0) & (ang < a1)] = area
+    depth = np.where(cortex, (R_OUT - r) / (R_OUT - R_IN), np.nan).astype(np.float32)
+    mm = PIXEL_UM / 1000.0
+    coords = np.stack([x * mm, y * mm, np.full(x.shape, index * 0.1)], axis=-1).astype(np.float32)
+    return {"image": image_pattern(y, x, index), "labels": labels, "depth": depth, "coords": coords}
+
+
+def make_sections(
+    root: Path, brains: dict[str, int] | None = None, backend: str = "zarr", size: int = SIZE
+) -> list[Path]:
+    """Write ring sections: ``brains`` maps brain id -> number of sections (default B00: 3, B01: 3, B02: 1)."""
+    brains = brains or {"B00": 3, "B01": 3, "B02": 1}
+    table = {0: "background", 1: "white_matter", 2: "big", 3: "mid", 4: "small", 5: "tiny"}
+    paths = []
+    suffix = ".zarr" if backend == "zarr" else ".h5"
+    for brain, n in brains.items():
+        for index in range(n):
+            meta = SectionMeta(
+                brain=brain,
+                section_index=index,
+                z_mm=index * 0.1,
+                pixel_size_um=PIXEL_UM,
+                shape=(size, size),
+                label_table=table,
+            )
+            path = root / brain / f"{brain}_s{index:04d}{suffix}"
+            with create_section(path, meta, chunk_px=64, compression="none") as w:
+                for layer, data in ring_layers(index, size).items():
+                    w.write(layer, 0, 0, data)
+            paths.append(path)
+    return paths

@@ -1,0 +1,248 @@
+"""`cytonet extract`: sampling, class balance, splits, metadata, array tasks as real processes, crash resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from ringdata import PIXEL_UM, image_pattern, make_sections, ring_layers
+
+from cytonet.config import Config, load_config
+from cytonet.data.extract import CRASH_ENV, run_extract
+from cytonet.data.patches import MANIFEST, METADATA, PatchStore, read_shard_columns
+from cytonet.errors import OutputExistsError, UsageError
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Small patches (33 px crop, 5 px shift -> 67 px stored), narrow centre line so the tiny area is oversampled.
+OVERRIDES = [
+    "extract.patch_size_px=33",
+    "augment.shift_max_mm=0.04",
+    "extract.centerline_tolerance=0.01",
+    "extract.patches_per_area=80",
+    "extract.eval_patches_per_area=12",
+    "extract.patches_per_shard=16",
+    "extract.test_fraction=0.34",
+]
+
+
+def make_cfg(*extra: str) -> Config:
+    return load_config(None, [*OVERRIDES, *extra])
+
+
+@pytest.fixture(scope="module")
+def sections(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sections")
+    make_sections(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(sections: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One-task, one-process extraction that the other runs are compared with."""
+    out = tmp_path_factory.mktemp("ref") / "patches"
+    result = run_extract(make_cfg(), out, sections_dir=sections)
+    assert result.manifest is not None and result.written == result.n_shards
+    return out
+
+
+def shard_contents(out: Path) -> dict[str, Any]:
+    """Every shard's arrays and attributes, the manifest and the metadata table, for equality checks."""
+    found: dict[str, Any] = {}
+    for p in sorted(out.glob("shard-*")):
+        assert not p.name.endswith(".partial"), p
+        cols, attrs = read_shard_columns(p)
+        if p.suffix == ".h5":
+            import h5py
+
+            with h5py.File(p, "r") as f:
+                patches = f["patches"][...]
+        else:
+            import zarr
+
+            patches = zarr.open_group(str(p), mode="r")["patches"][...]
+        found[p.name] = (cols, attrs, patches)
+    found[MANIFEST] = (out / MANIFEST).read_bytes()
+    found[METADATA] = (out / METADATA).read_bytes()
+    return found
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    ca, cb = shard_contents(a), shard_contents(b)
+    assert sorted(ca) == sorted(cb)
+    assert ca[MANIFEST] == cb[MANIFEST]
+    assert ca[METADATA] == cb[METADATA]
+    for name in ca:
+        if name in (MANIFEST, METADATA):
+            continue
+        (cols_a, attrs_a, pa), (cols_b, attrs_b, pb) = ca[name], cb[name]
+        assert attrs_a == attrs_b, name
+        assert np.array_equal(pa, pb), name
+        for col in cols_a:
+            assert np.array_equal(cols_a[col], cols_b[col], equal_nan=True), (name, col)
+
+
+def test_counts_splits_and_class_balance(reference: Path) -> None:
+    store = PatchStore(reference)
+    m = store.manifest
+    counts = m["counts"]
+    # Class balance: a fixed number per area in train, also for the tiny area (oversampled).
+    assert counts["area"]["train"] == {"2": 80, "3": 80, "4": 80, "5": 80}
+    assert counts["area"]["test"] == {"2": 12, "3": 12, "4": 12, "5": 12}
+    # Splits: B02 (last brain) held out; one of the 3 sections of each training brain is test.
+    assert counts["brain"]["unseen"] == {"B02": 48}
+    assert set(counts["brain"]["train"]) == {"B00", "B01"}
+    sec_split = {s["name"]: s["split"] for s in m["sections"]}
+    for brain in ("B00", "B01"):
+        splits = sorted(v for k, v in sec_split.items() if k.startswith(brain))
+        assert splits == ["test", "train", "train"]
+    table = store.metadata
+    for s in m["sections"]:
+        rows = table[table["section"] == m["sections"].index(s)]
+        assert set(np.unique(rows["split"]).tolist()) <= {["train", "test", "unseen"].index(s["split"])}
+    # Every shard holds one split and patches_per_shard patches (the last of a split may hold fewer).
+    for sh in m["shards"]:
+        rows = table[sh["first"] : sh["first"] + sh["n"]]
+        assert len(set(rows["split"].tolist())) == 1 and sh["n"] <= 16
+    # The tiny area has fewer candidates than 80 in the training sections: repeats, and only there.
+    train = table[table["split"] == 0]
+    for area in (2, 3, 4, 5):
+        rows = train[train["area"] == area]
+        unique = len({(int(r["section"]), int(r["y"]), int(r["x"])) for r in rows})
+        assert (unique < 80) == (area == 5), (area, unique)
+
+
+def test_patch_metadata_matches_the_section(reference: Path) -> None:
+    store = PatchStore(reference)
+    table = store.metadata
+    geometry = store.geometry
+    assert (geometry.crop_px, geometry.stored_px, geometry.pixel_size_um) == (33, 67, PIXEL_UM)
+    c = geometry.stored_px // 2
+    layers = {i: ring_layers(i) for i in range(3)}
+    for row in table[:: max(1, len(table) // 40)]:
+        y, x, index = int(row["y"]), int(row["x"]), int(row["section_index"])
+        patch = store.read(int(row["patch_id"]))
+        assert patch.shape == (67, 67) and patch.dtype == np.uint8
+        # The stored patch is the section image around (y, x) (zero outside the section).
+        yy, xx = np.mgrid[y - c : y + c + 1, x - c : x + c + 1]
+        inside = (yy >= 0) & (yy < 160) & (xx >= 0) & (xx < 160)
+        expected = np.where(inside, image_pattern(yy, xx, index), 0)
+        assert np.array_equal(patch, expected)
+        lay = layers[index]
+        assert lay["labels"][y, x] == row["area"] >= 2
+        assert abs(float(row["depth"]) - 0.5) <= 0.01 + 1e-6  # centre line
+        assert np.allclose(row["coords"], lay["coords"][y, x])
+        assert store.brains[int(row["brain"])] == store.manifest["sections"][int(row["section"])]["brain"]
+
+
+def test_cortex_sampling_and_downsampling(sections: Path, tmp_path: Path) -> None:
+    cfg = make_cfg(
+        "extract.sampling=cortex", "extract.pixel_size_um=16", "extract.patches_per_area=20", "extract.backend=zarr"
+    )
+    run_extract(cfg, tmp_path / "p", sections_dir=sections)
+    store = PatchStore(tmp_path / "p")
+    table = store.metadata
+    assert store.geometry.pixel_size_um == 16.0
+    # Uniform in the cortex: depths spread over the whole ribbon, not only the centre line.
+    assert table["depth"].min() < 0.15 and table["depth"].max() > 0.85
+    # Block-averaged 2x: the patch pixel covering (y, x) is the mean of a 2x2 block of the section.
+    row = table[0]
+    y, x, index = int(row["y"]), int(row["x"]), int(row["section_index"])
+    y0, x0 = y - 1, x - 1  # factor 2: pixel edge//2 covers rows y-1, y
+    block = image_pattern(*np.mgrid[y0 : y0 + 2, x0 : x0 + 2], index).astype(float)
+    c = store.geometry.stored_px // 2
+    assert store.read(int(row["patch_id"]))[c, c] == int(np.floor(block.mean() + 0.5))
+
+
+def write_yaml(tmp_path: Path, sections: Path) -> Path:
+    data: dict[str, Any] = {}
+    for item in OVERRIDES:
+        key, value = item.split("=")
+        sec, k = key.split(".")
+        data.setdefault(sec, {})[k] = yaml.safe_load(value)
+    data["extract"]["sections_dir"] = str(sections)
+    path = tmp_path / "extract.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cytonet.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_two_array_tasks_as_processes_equal_one_task(sections: Path, reference: Path, tmp_path: Path) -> None:
+    config = write_yaml(tmp_path, sections)
+    out = tmp_path / "two"
+    # Task 1 also runs its shards in a pool of 2 processes.
+    procs = [
+        cli("extract", str(config), "--out", str(out), "--task-id", str(t), "--num-tasks", "2", "--workers", str(t + 1))
+        for t in (0, 1)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    # Whichever task finished last wrote the manifest; the store equals the one-task store byte for byte.
+    assert (out / MANIFEST).is_file()
+    assert_same_store(out, reference)
+
+
+def test_crash_then_resume_skips_finished_shards(sections: Path, reference: Path, tmp_path: Path) -> None:
+    config = write_yaml(tmp_path, sections)
+    out = tmp_path / "crash"
+    p = cli("extract", str(config), "--out", str(out), env={CRASH_ENV: "3:5"})
+    p.communicate(timeout=120)
+    assert p.returncode == 17  # killed in the middle of shard 3
+    assert (out / "shard-00003.h5.partial").exists()
+    assert not (out / "shard-00003.h5").exists() and not (out / MANIFEST).exists()
+    finished = {q.name: q.stat().st_mtime_ns for q in out.glob("shard-*.h5")}
+    assert sorted(finished) == ["shard-00000.h5", "shard-00001.h5", "shard-00002.h5"]
+
+    cfg = make_cfg()
+    result = run_extract(cfg, out, sections_dir=sections)
+    assert result.manifest is not None and result.skipped == 3
+    assert {n: (out / n).stat().st_mtime_ns for n in finished} == finished  # untouched
+    assert not list(out.glob("*.partial"))
+    assert_same_store(out, reference)
+
+    # A lost shard and a stale partial are redone; the rest stays untouched; the result is the same store.
+    (out / "shard-00005.h5").unlink()
+    (out / "shard-00006.h5").unlink()
+    (out / "shard-00006.h5.partial").write_bytes(b"garbage")
+    before = {q.name: q.stat().st_mtime_ns for q in out.glob("shard-*.h5")}
+    result = run_extract(cfg, out, sections_dir=sections)
+    assert result.written == 2
+    assert all((out / n).stat().st_mtime_ns == t for n, t in before.items())
+    assert_same_store(out, reference)
+
+
+def test_rerun_with_other_settings_is_refused(sections: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    cfg = make_cfg("extract.patches_per_area=10", "extract.eval_patches_per_area=2")
+    run_extract(cfg, out, sections_dir=sections)
+    other = make_cfg("extract.patches_per_area=11", "extract.eval_patches_per_area=2")
+    with pytest.raises(OutputExistsError, match=r"patches_per_area|extract"):
+        run_extract(other, out, sections_dir=sections)
+    with pytest.raises(UsageError, match="overwrite"):
+        run_extract(other, out, sections_dir=sections, overwrite=True, num_tasks=2)
+    with pytest.raises(UsageError, match="task-id"):
+        run_extract(other, out, sections_dir=sections, task_id=2, num_tasks=2)
+    result = run_extract(other, out, sections_dir=sections, overwrite=True)
+    assert json.loads((out / MANIFEST).read_text())["counts"]["area"]["train"]["2"] == 11
+    assert result.manifest is not None
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("x")
+    with pytest.raises(OutputExistsError, match="other files"):
+        run_extract(cfg, tmp_path / "foreign", sections_dir=sections)

@@ -1,0 +1,161 @@
+"""Patch stores: margin geometry, both backends and codecs behind one reader, lazy handles, `store info|check`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ringdata import make_sections
+
+from cytonet.config import load_config
+from cytonet.data.extract import run_extract
+from cytonet.data.patches import (
+    MANIFEST,
+    PatchGeometry,
+    PatchStore,
+    check_store,
+    crop_reach_px,
+    describe_store,
+    stored_edge_px,
+)
+from cytonet.errors import InputError
+
+OVERRIDES = [
+    "extract.patch_size_px=33",
+    "augment.shift_max_mm=0.04",
+    "extract.patches_per_area=12",
+    "extract.eval_patches_per_area=4",
+    "extract.patches_per_shard=8",
+]
+
+
+def test_stored_edge_covers_any_rotation_and_shift() -> None:
+    # Demo: 265 px crop at 8 um, 0.2 mm = 25 px shift, blur radius 3 -> 435 px; paper: 1129 px at 2 um -> 1807.
+    assert stored_edge_px(265, 25.0, 3) == 435
+    assert stored_edge_px(1129, 100.0, 3) == 1807
+    for crop, shift, pad in [(33, 5.0, 3), (64, 12.5, 3), (265, 25.0, 0), (32, 0.0, 1)]:
+        s = stored_edge_px(crop, shift, pad)
+        assert (s - crop) % 2 == 0  # same parity: an unrotated crop is an exact pixel copy
+        assert (s - 1) / 2 >= crop_reach_px(crop, shift, pad) + 1  # bilinear neighbour stays inside
+        assert (s - 3) / 2 < crop_reach_px(crop, shift, pad) + 1  # and it is the smallest such edge
+    g = PatchGeometry.for_crop(265, 8.0, 0.2, 3)
+    assert g.stored_px == 435 and g.max_shift_px == pytest.approx(25.0)
+    assert g.allows(265, 0.2, 3) and g.allows(233, 0.2, 3)
+    assert not g.allows(297, 0.2, 3) and not g.allows(265, 0.3, 3)
+
+
+@pytest.fixture(scope="module")
+def sections(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sections")
+    make_sections(root, {"B00": 2, "B01": 1}, backend="hdf5")
+    return root
+
+
+@pytest.fixture(scope="module")
+def stores(sections: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("stores")
+    out = {}
+    for backend, codec in [("hdf5", "none"), ("hdf5", "blosc-zstd"), ("zarr", "none"), ("zarr", "blosc-zstd")]:
+        cfg = load_config(None, [*OVERRIDES, f"extract.backend={backend}", f"extract.compression={codec}"])
+        path = base / f"{backend}-{codec}"
+        run_extract(cfg, path, sections_dir=sections)
+        out[f"{backend}-{codec}"] = path
+    return out
+
+
+def test_one_reader_for_both_backends_and_codecs(stores: dict[str, Path]) -> None:
+    ref = PatchStore(stores["hdf5-none"])
+    names = {p.name for p in stores["hdf5-none"].glob("shard-*")}
+    assert names and all(n.endswith(".h5") for n in names)
+    assert any(p.suffix == ".zarr" for p in stores["zarr-none"].glob("shard-*"))
+    for key, path in stores.items():
+        store = PatchStore(path)
+        assert store.backend == key.split("-")[0] and store.compression == key.split("-", 1)[1]
+        assert len(store) == len(ref) and np.array_equal(store.metadata, ref.metadata)
+        for i in range(0, len(store), 5):
+            assert np.array_equal(store.read(i), ref.read(i)), (key, i)
+        assert store.shard_ranges() == ref.shard_ranges()
+        store.close()
+    # A split is an id range; its shards tile it.
+    start, stop = ref.split_range("train")
+    ranges = ref.shard_ranges("train")
+    assert ranges[0][0] == start and ranges[-1][1] == stop
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    assert np.all(ref.metadata["split"][start:stop] == 0)
+    assert ref.class_index(np.array([2, 5, 3])).tolist() == [0, 3, 1]
+
+
+def test_handles_open_lazily_per_process(stores: dict[str, Path]) -> None:
+    store = PatchStore(stores["hdf5-blosc-zstd"])
+    assert not store._handles  # nothing opened by the constructor
+    store.read(0)
+    assert store._handles
+    clone = pickle.loads(pickle.dumps(store))  # what a spawned DataLoader worker receives
+    assert not clone._handles and clone._pid is None
+    assert np.array_equal(clone.read(3), store.read(3))
+    store._pid = -1  # as seen from a forked child: the parent's handles are never used
+    store.read(1)
+    assert store._pid is not None and store._pid > 0
+    store.close()
+    clone.close()
+
+
+def test_info_and_check(stores: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from cytonet.cli import main
+
+    path = stores["zarr-blosc-zstd"]
+    assert main(["store", "info", str(path)]) == 0
+    out = capsys.readouterr().out
+    for word in ("train", "test", "unseen", "B00", "B01", "tiny", "per split"):
+        assert word in out
+    assert describe_store(path).splitlines()[0].endswith(str(path))
+    assert main(["store", "check", str(path)]) == 0
+    assert "ok" in capsys.readouterr().out
+    assert check_store(stores["hdf5-none"]).patches == len(PatchStore(stores["hdf5-none"]))
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "metadata", "manifest-count"])
+def test_check_names_the_first_bad_shard(stores: dict[str, Path], tmp_path: Path, damage: str) -> None:
+    path = _copy(stores["hdf5-blosc-zstd"], tmp_path / "s")
+    bad = "shard-00002.h5"
+    if damage == "missing":
+        (path / bad).unlink()
+    elif damage == "truncated":
+        data = (path / bad).read_bytes()
+        (path / bad).write_bytes(data[: len(data) // 2])
+    elif damage == "metadata":
+        import h5py
+
+        with h5py.File(path / bad, "r+") as f:
+            f["area"][0] = 99
+    else:
+        manifest = json.loads((path / MANIFEST).read_text())
+        manifest["shards"][2]["n"] += 1
+        (path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=bad):
+        check_store(path)
+    r = subprocess.run(
+        [sys.executable, "-m", "cytonet.cli", "store", "check", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 1 and bad in r.stderr and "Traceback" not in r.stderr
+
+
+def test_not_a_store(tmp_path: Path) -> None:
+    (tmp_path / "shard-00000.h5").write_bytes(b"")
+    with pytest.raises(InputError, match="unfinished"):
+        PatchStore(tmp_path)
+    with pytest.raises(InputError, match=r"manifest\.json"):
+        PatchStore(tmp_path / "nothing")
