@@ -29,6 +29,7 @@ from cytonet.data.patches import PatchStore
 from cytonet.losses.contrastive import build_loss
 from cytonet.models.build import build_contrastive_model
 from cytonet.optim.build import build_optimizer
+from cytonet.pipeline import torchrun_command
 
 
 def steps_per_s(cfg_path: Path, steps: int, from_memory: bool) -> float:
@@ -83,21 +84,12 @@ def steps_per_s(cfg_path: Path, steps: int, from_memory: bool) -> float:
 
 def torchrun_rate(cfg_path: Path, nproc: int, steps: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "cytonet.cli",
+        cmd = torchrun_command(
+            cfg_path,
             "pretrain",
-            str(cfg_path),
-            f"pretrain.max_steps={steps}",
-            f"pretrain.checkpoint_every_steps={steps}",
-            "--out",
-            tmp,
-        ]
+            nproc,
+            [f"pretrain.max_steps={steps}", f"pretrain.checkpoint_every_steps={steps}", "--out", tmp],
+        )
         threads = str(max(1, (os.cpu_count() or 2) // nproc))
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": threads})
         rows = (Path(tmp) / "train-log.csv").read_text().splitlines()[1:]

@@ -108,9 +108,9 @@ def run_extract_step(cfg: Config, *, overwrite: bool, workers: int) -> Path:
     return out
 
 
-def run_torchrun(config_path: Path, command: str, nproc: int, extra: list[str] | None = None) -> None:
-    """Run ``cytonet <command> CONFIG`` under torchrun with ``nproc`` local processes (gloo on CPU)."""
-    cmd = [
+def torchrun_command(config_path: Path, command: str, nproc: int, extra: list[str] | None = None) -> list[str]:
+    """``python -m torch.distributed.run`` running ``cytonet <command> CONFIG`` on ``nproc`` local processes."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -122,6 +122,11 @@ def run_torchrun(config_path: Path, command: str, nproc: int, extra: list[str] |
         str(config_path),
         *(extra or []),
     ]
+
+
+def run_torchrun(config_path: Path, command: str, nproc: int, extra: list[str] | None = None) -> None:
+    """Run ``cytonet <command> CONFIG`` under torchrun with ``nproc`` local processes (gloo on CPU)."""
+    cmd = torchrun_command(config_path, command, nproc, extra)
     log.info("demo: %s", " ".join(cmd[2:]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, check=False)

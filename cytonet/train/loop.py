@@ -166,17 +166,21 @@ def _run(
     class_names = [store.areas[a] for a in store.area_ids]
     per_rank = tcfg.per_rank_batch(env.world_size, kind)
     loader_cfg = replace(cfg.loader, batch_size_per_rank=per_rank)
-    loader = PatchLoader(
-        store,
-        "train",
-        loader_cfg=loader_cfg,
-        augment_cfg=cfg.augment,
-        crop_px=cfg.model.patch_size_px,
-        rank=env.rank,
-        world_size=env.world_size,
-        device=device,
-        train=True,
-    )
+
+    def make_loader(split: str, train: bool) -> PatchLoader:
+        return PatchLoader(
+            store,
+            split,
+            loader_cfg=loader_cfg,
+            augment_cfg=cfg.augment,
+            crop_px=cfg.model.patch_size_px,
+            rank=env.rank,
+            world_size=env.world_size,
+            device=device,
+            train=train,
+        )
+
+    loader = make_loader("train", train=True)
     steps_per_epoch = len(loader)  # full epoch: computed before any resume position is loaded
     if steps_per_epoch == 0:
         raise CytonetError(
@@ -311,18 +315,7 @@ def _run(
         for split in EVAL_SPLITS:
             if split not in store.splits:
                 continue
-            eval_loader = PatchLoader(
-                store,
-                split,
-                loader_cfg=loader_cfg,
-                augment_cfg=cfg.augment,
-                crop_px=cfg.model.patch_size_px,
-                rank=env.rank,
-                world_size=env.world_size,
-                device=device,
-                train=False,
-            )
-            scores, labels, _ = predict(raw_model, eval_loader, mp.autocast)
+            scores, labels, _ = predict(raw_model, make_loader(split, train=False), mp.autocast)
             if env.is_main:
                 metrics[split] = write_report(out, split, scores, labels, class_names)
                 log.info("%s %s: %s", kind, split, _fmt(metrics[split]))
