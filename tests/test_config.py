@@ -140,3 +140,22 @@ def test_relative_paths_lie_below_root() -> None:
     assert cfg.resolve_path(cfg.synth.out_dir) == Path("/data/run1/sections")
     cfg = load_config(None, ["synth.out_dir=/abs/x"])
     assert cfg.resolve_path(cfg.synth.out_dir) == Path("/abs/x")
+
+
+def test_global_batch_must_divide_world_size() -> None:
+    cfg = load_config(None, ["pretrain.global_batch_size=96"])
+    assert cfg.pretrain.per_rank_batch(4, "pretrain") == 24
+    with pytest.raises(
+        ConfigError, match=r"pretrain.global_batch_size=96 is invalid: must be divisible by the world size 5"
+    ):
+        cfg.pretrain.per_rank_batch(5, "pretrain")
+
+
+def test_scratch_epochs_default_to_pretrain_plus_probe() -> None:
+    cfg = load_config(None, ["pretrain.epochs=150", "probe.epochs=30"])
+    assert cfg.scratch_epochs == 180  # seed 002: as many iterations as pretraining plus probe
+    assert load_config(None, ["scratch.epochs=7"]).scratch_epochs == 7
+    with pytest.raises(ConfigError, match="pretrain.epochs=0"):
+        load_config(None, ["pretrain.epochs=0"])
+    with pytest.raises(ConfigError, match="preempt_signals"):
+        load_config(None, ["pretrain.preempt_signals=[SIGKILL]"])
