@@ -100,6 +100,9 @@ def reference(data: Path) -> dict[str, torch.Tensor]:
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "DONE").is_file() and (out / "encoder.pt").is_file()
     assert json.loads((out / "DONE").read_text())["step"] == 24
+    assert list((out / "tensorboard").glob("events.out.tfevents.*")), (
+        "no TensorBoard events (tensorboard is a test extra)"
+    )
     rows = (out / "train-log.csv").read_text().splitlines()
     assert rows[0] == "step,epoch,loss,lr,images_per_s" and [int(r.split(",")[0]) for r in rows[1:]] == list(
         range(1, 25)
