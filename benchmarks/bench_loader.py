@@ -14,12 +14,14 @@ batches, seed 002 augmentation) this measures, in one run:
 
 Prints the ratio loader / compute (>= 1: the loader keeps up) and the combined efficiency. On a CPU-only
 machine the workers, the augmentation and the model share the same cores, so (3) is the honest figure there;
-on a GPU node the model runs on the GPU and (1) vs (2) is the relevant ratio. Measured on the 2-core CPU
-machines: worker processes next to torch's 2 OpenMP threads oversubscribe the cores, and OpenMP's spinning
-barriers then stall every op for a scheduler time slice (train steps 60 ms -> 400-1200 ms); there, reading in
-the training process (workers 0) is fastest because a demo batch reads in ~10 ms.
+on a GPU node the model runs on the GPU and (1) vs (2) is the relevant ratio. On the CPU the augmentation runs
+in the training process, so (3) is about 1 / (1 / augment + 1 / compute) whatever the number of workers
+(reading a demo batch takes ~10 ms, augmenting it ~40 ms, a training step ~65 ms).
 
-Usage: ``python benchmarks/bench_loader.py [--codec none|blosc-zstd] [--backend hdf5|zarr] [--batches 20]``
+The development machines are shared: other jobs can slow a repeat several-fold; the repeats are interleaved
+and medians printed, and ``--verbose`` shows each repeat, so disturbed ones can be recognised.
+
+Usage: ``python benchmarks/bench_loader.py [--codec none|blosc-zstd] [--backend hdf5|zarr] [--batches 12] [--repeats 5] [--verbose]``
 """
 
 from __future__ import annotations

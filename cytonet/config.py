@@ -460,9 +460,7 @@ class LoaderConfig:
     batch_size_per_rank: int = 32
     """Samples per rank and step; the global batch is this times the world size (paper: 4096 on 32 GPUs)."""
     workers: int = 2
-    """DataLoader worker processes per rank (they read and decompress; augmentation runs on the device).
-    On a CPU-only machine with few cores, 0 (read in the training process) avoids oversubscribing torch's
-    threads (see benchmarks/bench_loader.py)."""
+    """DataLoader worker processes per rank (they read and decompress; augmentation runs on the device)."""
     prefetch_factor: int = 4
     """Batches each worker reads ahead."""
     shard_block: int = 4

@@ -22,13 +22,14 @@ centre pixel of a stored patch sits at index ``S // 2``. Demo: 265 px crop, 25 p
 paper: 1129 px at 2 um, 100 px shift -> 1807 px (3.3 MB per patch).
 
 Default backend and codec (``extract.backend=hdf5``, ``extract.compression=none``), chosen by measurement
-(benchmarks/bench_patch_reads.py, 2-core development machine, warm page cache, random reads of 435 px demo
-patches): HDF5 uncompressed ~5900 reads/s (1.1 GB/s, 8% of copying from memory), HDF5 blosc-zstd ~2200/s,
-zarr (sharded) ~570-640/s either way; at 1807 px (paper) HDF5 uncompressed 1770/s against 215/s with
-blosc-zstd. Patches of the synthetic brains compress only 1.1-1.25x (zstd levels 1-9, with or without
-shuffle), which does not pay for 2.7-8x slower reads; with real scans that compress better on a bandwidth-
-bound parallel file system, ``compression=blosc-zstd`` is one setting away (no shuffle: better ratio and
-faster decoding than bitshuffle on uint8).
+(benchmarks/bench_patch_reads.py, 2-core development machine, warm page cache, random single-patch reads):
+435 px demo patches: HDF5 uncompressed 19-21k reads/s (30-34% of copying from memory), HDF5 blosc-zstd
+3.2-3.5k/s, zarr (sharding codec) 470-760/s with either codec; 1807 px paper patches: HDF5 uncompressed
+1.6-2.1k/s, HDF5 blosc-zstd 230/s, zarr 130-400/s. Patches of the synthetic brains compress only 1.2x (zstd
+levels 1-9, any shuffle), which does not pay for 6-7x slower reads. For scans that compress better, on a
+bandwidth-bound parallel file system, ``compression=blosc-zstd`` is one setting away (no shuffle: a better
+ratio and faster decoding than bitshuffle on uint8). The reader keeps each shard's ``patches`` array object
+open: looking it up per read tripled the cost of an HDF5 read.
 
 Readers (:class:`PatchStore`) open shard files lazily, in the process that reads (HDF5 handles never cross a
 fork: each DataLoader worker opens its own), and keep a bounded number open.
@@ -455,27 +456,35 @@ class PatchStore:
         k = int(np.searchsorted(self._starts, i, side="right")) - 1
         return k, i - int(self._starts[k])
 
-    def _handle(self, k: int) -> Any:
+    def _open(self, k: int) -> tuple[Any, Any]:
+        """(file or group handle, its ``patches`` array) of shard ``k``, opened once per process.
+
+        The array object is kept too: looking it up per read costs zarr a metadata read each time.
+        """
         if self._pid != os.getpid():  # first use in this process (e.g. a fresh DataLoader worker)
             self._handles = OrderedDict()
             self._pid = os.getpid()
-        handle = self._handles.get(k)
-        if handle is None:
+        entry = self._handles.get(k)
+        if entry is None:
             handle = _open_shard(self.path / self.shards[k]["name"])
-            self._handles[k] = handle
+            try:
+                entry = (handle, handle["patches"])
+            except Exception as exc:
+                raise InputError(f"shard {self.shards[k]['name']}: no patches array ({exc})") from None
+            self._handles[k] = entry
             if len(self._handles) > self.max_open:
-                _, old = self._handles.popitem(last=False)
+                _, (old, _) = self._handles.popitem(last=False)
                 if hasattr(old, "close"):
                     old.close()
         else:
             self._handles.move_to_end(k)
-        return handle
+        return entry
 
     def read(self, i: int) -> np.ndarray:
         """Patch ``i`` as an S x S uint8 array."""
         k, j = self.locate(i)
         try:
-            return np.asarray(self._handle(k)["patches"][j])
+            return np.asarray(self._open(k)[1][j])
         except InputError:
             raise
         except Exception as exc:
@@ -485,7 +494,7 @@ class PatchStore:
 
     def iter_shard_patches(self, k: int) -> Iterator[np.ndarray]:
         """All patches of shard ``k`` in order (sequential read, used by ``store check``)."""
-        arr = self._handle(k)["patches"]
+        arr = self._open(k)[1]
         n = int(self.shards[k]["n"])
         step = 16
         for j0 in range(0, n, step):
@@ -494,7 +503,7 @@ class PatchStore:
 
     def close(self) -> None:
         if self._pid == os.getpid():
-            for handle in self._handles.values():
+            for handle, _ in self._handles.values():
                 if hasattr(handle, "close"):
                     handle.close()
         self._handles = OrderedDict()
@@ -660,7 +669,7 @@ def check_store(path: str | Path, read_patches: bool = True) -> CheckResult:
         if len(rows) != n or not np.array_equal(table_from_columns(cols), rows):
             raise InputError(f"{where}: metadata differ from {METADATA}")
         try:
-            arr = store._handle(k)["patches"]
+            arr = store._open(k)[1]
             shape, dtype = tuple(arr.shape), np.dtype(arr.dtype)
             if shape != (n, s_px, s_px) or dtype != np.uint8:
                 raise InputError(f"{where}: patches have shape {shape} {dtype}, expected ({n}, {s_px}, {s_px}) uint8")
