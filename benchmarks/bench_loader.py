@@ -88,8 +88,8 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = load_config(None, [f"loader.workers={args.workers}"])  # demo defaults: 265 px crop, batch 32
-    crop, b = cfg.model.patch_size_px, cfg.loader.batch_size_per_rank
+    cfg = load_config(None, [f"loader.workers={args.workers}"])  # defaults: 265 px crop, batch 64
+    crop, b = cfg.model.patch_size_px, cfg.pretrain.global_batch_size
     geometry = PatchGeometry.for_crop(crop, 8.0, cfg.augment.shift_max_mm, cfg.augment.blur_radius_px)
     n = b * (args.batches + 4)  # class-aware batches over 8 balanced areas: exactly batches + 4 of them
     model, model_name = build_model(cfg.model)
@@ -113,6 +113,7 @@ def main() -> None:
                 loader_cfg=dataclasses.replace(cfg.loader, workers=w),
                 augment_cfg=cfg.augment,
                 crop_px=crop,
+                batch_size_per_rank=b,
                 device=device,
             )
             for w in sorted({args.workers, 0})

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,9 +38,10 @@ def steps_per_s(cfg_path: Path, steps: int, from_memory: bool) -> float:
     loader = PatchLoader(
         store,
         "train",
-        loader_cfg=replace(cfg.loader, batch_size_per_rank=batch),
+        loader_cfg=cfg.loader,
         augment_cfg=cfg.augment,
         crop_px=cfg.model.patch_size_px,
+        batch_size_per_rank=batch,
     )
     torch.manual_seed(0)
     model = build_contrastive_model(cfg.model)

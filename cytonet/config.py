@@ -457,8 +457,6 @@ class AugmentConfig:
 class LoaderConfig:
     """Reading patch stores for training: sampler, batching and DataLoader workers."""
 
-    batch_size_per_rank: int = 32
-    """Samples per rank and step; the global batch is this times the world size (paper: 4096 on 32 GPUs)."""
     workers: int = 2
     """DataLoader worker processes per rank (they read and decompress; augmentation runs on the device)."""
     prefetch_factor: int = 4
@@ -469,25 +467,18 @@ class LoaderConfig:
     class_aware: bool = True
     """Build global batches of groups of ``samples_per_class`` same-area samples, so SupCon has positives."""
     samples_per_class: int = 4
-    """Samples per area group in a class-aware batch; must divide ``batch_size_per_rank``."""
+    """Samples per area group in a class-aware batch; must divide each rank's batch (the stage's
+    ``global_batch_size`` divided by the world size)."""
     seed: int = 0
     """Seed of the per-epoch shuffle (the order is a function of seed and epoch only)."""
     pin_memory: bool = True
     """Pin host memory of batches when training on CUDA."""
 
     def validate(self, prefix: str) -> None:
-        _check(self.batch_size_per_rank >= 1, f"{prefix}.batch_size_per_rank", self.batch_size_per_rank, ">= 1")
         _check(self.workers >= 0, f"{prefix}.workers", self.workers, ">= 0 (0: read in the main process)")
         _check(self.prefetch_factor >= 1, f"{prefix}.prefetch_factor", self.prefetch_factor, ">= 1")
         _check(self.shard_block >= 1, f"{prefix}.shard_block", self.shard_block, ">= 1")
         _check(self.samples_per_class >= 1, f"{prefix}.samples_per_class", self.samples_per_class, ">= 1")
-        if self.class_aware:
-            _check(
-                self.batch_size_per_rank % self.samples_per_class == 0,
-                f"{prefix}.samples_per_class",
-                self.samples_per_class,
-                f"must divide batch_size_per_rank ({self.batch_size_per_rank})",
-            )
         _check(self.seed >= 0, f"{prefix}.seed", self.seed, "use a non-negative integer")
 
 
@@ -515,15 +506,23 @@ class TrainConfig:
     """Exit status after a preemption checkpoint (75 = EX_TEMPFAIL): the launchers requeue on it."""
     min_epochs: ClassVar[int] = 1
 
-    def per_rank_batch(self, world_size: int, prefix: str) -> int:
-        """The batch of one rank; raises naming the key when the global batch does not divide."""
+    def per_rank_batch(self, world_size: int, prefix: str, multiple_of: int = 1) -> int:
+        """The batch of one rank; raises naming the key when the global batch does not divide by the world size,
+        or the per-rank batch not by ``multiple_of`` (``loader.samples_per_class`` for class-aware batches)."""
         _check(
             self.global_batch_size % world_size == 0,
             f"{prefix}.global_batch_size",
             self.global_batch_size,
             f"must be divisible by the world size {world_size}",
         )
-        return self.global_batch_size // world_size
+        per_rank = self.global_batch_size // world_size
+        _check(
+            per_rank % multiple_of == 0,
+            f"{prefix}.global_batch_size",
+            self.global_batch_size,
+            f"each of the {world_size} ranks gets {per_rank}, which loader.samples_per_class={multiple_of} must divide",
+        )
+        return per_rank
 
     def validate(self, prefix: str) -> None:
         _check(
@@ -599,6 +598,15 @@ class Config:
         """Validate every section, then the rules that span sections."""
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
+        if self.loader.class_aware:
+            for name in ("pretrain", "probe", "scratch"):
+                stage = getattr(self, name)
+                _check(
+                    stage.global_batch_size % self.loader.samples_per_class == 0,
+                    "loader.samples_per_class",
+                    self.loader.samples_per_class,
+                    f"must divide {name}.global_batch_size ({stage.global_batch_size}) for class-aware batches",
+                )
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -155,7 +155,7 @@ def test_scratch_epochs_default_to_pretrain_plus_probe() -> None:
     cfg = load_config(None, ["pretrain.epochs=150", "probe.epochs=30"])
     assert cfg.scratch_epochs == 180  # seed 002: as many iterations as pretraining plus probe
     assert load_config(None, ["scratch.epochs=7"]).scratch_epochs == 7
-    with pytest.raises(ConfigError, match="pretrain.epochs=0"):
+    with pytest.raises(ConfigError, match=r"pretrain\.epochs=0"):
         load_config(None, ["pretrain.epochs=0"])
     with pytest.raises(ConfigError, match="preempt_signals"):
         load_config(None, ["pretrain.preempt_signals=[SIGKILL]"])

@@ -149,13 +149,14 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_loader(store: Path, workers: int, class_aware: bool = True, train: bool = True) -> PatchLoader:
-    cfg = load_config(None, ["augment.shift_max_mm=0.04", "loader.batch_size_per_rank=8"])
+    cfg = load_config(None, ["augment.shift_max_mm=0.04"])
     return PatchLoader(
         store,
         "train" if train else "test",
         loader_cfg=dataclasses.replace(cfg.loader, workers=workers, class_aware=class_aware),
         augment_cfg=cfg.augment,
         crop_px=33,
+        batch_size_per_rank=8,
         train=train,
     )
 
@@ -208,8 +209,8 @@ def test_eval_loader_reads_the_split_in_order_without_augmentation(store: Path) 
 @pytest.mark.parametrize(
     ("override", "fragment"),
     [
-        ("loader.samples_per_class=3", "must divide batch_size_per_rank"),
-        ("loader.batch_size_per_rank=0", "loader.batch_size_per_rank=0 is invalid"),
+        ("loader.samples_per_class=3", r"must divide pretrain\.global_batch_size \(64\)"),
+        ("loader.workers=-1", "loader.workers=-1 is invalid"),
         ("extract.test_fraction=1.0", "extract.test_fraction"),
         ("extract.pixel_size_um=-2", "extract.pixel_size_um"),
         ("augment.sharpen_p=0.9", "blur_p \\+ sharpen_p"),

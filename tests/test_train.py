@@ -49,7 +49,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "patches_per_shard": 16,
         },
         "model": {"n_blocks": 2, "patch_size_px": 49},
-        "loader": {"workers": 0, "samples_per_class": 2, "batch_size_per_rank": 8},
+        "loader": {"workers": 0, "samples_per_class": 2},
         "pretrain": {"epochs": 3, "global_batch_size": 8, "checkpoint_every_steps": 1, "log_every_steps": 4},
         "probe": {"epochs": 2, "global_batch_size": 8},
         "scratch": {"epochs": 2, "global_batch_size": 8},

@@ -104,6 +104,7 @@ class PatchLoader:
         loader_cfg: LoaderConfig,
         augment_cfg: AugmentConfig,
         crop_px: int,
+        batch_size_per_rank: int,
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str = "cpu",
@@ -120,7 +121,7 @@ class PatchLoader:
         self._done = 0
         ranges = self.store.shard_ranges(split)
         self.store.split_range(split)  # raises when the split is empty or unknown
-        b = loader_cfg.batch_size_per_rank
+        self.batch_size_per_rank = b = batch_size_per_rank
         kwargs: dict[str, Any] = {}
         self.sampler: ShardSampler | ClassAwareBatchSampler | _RangeSampler
         if not train:
@@ -165,7 +166,7 @@ class PatchLoader:
 
     def _unit(self) -> int:
         """Sampler items per batch: indices for the shard sampler, 1 for the batch sampler."""
-        return self.cfg.batch_size_per_rank if isinstance(self.sampler, ShardSampler) else 1
+        return self.batch_size_per_rank if isinstance(self.sampler, ShardSampler) else 1
 
     def state_dict(self) -> dict[str, Any]:
         """Epoch and batches consumed so far in it (plain dict; save it in the checkpoint)."""
@@ -217,19 +218,21 @@ def build_loader(
     store: PatchStore | str | Path,
     split: str = "train",
     *,
+    batch_size_per_rank: int,
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | str = "cpu",
     train: bool = True,
 ) -> PatchLoader:
     """A :class:`PatchLoader` for ``split`` with the config's loader and augmentation settings and
-    ``model.patch_size_px`` crops."""
+    ``model.patch_size_px`` crops; the batch comes from the training stage (global batch / world size)."""
     return PatchLoader(
         store,
         split,
         loader_cfg=cfg.loader,
         augment_cfg=cfg.augment,
         crop_px=cfg.model.patch_size_px,
+        batch_size_per_rank=batch_size_per_rank,
         rank=rank,
         world_size=world_size,
         device=device,

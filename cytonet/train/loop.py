@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cytonet import distributed
 from cytonet.config import Config, TrainConfig, config_to_dict, save_config
-from cytonet.data.loader import PatchLoader
+from cytonet.data.loader import PatchLoader, build_loader
 from cytonet.data.patches import PatchStore
 from cytonet.distributed import DistEnv
 from cytonet.errors import CytonetError
@@ -164,16 +164,14 @@ def _run(
 
     store = PatchStore(cfg.resolve_path(cfg.extract.out_dir))
     class_names = [store.areas[a] for a in store.area_ids]
-    per_rank = tcfg.per_rank_batch(env.world_size, kind)
-    loader_cfg = replace(cfg.loader, batch_size_per_rank=per_rank)
+    per_rank = tcfg.per_rank_batch(env.world_size, kind, cfg.loader.samples_per_class if cfg.loader.class_aware else 1)
 
     def make_loader(split: str, train: bool) -> PatchLoader:
-        return PatchLoader(
+        return build_loader(
+            cfg,
             store,
             split,
-            loader_cfg=loader_cfg,
-            augment_cfg=cfg.augment,
-            crop_px=cfg.model.patch_size_px,
+            batch_size_per_rank=per_rank,
             rank=env.rank,
             world_size=env.world_size,
             device=device,
