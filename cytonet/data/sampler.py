@@ -60,13 +60,14 @@ class _Resumable:
 
     kind = ""
 
-    def __init__(self, seed: int, num_replicas: int, rank: int, n_total: int) -> None:
+    def __init__(self, shard_ranges: Sequence[tuple[int, int]], seed: int, num_replicas: int, rank: int) -> None:
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} must lie in 0..{num_replicas - 1} (num_replicas {num_replicas})")
+        self.shard_ranges = [(int(a), int(b)) for a, b in shard_ranges]
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
-        self.n_total = n_total
+        self.n_total = sum(b - a for a, b in self.shard_ranges)
         self.epoch = 0
         self._start = 0
         self._resume: tuple[int, int] | None = None
@@ -123,11 +124,9 @@ class ShardSampler(_Resumable, Sampler[int]):
         seed: int = 0,
         block_shards: int = 4,
     ) -> None:
-        self.shard_ranges = [(int(a), int(b)) for a, b in shard_ranges]
-        total = sum(b - a for a, b in self.shard_ranges)
-        _Resumable.__init__(self, seed, num_replicas, rank, total)
+        _Resumable.__init__(self, shard_ranges, seed, num_replicas, rank)
         self.block_shards = block_shards
-        self.per_rank = total // num_replicas
+        self.per_rank = self.n_total // num_replicas
 
     def rank_order(self, epoch: int) -> np.ndarray:
         """This rank's full index stream for ``epoch``."""
@@ -159,9 +158,7 @@ class ClassAwareBatchSampler(_Resumable, Sampler[list[int]]):
         seed: int = 0,
         block_shards: int = 4,
     ) -> None:
-        self.shard_ranges = [(int(a), int(b)) for a, b in shard_ranges]
-        total = sum(b - a for a, b in self.shard_ranges)
-        _Resumable.__init__(self, seed, num_replicas, rank, total)
+        _Resumable.__init__(self, shard_ranges, seed, num_replicas, rank)
         if batch_size_per_rank % samples_per_class:
             raise ValueError(
                 f"samples_per_class {samples_per_class} must divide batch_size_per_rank {batch_size_per_rank}"
