@@ -75,7 +75,8 @@ def run_synth(cfg: Config, out: Path, *, overwrite: bool, preview: bool, workers
     from cytonet.data.sections import list_sections
     from cytonet.data.synth import generate_dataset, render_preview
 
-    settings = {"step": "synth", "synth": config_to_dict(cfg)["synth"], "sections": config_to_dict(cfg)["sections"]}
+    resolved = config_to_dict(cfg)
+    settings = {"step": "synth", "synth": resolved["synth"], "sections": resolved["sections"]}
     if prepare_step(out, settings, overwrite, "synth"):
         save_config(cfg, out)
         started = time.perf_counter()
@@ -87,7 +88,7 @@ def run_synth(cfg: Config, out: Path, *, overwrite: bool, preview: bool, workers
             compression=cfg.sections.compression,
             overwrite=overwrite,
             workers=workers,
-            extra_attrs={"config": config_to_dict(cfg)},
+            extra_attrs={"config": resolved},
         )
         mark_done(out, settings)
         log.info("synth: wrote %d sections to %s in %.1f s", len(paths), out, time.perf_counter() - started)
