@@ -51,7 +51,7 @@ class RunConfig:
 
 @dataclass
 class SynthConfig:
-    """The built-in synthetic brains (``cytonet synth``)."""
+    """The built-in synthetic brains (``cytonet synth``); how they are stored is the ``sections`` section."""
 
     out_dir: str = "sections"
     """Folder the section stores are written to; relative paths lie below ``run.root_dir``; ``--out`` overrides."""
@@ -77,10 +77,6 @@ class SynthConfig:
     """Range of the cortical thickness (mm); each brain draws a scale inside the range."""
     seed: int = 0
     """Seed of the generator; the same seed gives the same bytes."""
-    chunk_px: int = 512
-    """Chunk edge of the written arrays; rows of chunks are generated one at a time."""
-    backend: Backend = "zarr"
-    """Section store backend."""
 
     @property
     def section_step_um(self) -> float:
@@ -120,12 +116,6 @@ class SynthConfig:
             "give [low, high] mm with 0.5 <= low <= high <= 6",
         )
         _check(self.seed >= 0, f"{prefix}.seed", self.seed, "use a non-negative integer")
-        _check(
-            16 <= self.chunk_px <= 8192,
-            f"{prefix}.chunk_px",
-            self.chunk_px,
-            "use 16-8192 px",
-        )
 
 
 @dataclass
