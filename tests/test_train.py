@@ -293,3 +293,36 @@ def test_classification_metrics_by_hand() -> None:
     assert m["top3"] == pytest.approx(100.0)
     # weighted F1: class 0 f1=1 (w 1/4), class 1: p=1, r=1/2, f1=2/3 (w 2/4), class 3 f1=1 (w 1/4)
     assert m["f1"] == pytest.approx(100 * (0.25 + 0.5 * 2 / 3 + 0.25))
+
+
+def test_checkpoint_of_another_format_or_kind_is_refused(tmp_path: Path) -> None:
+    from cytonet.config import config_to_dict
+    from cytonet.train.checkpoint import (
+        FORMAT_VERSION,
+        CheckpointError,
+        config_fingerprint,
+        load_checkpoint,
+        save_checkpoint,
+    )
+
+    config = config_to_dict(load_config(None))
+    state = {
+        "format_version": FORMAT_VERSION,
+        "kind": "pretrain",
+        "step": 3,
+        "config": config,
+        "fingerprint": config_fingerprint(config),
+    }
+    path = save_checkpoint(tmp_path, state, 3, keep=2)
+    assert load_checkpoint(path, kind="pretrain", config=config)["step"] == 3
+    with pytest.raises(CheckpointError, match="'pretrain' checkpoint, this run is 'probe'"):
+        load_checkpoint(path, kind="probe", config=config)
+    old = save_checkpoint(tmp_path, {**state, "format_version": FORMAT_VERSION + 1}, 4, keep=2)
+    with pytest.raises(CheckpointError, match=f"format {FORMAT_VERSION + 1}"):
+        load_checkpoint(old, kind="pretrain", config=config)
+    (tmp_path / "ckpt-000000005.pt").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(tmp_path / "ckpt-000000005.pt", kind="pretrain", config=config)
+    # keep=2: only the two newest complete checkpoints remain after another save
+    save_checkpoint(tmp_path, state, 6, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000000005.pt", "ckpt-000000006.pt"]
