@@ -111,11 +111,6 @@ def _build_model(cfg: Config, kind: Kind, n_classes: int) -> nn.Module:
     return model
 
 
-def _rank_seed(cfg: Config, env: DistEnv) -> None:
-    # Same initial weights everywhere (DDP also broadcasts them); per-rank streams for anything drawn later.
-    torch.manual_seed(cfg.run.seed)
-
-
 def run_stage(
     cfg: Config,
     env: DistEnv,
@@ -190,7 +185,7 @@ def _run(
     if tcfg.max_steps:
         total_steps = min(total_steps, tcfg.max_steps)
 
-    _rank_seed(cfg, env)
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
     model = _build_model(cfg, kind, len(class_names)).to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
