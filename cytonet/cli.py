@@ -19,6 +19,7 @@ from cytonet import __version__
 from cytonet.config import Config, config_to_yaml, load_config
 from cytonet.errors import ConfigError, CytonetError, UsageError
 from cytonet.log import setup_logging
+from hpc.env import LaunchEnv, LaunchEnvError  # wrong launcher variables: a usage error, like a bad flag
 
 log = logging.getLogger("cytonet.cli")
 
@@ -52,6 +53,8 @@ class Command:
     takes_config: bool = True
     writes: bool = True
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None
+    positionals: Callable[[argparse.ArgumentParser], None] | None = None
+    """Positional arguments that come before CONFIG (e.g. ``submit``'s command name)."""
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -108,13 +111,55 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="processes for parallel steps (default 2)")
 
 
+def _array_share(args: argparse.Namespace, cfg: Config) -> tuple[LaunchEnv, int, int]:
+    """(launcher environment, task id, task count) of a command that splits its work over array tasks and ranks.
+
+    hpc/ reads the launcher: the SLURM array gives the task share (unless --task-id/--num-tasks say otherwise),
+    torchrun / mpiexec / srun the ranks of this task. Such commands form no process group (every unit of work
+    has one owner and workers never communicate), so rank and world size are all they need.
+    """
+    from hpc.env import detect
+
+    launch = detect()
+    task_id, num_tasks = launch.task_share(args.task_id, args.num_tasks)
+    setup_logging("DEBUG" if args.debug else cfg.run.log_level, launch.rank, launch.world_size)
+    return launch, task_id, num_tasks
+
+
+def _task_args(what: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--task-id",
+            type=int,
+            default=None,
+            help="this task's number, 0..N-1 (default: the position in the SLURM job array, else 0)",
+        )
+        p.add_argument(
+            "--num-tasks",
+            type=int,
+            default=None,
+            help=f"number of array tasks sharing the {what} (default: the SLURM array's size, else 1); "
+            "under torchrun, mpiexec or srun each task's ranks split its share further",
+        )
+
+    return add
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     from cytonet.data.extract import run_extract
 
     cfg = _load(args)
+    launch, task_id, num_tasks = _array_share(args, cfg)
     out = Path(args.out) if args.out else cfg.resolve_path(cfg.extract.out_dir)
     result = run_extract(
-        cfg, out, overwrite=args.overwrite, task_id=args.task_id, num_tasks=args.num_tasks, workers=args.workers
+        cfg,
+        out,
+        overwrite=args.overwrite,
+        task_id=task_id,
+        num_tasks=num_tasks,
+        workers=args.workers,
+        rank=launch.rank,
+        world_size=launch.world_size,
     )
     if result.manifest is not None:
         print(result.out)
@@ -123,10 +168,28 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes writing shards in this task (default 1)")
-    p.add_argument(
-        "--task-id", type=int, default=0, help="this task's number, 0..N-1 (e.g. $SLURM_ARRAY_TASK_ID; default 0)"
+    _task_args("shards")(p)
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from cytonet.distributed import device_for
+    from cytonet.infer.run import run_infer
+
+    cfg = _load(args)
+    launch, task_id, num_tasks = _array_share(args, cfg)
+    env = launch.dist()
+    result = run_infer(
+        cfg,
+        env,
+        Path(args.out) if args.out else None,
+        task_id=task_id,
+        num_tasks=num_tasks,
+        overwrite=args.overwrite,
+        device=device_for(env, cfg.dist),
     )
-    p.add_argument("--num-tasks", type=int, default=1, help="number of array tasks sharing the work (default 1)")
+    if result.complete:
+        print(result.out)
+    return EXIT_OK
 
 
 def cmd_store(args: argparse.Namespace) -> int:
@@ -150,14 +213,143 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="check: metadata only, do not decompress every patch")
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    from cytonet.analysis.run import compute_features
+
+    cfg = _load(args)
+    setup_logging("DEBUG" if args.debug else cfg.run.log_level)
+    paths = compute_features(
+        cfg,
+        Path(args.out) if args.out else None,
+        splits=args.split or None,
+        dense=args.dense,
+        encoder_path=args.encoder,
+        overwrite=args.overwrite,
+    )
+    for path in paths:
+        print(path)
+    return EXIT_OK
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from cytonet.analysis.run import run_analysis
+
+    cfg = _load(args)
+    setup_logging("DEBUG" if args.debug else cfg.run.log_level)
+    result = run_analysis(
+        cfg, None, Path(args.out) if args.out else None, encoder_path=args.encoder, overwrite=args.overwrite
+    )
+    print(result.report)
+    return EXIT_OK
+
+
+def _encoder_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--encoder",
+        metavar="PATH",
+        help="encoder.pt to use (default: encoder.pt in analysis.encoder_from, the pretraining run folder)",
+    )
+
+
+def _features_args(p: argparse.ArgumentParser) -> None:
+    _encoder_arg(p)
+    p.add_argument(
+        "--split",
+        action="append",
+        choices=["train", "test", "unseen"],
+        help="patch-store split to encode (repeatable; default: analysis.splits)",
+    )
+    p.add_argument(
+        "--dense", action="store_true", help="also encode a dense grid over analysis.dense_sections (section maps)"
+    )
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from hpc.site import load_profile
+    from hpc.submit import submit
+
+    profile = load_profile(args.profile)
+    jobs = submit(
+        args.target, args.config, args.overrides, profile, local=args.local, array_tasks=args.array, folder=args.folder
+    )
+    for job in jobs:
+        print(job.job_id)
+    sys.stdout.flush()
+    if args.wait:
+        failed = 0
+        for job in jobs:
+            try:
+                job.results()
+            except Exception as exc:  # submitit raises several kinds; each is reported, the exit status counts them
+                failed += 1
+                print(f"cytonet: job {job.job_id} failed: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
+        return EXIT_FAILURE if failed else EXIT_OK
+    return EXIT_OK
+
+
+def _submit_positionals(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "target", choices=["extract", "pretrain", "probe", "scratch", "infer"], metavar="COMMAND", help="what to run"
+    )
+
+
+def _submit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", required=True, metavar="FILE", help="site profile YAML (see configs/sites/)")
+    p.add_argument("--local", action="store_true", help="run through submitit's local executor instead of SLURM")
+    p.add_argument("--array", type=int, metavar="N", help="extract/infer: number of array tasks (default: profile)")
+    p.add_argument("--folder", metavar="DIR", help="submitit's folder (default: <run.root_dir>/submitit)")
+    p.add_argument("--wait", action="store_true", help="wait for the jobs; exit 1 if any failed")
+
+
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from hpc.site import load_profile
+    from hpc.slurm import render, sbatch, submit_pipeline, write_script
+
+    profile = load_profile(args.profile)
+    if args.kind == "pipeline":
+        stages = [s for s in args.stages.split(",") if s]
+        for stage in submit_pipeline(profile, args.config, args.overrides, stages=stages, array_tasks=args.array):
+            print(f"{stage.kind} {stage.job_id} {stage.script}")
+        return EXIT_OK
+    job = render(args.kind, profile, args.config, args.overrides, array_tasks=args.array)
+    if args.write is None and not args.submit:
+        sys.stdout.write(job.script)
+        return EXIT_OK
+    path = write_script(job, args.write or job.log_dir / f"{args.kind}.sbatch")
+    print(sbatch(path) if args.submit else path)
+    return EXIT_OK
+
+
+def _slurm_positionals(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "kind",
+        choices=["extract", "pretrain", "probe", "scratch", "infer", "pipeline"],
+        metavar="KIND",
+        help="the job's command (extract, pretrain, probe, scratch, infer) or `pipeline` (submit a chain)",
+    )
+
+
+def _slurm_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", required=True, metavar="FILE", help="site profile YAML (see configs/sites/)")
+    p.add_argument("--array", type=int, metavar="N", help="extract/infer: number of array tasks (default: profile)")
+    p.add_argument("--write", metavar="FILE", help="write the script to FILE (and create its log folder)")
+    p.add_argument("--submit", action="store_true", help="write the script into <run.root_dir>/slurm/ and sbatch it")
+    p.add_argument(
+        "--stages",
+        default="pretrain,probe,infer",
+        help="pipeline: stages chained with --dependency=afterok (default pretrain,probe,infer)",
+    )
+
+
 def _train_command(kind: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         from cytonet.train.loop import run_stage
         from cytonet.train.preempt import Preempted
-        from hpc.env import detect
+        from hpc.launch import dist_env
 
         cfg = _load(args)
-        env = detect().dist()  # hpc/ reads the launcher's variables; cytonet gets plain values
+        # hpc/ reads the launcher's variables (and settles an MPI rendezvous); cytonet gets plain values.
+        env = dist_env()
         setup_logging("DEBUG" if args.debug else cfg.run.log_level, env.rank, env.world_size)
         resume = False if args.overwrite else args.resume
         try:
@@ -220,6 +412,40 @@ COMMANDS: list[Command] = [
         _train_command("scratch"),
         extra_args=_train_args,
     ),
+    Command(
+        "infer",
+        "per-area probability maps and label maps of whole sections into OME-Zarr/HDF5 (resumable; array tasks)",
+        cmd_infer,
+        extra_args=_task_args("blocks"),
+    ),
+    Command(
+        "features",
+        "encoder features (before the projection head) of patch-store splits or a dense grid, as chunked zarr",
+        cmd_features,
+        extra_args=_features_args,
+    ),
+    Command(
+        "analyze",
+        "Ward clusters, t-SNE, UMAP, NMF factors and section maps of the features; figures, tables, report.html",
+        cmd_analyze,
+        extra_args=_encoder_arg,
+    ),
+    Command(
+        "submit",
+        "submit a command through submitit to SLURM (or --local): checkpointed, requeued and resumed on preemption",
+        cmd_submit,
+        writes=False,
+        positionals=_submit_positionals,
+        extra_args=_submit_args,
+    ),
+    Command(
+        "slurm",
+        "render the sbatch script of a command from a site profile (print, --write, --submit) or submit a pipeline",
+        cmd_slurm,
+        writes=False,
+        positionals=_slurm_positionals,
+        extra_args=_slurm_args,
+    ),
     Command("check-config", "load and validate a config, print it resolved", cmd_check_config, writes=False),
     Command(
         "demo",
@@ -243,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
     for c in COMMANDS:
         p = sub.add_parser(c.name, help=c.help, description=c.help)
+        if c.positionals:
+            c.positionals(p)
         if c.takes_config:
             p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
         p.add_argument(
@@ -279,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         code = args._command.run(args)
         log.debug("%s finished in %.1f s", args.command, time.perf_counter() - started)
         return code
-    except (ConfigError, UsageError) as exc:
+    except (ConfigError, UsageError, LaunchEnvError) as exc:
         if debug:
             raise
         print(f"cytonet: error: {exc}", file=sys.stderr)

@@ -367,6 +367,84 @@ class ExtractConfig:
 
 
 @dataclass
+class InferConfig:
+    """``cytonet infer``: per-area probability maps and label maps of whole sections (seeds 001, 002, 003)."""
+
+    model_from: str = "probe"
+    """Run folder of the probe or scratch stage whose ``model.pt`` (encoder + classifier) is applied."""
+    sections_dir: str | None = None
+    """Folder of the section stores; null: ``extract.sections_dir``. Relative paths lie below ``run.root_dir``."""
+    sections: list[str] = field(default_factory=list)
+    """Section names to map (store names without suffix); empty: the sections of ``splits``."""
+    splits: list[str] = field(default_factory=lambda: ["test", "unseen"])
+    """With ``sections`` empty: map the sections the patch store put in these splits (recorded in model.pt);
+    sections the model never saw split information for are all mapped when this is empty."""
+    out_dir: str = "infer"
+    """Output folder; relative paths lie below ``run.root_dir``; ``--out`` overrides."""
+    format: Literal["ome-zarr", "hdf5"] = "ome-zarr"
+    """``ome-zarr``: one OME-Zarr (NGFF 0.5, zarr v3) image per section, blocks written in parallel;
+    ``hdf5``: one .h5 file per section, written by a single process (HDF5 has no safe concurrent writers)."""
+    stride_px: int = 8
+    """Model pixels between two predictions (seed 001's field size; paper patch / 16 at the default)."""
+    chunk_px: int = 64
+    """Output pixels per chunk edge at full resolution; a block is one chunk (or one shard)."""
+    shard_chunks: int = 0
+    """Chunks per shard edge (zarr v3 sharding); 0: no sharding. With sharding a block is one shard."""
+    pyramid_levels: int = 3
+    """Resolution levels of the output (level l: 2^l times coarser), at least 1."""
+    mode: Literal["dense", "per_patch"] = "dense"
+    """``dense``: the trunk once per block (exact for the valid-padding paper encoder); ``per_patch``: one
+    encoder call per grid point (the reference, and the path for ResNets)."""
+    batch_size: int = 64
+    """Patches per forward pass in ``per_patch`` mode."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast dtype of the forward pass (fp16: CUDA only)."""
+    tissue_max_intensity: int = 230
+    """Tissue mask: an output pixel is tissue when the mean grey value of its footprint is below this
+    (cell-body stains: tissue is darker than the slide); blocks without tissue are not evaluated."""
+    roi: Literal["tissue", "cortex", "centerline"] = "tissue"
+    """Where to predict, besides the tissue mask, judged at each patch centre: ``tissue`` everywhere;
+    ``cortex`` where the section's labels layer marks an area (label >= 2: used as a cortex mask, the area ids
+    are not used); ``centerline`` where its depth layer is 0.5 +- ``extract.centerline_tolerance``, the band
+    that ``extract.sampling=centerline`` trains the classifier on (seed 002)."""
+    compression: Literal["blosc-zstd", "none"] = "blosc-zstd"
+    """Codec of the output arrays."""
+    cleanup: Literal["none", "knn2d", "knn3d"] = "knn2d"
+    """Clean-up of the label maps (seed 001): keep the largest connected components of each area as seeds and
+    relabel the rest by the k nearest seeds in position, per section (2D) or across the section stack (3D)."""
+    cleanup_k: int = 15
+    """k of the nearest-neighbour vote."""
+    cleanup_components: int = 1
+    """Connected components kept per area as seeds (seed 001: m_i, the expected number of pieces of an area)."""
+
+    def validate(self, prefix: str) -> None:
+        _check(self.stride_px >= 1, f"{prefix}.stride_px", self.stride_px, ">= 1 px")
+        _check(self.chunk_px >= 1, f"{prefix}.chunk_px", self.chunk_px, ">= 1 px")
+        _check(self.shard_chunks >= 0, f"{prefix}.shard_chunks", self.shard_chunks, ">= 0 (0: no sharding)")
+        _check(self.pyramid_levels >= 1, f"{prefix}.pyramid_levels", self.pyramid_levels, ">= 1")
+        block = self.chunk_px * max(1, self.shard_chunks)
+        _check(
+            self.chunk_px % 2 ** (self.pyramid_levels - 1) == 0,
+            f"{prefix}.chunk_px",
+            self.chunk_px,
+            f"a multiple of 2^(pyramid_levels - 1) = {2 ** (self.pyramid_levels - 1)}, so that every block owns "
+            "whole chunks at every level",
+        )
+        _check(block <= 8192, f"{prefix}.chunk_px", self.chunk_px, "chunk_px * shard_chunks <= 8192 output px")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, ">= 1")
+        _check(
+            0 < self.tissue_max_intensity <= 256,
+            f"{prefix}.tissue_max_intensity",
+            self.tissue_max_intensity,
+            "1..256 (256: everything is tissue)",
+        )
+        _check(self.cleanup_k >= 1, f"{prefix}.cleanup_k", self.cleanup_k, ">= 1")
+        _check(self.cleanup_components >= 1, f"{prefix}.cleanup_components", self.cleanup_components, ">= 1")
+        bad = [sp for sp in self.splits if sp not in ("train", "test", "unseen")]
+        _check(not bad, f"{prefix}.splits", self.splits, "a list of train, test, unseen")
+
+
+@dataclass
 class AugmentConfig:
     """Training augmentation, applied batched on the training device (defaults: seed 002)."""
 
@@ -556,6 +634,110 @@ class ScratchConfig(TrainConfig):
 
 
 @dataclass
+class AnalysisConfig:
+    """Feature analysis (``cytonet features``, ``cytonet analyze``): Ward clustering and t-SNE (seed 002), UMAP
+    (seed 004), NMF factors with greedy selection and Gaussian mixtures (seed 000); figures, tables, report."""
+
+    out_dir: str = "analysis"
+    """Folder of features, figures, tables and ``report.html``; relative paths lie below ``run.root_dir``;
+    ``--out`` overrides."""
+    encoder_from: str = "pretrain"
+    """Run folder whose ``encoder.pt`` computes the features (representation h, before the projection head);
+    relative paths lie below ``run.root_dir``; ``--encoder PATH`` overrides."""
+    splits: list[str] = field(default_factory=lambda: ["test"])
+    """Patch-store splits whose features are analysed together (seed 002 clusters the held-out sections)."""
+    max_patches_per_split: int = 0
+    """Analyse at most this many patches per split, a seeded random subset (0: all)."""
+    batch_size: int = 64
+    """Patches (or dense tiles) per forward pass of the encoder."""
+    n_clusters: int = 10
+    """Clusters of the Ward hierarchical clustering (seed 002: 10)."""
+    table_top_areas: int = 6
+    """Most frequent areas listed per cluster in the cluster table (seed 002 Table 1: 6)."""
+    tsne_perplexity: float = 30.0
+    """t-SNE perplexity (scikit-learn's default; seed 002 does not state it); capped at (n - 1) / 3."""
+    umap_subsample: int = 50
+    """UMAP keeps one sample in this many, a seeded random subset (seed 004: subsample 50; 1: all)."""
+    umap_min_points: int = 1000
+    """...but at least this many (all when there are fewer): seed 004's 1 in 50 of 135,600 samples kept ~2,700,
+    while 1 in 50 of a demo's few hundred patches would leave too few to embed. Where a section map needs the
+    samples left out, they get the weighted mean position of their nearest fitted neighbours."""
+    umap_neighbors: int = 15
+    """UMAP ``n_neighbors`` (umap-learn's default)."""
+    umap_min_dist: float = 0.1
+    """UMAP ``min_dist`` (umap-learn's default)."""
+    nmf_components: int = 15
+    """NMF rank k (seed 000: 15)."""
+    nmf_max_iter: int = 400
+    """Iterations of the NMF solver (coordinate descent)."""
+    nmf_select: int = 0
+    """Factors p chosen by the greedy coverage/leakage selection (seed 000: 6, one per region of interest);
+    0: one per region, at most ``nmf_components``."""
+    selection_lambda: float = 0.5
+    """lambda weighting the leakage score against the coverage score (seed 000: 0.5)."""
+    nmf_active_threshold: float = 0.0
+    """A coefficient counts as positive in the coverage and leakage scores when it exceeds this fraction of
+    its factor's largest coefficient (0: strictly positive, as printed in seed 000)."""
+    gmm_components: int = 6
+    """Components of the Gaussian mixture fitted to the NMF factors of cortex samples (not stated in seed 000,
+    which shows four of them; 6: one per cortical layer)."""
+    gmm_factors: Literal["all", "selected"] = "all"
+    """Factors the mixture is fitted to: ``all`` k (seed 000 Fig. 2B3: "clustering the 15D NMF cortical
+    features") or the ``selected`` p."""
+    dense: bool = True
+    """Also compute features on a dense grid over ``dense_sections`` and paint factors, mixture clusters and
+    the first UMAP dimension onto the section."""
+    dense_sections: list[str] = field(default_factory=list)
+    """Sections mapped densely, by name (``B03_s0000``) among the stores below ``extract.sections_dir``;
+    empty: the first section of the patch store's ``unseen`` split (else of ``test``, else the first)."""
+    dense_stride_px: int = 16
+    """Step of the dense grid in pixels of the patch store (16 px at the demo's 16 um/px: 256 um)."""
+    seed: int = 0
+    """Seed of subsampling, t-SNE, UMAP, NMF initialisation and the mixture."""
+    threads: int = 1
+    """BLAS/OpenMP threads of clustering, t-SNE, NMF and the mixture (0: the libraries' default). Measured on
+    the busy 2-core development machine: 1 thread ran t-SNE of 512 patches in 2.2 s, 2 threads in 33 s (NMF and
+    mixture of 3.7k points: 0.5 s vs 4.3 s); the matrices here are too small to gain from threads."""
+
+    def validate(self, prefix: str) -> None:
+        valid = ("train", "test", "unseen")
+        _check(
+            bool(self.splits) and all(s in valid for s in self.splits) and len(set(self.splits)) == len(self.splits),
+            f"{prefix}.splits",
+            self.splits,
+            f"list distinct splits among {valid} (seed 002: [test])",
+        )
+        _check(self.max_patches_per_split >= 0, f"{prefix}.max_patches_per_split", self.max_patches_per_split, ">= 0")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, ">= 1")
+        _check(self.n_clusters >= 2, f"{prefix}.n_clusters", self.n_clusters, ">= 2 (seed 002: 10)")
+        _check(self.table_top_areas >= 1, f"{prefix}.table_top_areas", self.table_top_areas, ">= 1 (seed 002: 6)")
+        _check(self.tsne_perplexity > 0, f"{prefix}.tsne_perplexity", self.tsne_perplexity, "> 0 (default 30)")
+        _check(self.umap_subsample >= 1, f"{prefix}.umap_subsample", self.umap_subsample, ">= 1 (seed 004: 50)")
+        _check(self.umap_min_points >= 4, f"{prefix}.umap_min_points", self.umap_min_points, ">= 4")
+        _check(self.umap_neighbors >= 2, f"{prefix}.umap_neighbors", self.umap_neighbors, ">= 2")
+        _check(0 <= self.umap_min_dist <= 1, f"{prefix}.umap_min_dist", self.umap_min_dist, "use 0-1")
+        _check(self.nmf_components >= 1, f"{prefix}.nmf_components", self.nmf_components, ">= 1 (seed 000: 15)")
+        _check(self.nmf_max_iter >= 1, f"{prefix}.nmf_max_iter", self.nmf_max_iter, ">= 1")
+        _check(
+            0 <= self.nmf_select <= self.nmf_components,
+            f"{prefix}.nmf_select",
+            self.nmf_select,
+            f"use 0 (one per region) .. nmf_components ({self.nmf_components})",
+        )
+        _check(self.selection_lambda >= 0, f"{prefix}.selection_lambda", self.selection_lambda, ">= 0 (seed 000: 0.5)")
+        _check(
+            0 <= self.nmf_active_threshold < 1,
+            f"{prefix}.nmf_active_threshold",
+            self.nmf_active_threshold,
+            "use 0 <= fraction < 1 (0: strictly positive, seed 000)",
+        )
+        _check(self.gmm_components >= 1, f"{prefix}.gmm_components", self.gmm_components, ">= 1")
+        _check(self.dense_stride_px >= 1, f"{prefix}.dense_stride_px", self.dense_stride_px, ">= 1 px")
+        _check(self.seed >= 0, f"{prefix}.seed", self.seed, "use a non-negative integer")
+        _check(self.threads >= 0, f"{prefix}.threads", self.threads, ">= 0 (0: the libraries' default)")
+
+
+@dataclass
 class Config:
     """The whole configuration; every section is a dataclass of its own."""
 
@@ -573,6 +755,8 @@ class Config:
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     scratch: ScratchConfig = field(default_factory=ScratchConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
 
     @property
     def scratch_epochs(self) -> int:
@@ -699,6 +883,13 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
 
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
+
+
+def build_dataclass(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build any config-style dataclass from a plain dict with the same strict rules as :class:`Config`
+    (unknown keys list the valid ones, values are type-checked); for other typed YAML files such as the
+    site profiles of ``hpc/site.py``. The caller validates the result."""
+    return _build(cls, data, prefix)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

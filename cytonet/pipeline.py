@@ -130,7 +130,9 @@ def run_torchrun(config_path: Path, command: str, nproc: int, extra: list[str] |
     cmd = torchrun_command(config_path, command, nproc, extra)
     log.info("demo: %s", " ".join(cmd[2:]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, env=env, check=False)
+    # The steps' own stdout (e.g. the output path `cytonet infer` prints) goes to stderr with their logs:
+    # the demo's stdout is its results.
+    result = subprocess.run(cmd, env=env, check=False, stdout=sys.stderr)
     if result.returncode != 0:
         raise CytonetError(f"`{' '.join(cmd[2:])}` failed with exit status {result.returncode}")
 
@@ -148,9 +150,54 @@ def fig2_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def infer_summary(cfg: Config, root: Path) -> str:
+    """Pixel-wise accuracy of the inferred label maps against the synthetic truth, and the overlay PNG."""
+    from cytonet.infer.evaluate import coverage, evaluate_outputs, pooled_accuracy, write_overlay
+
+    out = cfg.resolve_path(cfg.infer.out_dir)
+    scores = evaluate_outputs(cfg, out)
+    names = ["argmax", "cleaned"] if cfg.infer.cleanup != "none" else ["argmax"]
+    lines = [
+        f"inference on {len(scores)} held-out sections (stride {cfg.infer.stride_px} px, roi {cfg.infer.roi}, "
+        f"{coverage(scores):.0f}% of the cortex): pixel accuracy"
+    ]
+    for name in names:
+        label = "before clean-up" if name == "argmax" else f"after {cfg.infer.cleanup} clean-up"
+        lines.append(f"  {label:<24} {pooled_accuracy(scores, name):6.2f} %")
+    shown = [scores[0].section, scores[-1].section] if len(scores) > 1 else [scores[0].section]
+    png = write_overlay(cfg, out, shown, root / "inference-overlay.png")
+    lines.append(f"  overlay: {png}")
+    return "\n".join(lines)
+
+
+def run_demo_analysis(
+    cfg: Config, root: Path, results: dict[str, dict[str, dict[str, float]]], *, overwrite: bool
+) -> Path:
+    """Clustering, embeddings, NMF factors and the static HTML report with the metrics table and the overlay."""
+    from cytonet.analysis.run import run_analysis
+
+    names = {"test": "held-out sections", "unseen": "held-out brain"}
+    rows = [
+        {"model": model, "dataset": names[split], "F1": m["f1"], "top-1": m["top1"], "top-3": m["top3"]}
+        for split in ("test", "unseen")
+        for model, per_split in results.items()
+        if (m := per_split.get(split)) is not None
+    ]
+    overlay = root / "inference-overlay.png"
+    analysis = run_analysis(
+        cfg, None, overwrite=overwrite, metrics_rows=rows, overlays=[overlay] if overlay.is_file() else [],
+        title="cytonet demo",
+    )  # fmt: skip
+    if analysis.report is None:
+        raise CytonetError(f"the analysis in {analysis.out} wrote no report")
+    return analysis.report
+
+
 def run_demo(cfg: Config, *, overwrite: bool, workers: int = 2) -> None:
     """The main job end to end on the built-in synthetic brains: synth, extract, pretrain (torchrun, 2
-    processes), probe and scratch, then the seed 002 Fig. 2 table. Finished steps are skipped on a rerun."""
+    processes), probe and scratch, the seed 002 Fig. 2 table, then whole-section inference on the held-out
+    sections with its pixel accuracy before and after clean-up and an overlay PNG, and the analysis (clusters,
+    embeddings, NMF factors) with a static HTML report whose path it prints. Finished steps are skipped on a rerun."""
     root = Path(cfg.run.root_dir)
     root.mkdir(parents=True, exist_ok=True)
     config_path = save_config(cfg, root)
@@ -183,8 +230,16 @@ def run_demo(cfg: Config, *, overwrite: bool, workers: int = 2) -> None:
             if (out / f"metrics-{split}.json").is_file()
         }
     table = fig2_table(results)
+    t0 = time.perf_counter()
+    run_torchrun(config_path, "infer", 2, ["--overwrite"] if overwrite else [])
+    timed("infer", t0)
+    table += "\n\n" + infer_summary(cfg, root)
     (root / "results.txt").write_text(table + "\n")
     print(table)
+    t0 = time.perf_counter()
+    report = run_demo_analysis(cfg, root, results, overwrite=overwrite)
+    timed("analysis", t0)
+    print(f"report: {report}")
     log.info(
         "demo: finished in %.1f s (%s); outputs in %s",
         time.perf_counter() - started,

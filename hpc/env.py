@@ -36,7 +36,9 @@ _VARS: dict[str, tuple[str, str, str, str | None, str | None]] = {
         "OMPI_COMM_WORLD_LOCAL_RANK",
         "OMPI_COMM_WORLD_SIZE",
         "OMPI_COMM_WORLD_LOCAL_SIZE",
-        "OMPI_COMM_WORLD_NODE_RANK",
+        # Not OMPI_COMM_WORLD_NODE_RANK: that is the process's rank on its node across all jobs, not the
+        # node's index; the index is derived as rank // local size (mpiexec's default by-slot mapping).
+        None,
     ),
     "mpich": ("PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE", "MPI_LOCALNRANKS", None),
 }
@@ -143,8 +145,26 @@ class LaunchEnv:
             return None
         return self.array_task_id - (self.array_task_min or 0)
 
+    def task_share(self, task_id: int | None = None, num_tasks: int | None = None) -> tuple[int, int]:
+        """(this task's index, number of tasks) of a job array: the explicit values when given (``--task-id``,
+        ``--num-tasks``), else this SLURM array task's 0-based position and the array size, else (0, 1).
+
+        Array ids must be contiguous (``--array=0-99%10``, not a step such as ``0-99:2``).
+        """
+        if num_tasks is None:
+            num_tasks = self.array_task_count if self.is_array_task and task_id is None else 1
+        if task_id is None:
+            task_id = self.array_index if self.is_array_task and num_tasks == self.array_task_count else 0
+        assert task_id is not None and num_tasks is not None
+        if num_tasks < 1:
+            raise LaunchEnvError(f"--num-tasks={num_tasks} must be >= 1")
+        if not 0 <= task_id < num_tasks:
+            raise LaunchEnvError(f"--task-id={task_id} is outside 0..{num_tasks - 1} (--num-tasks={num_tasks})")
+        return task_id, num_tasks
+
     def dist(self) -> DistEnv:
-        """The ``cytonet.distributed.DistEnv`` for this process."""
+        """The ``cytonet.distributed.DistEnv`` for this process (an MPI launch names no rendezvous host: use
+        :func:`hpc.launch.dist_env` when a process group is formed)."""
         from cytonet.distributed import DistEnv
 
         return DistEnv(

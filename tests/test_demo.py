@@ -45,7 +45,11 @@ def test_demo_end_to_end_and_rerun(tmp_path: Path) -> None:
     for stage in ("pretrain", "probe", "scratch"):
         assert (demo / stage / "DONE").is_file()
     assert (demo / "sections" / "preview.png").stat().st_size > 10_000
-    assert (demo / "results.txt").read_text().strip() == r.stdout.strip()
+    assert "pixel accuracy" in r.stdout and "after knn2d clean-up" in r.stdout
+    assert (demo / "inference-overlay.png").stat().st_size > 10_000
+    report = Path(lines[-1].removeprefix("report: "))
+    assert report.is_file() and report.read_text().count("data:image/png;base64") >= 5
+    assert (demo / "results.txt").read_text().strip() == "\n".join(lines[:-1]).strip()
     # A rerun finds every stage finished and prints the same table.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]

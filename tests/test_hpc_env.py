@@ -122,3 +122,20 @@ def test_mpi_and_bad_values(env: dict[str, str], fragment: str | None) -> None:
     else:
         with pytest.raises(LaunchEnvError, match=fragment):
             detect(env)
+
+
+def test_task_share_defaults_from_the_array_and_yields_to_flags() -> None:
+    array = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_ARRAY_JOB_ID": "5",
+        "SLURM_ARRAY_TASK_ID": "12",
+        "SLURM_ARRAY_TASK_MIN": "10",
+        "SLURM_ARRAY_TASK_MAX": "13",
+        "SLURM_ARRAY_TASK_COUNT": "4",
+    }
+    assert detect(array).task_share() == (2, 4)
+    assert detect(array).task_share(1, 3) == (1, 3)
+    assert detect({}).task_share() == (0, 1)
+    assert detect({}).task_share(None, 5) == (0, 5)
+    with pytest.raises(LaunchEnvError, match="--task-id=4"):
+        detect({}).task_share(4, 4)

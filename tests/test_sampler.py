@@ -194,6 +194,36 @@ def test_loader_resume_sees_the_same_batches(store: Path) -> None:
     assert resumed.state_dict()["batches_done"] == len(batches)
 
 
+def _child_pids() -> set[int]:
+    import glob
+    import os
+
+    pids: set[int] = set()
+    for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+        with open(path) as fh:
+            pids.update(int(p) for p in fh.read().split())
+    return pids
+
+
+def test_loader_workers_survive_the_preemption_signals(store: Path) -> None:
+    """SLURM may signal every process of a step: workers leave SIGUSR1 and SIGTERM to the trainer."""
+    import os
+    import signal
+
+    before = _child_pids()
+    loader = make_loader(store, 2, class_aware=False)
+    loader.set_epoch(0)
+    batches = iter(loader)
+    first = next(batches)
+    workers = _child_pids() - before
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGUSR1)
+        os.kill(pid, signal.SIGTERM)
+    rest = list(batches)  # a killed worker would raise "DataLoader worker ... exited unexpectedly"
+    assert len(rest) >= 2 and first.images.shape[0] == 8
+
+
 def test_eval_loader_reads_the_split_in_order_without_augmentation(store: Path) -> None:
     loader = make_loader(store, 0, train=False)
     ids = torch.cat([b.index for b in loader])

@@ -261,6 +261,15 @@ def test_probe_and_scratch_write_reports(data: Path, reference: dict[str, torch.
     probe_encoder = torch.load(data / "probe" / "encoder.pt", weights_only=True)["encoder"]
     ref_encoder = torch.load(data / "ref" / "encoder.pt", weights_only=True)["encoder"]
     assert_bitwise_equal(probe_encoder, ref_encoder)
+    # model.pt carries what inference needs, and loads into a working classifier.
+    from cytonet.infer.run import load_classifier
+
+    clf = load_classifier(data / "probe")
+    assert clf.area_ids == [2, 3, 4, 5] and clf.area_names == ["big", "mid", "small", "tiny"]
+    assert {s["split"] for s in clf.sections} == {"train", "test", "unseen"}
+    assert_bitwise_equal(clf.encoder.state_dict(), ref_encoder)
+    with torch.no_grad():
+        assert clf.head(clf.encoder(torch.rand(2, 1, 121, 121))).shape == (2, 4)
 
 
 def test_rerun_of_finished_stage_is_skipped_and_no_resume_refuses(

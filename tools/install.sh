@@ -41,6 +41,28 @@ echo "torch==$TORCH_VERSION" > "$VENV/constraints.txt"
 EXTRAS=""
 [ "$WITH_TEST" = 1 ] && EXTRAS="[test]"
 STAMP="$VENV/.cytonet-install-$(cat setup.cfg pyproject.toml "$VENV/constraints.txt" | sha1sum | cut -c1-16)${EXTRAS:+-test}"
+if [ "$WITH_TEST" = 1 ]; then
+  # The SLURM tests bring up a real single-machine cluster (tools/slurm-local/up.sh): slurmctld + slurmd + munge,
+  # and slurmdbd + mariadb for sacct, which submitit needs. Root only; elsewhere those tests skip with the reason.
+  SLURM_PKGS="slurmctld slurmd slurm-client munge slurmdbd mariadb-server"
+  missing=""
+  for p in $SLURM_PKGS; do   # dpkg -s succeeds for removed-but-not-purged packages; dpkg-query does not
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"
+  done
+  if [ -n "$missing" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "install.sh: installing Debian packages for the SLURM tests:$missing" >&2
+      # The packages' postinst scripts try to start services; policy-rc.d may refuse, which is fine.
+      if ! { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive \
+               apt-get install -y -qq --no-install-recommends $missing >/tmp/cytonet-apt.log 2>&1; }; then
+        echo "install.sh: WARNING: apt-get failed (see /tmp/cytonet-apt.log); the SLURM tests will skip" >&2
+      fi
+    else
+      echo "install.sh: WARNING: not root: cannot install$missing; the SLURM tests will skip" >&2
+    fi
+  fi
+fi
+
 if [ ! -f "$STAMP" ]; then
   "$VPY" -m pip install -q -c "$VENV/constraints.txt" -e ".$EXTRAS"
   touch "$STAMP"

@@ -1,6 +1,12 @@
 """``cytonet extract``: sample patch centres from section stores and write a sharded patch store.
 
-Entry point: :func:`run_extract` (the CLI calls it once per process / SLURM array task).
+Entry point: :func:`run_extract` (the CLI calls it once per process: per SLURM array task, and per rank when
+several processes run one task, e.g. ``mpiexec -n N cytonet extract``).
+
+Workers. ``T`` array tasks of ``R`` ranks each are ``T * R`` workers: rank ``r`` of task ``t`` is worker
+``t * R + r``. Workers need no communication: the plan below is computed by each from the same inputs, every
+worker writes its own shards, and finalizing needs no one to wait (step 5), so a slow or dead rank holds up no
+collective (a barrier after the shards would also hit ``dist.timeout_s`` when ranks finish far apart).
 
 Steps, each deterministic from the config and the section stores alone:
 
@@ -13,7 +19,7 @@ Steps, each deterministic from the config and the section stores alone:
    or anywhere in the cortex (depth in [0, 1], seed 004). Each candidate gets a 64-bit key hashed from (seed,
    brain, section, pixel); per area the section keeps its count and the candidates with the smallest keys (a
    bottom-k sample, the same whatever the band size). Results are cached in ``OUT/.survey/`` (one file per
-   section, written atomically), so tasks share the work: each task walks the sections from its own offset
+   section, written atomically), so workers share the work: each walks the sections from its own offset
    and skips those already surveyed by another.
 3. **Plan.** Per split and area, the candidates with the smallest keys over all the split's sections are a
    uniform sample without replacement of that area's candidates: ``patches_per_area`` for ``train``,
@@ -21,12 +27,12 @@ Steps, each deterministic from the config and the section stores alone:
    oversampled (the rest drawn with replacement by hash), which balances the classes. The patches of a split
    are put in a hashed order and cut into shards of ``patches_per_shard``; shards are numbered train, test,
    unseen. The plan depends on the seed and the data only, not on the number of tasks or processes.
-4. **Shards.** Task ``t`` of ``T`` owns the shards ``i`` with ``i % T == t`` and writes them with ``workers``
+4. **Shards.** Worker ``w`` of ``W`` owns the shards ``i`` with ``i % W == w`` and writes them with ``workers``
    processes, each process whole shards (never two writers in one file: PLATFORM.md shows silent loss for
    shared zarr shards and HDF5 files). A shard is written to ``<name>.partial`` and renamed when complete, so
    a rerun skips shards that exist under their final name (untouched) and redoes partial ones.
-5. **Manifest.** The task that finds every shard complete after its own work writes ``metadata.npy`` and
-   ``manifest.json`` (atomically; the last task to finish always sees all shards, and two finalizing at once
+5. **Manifest.** The worker that finds every shard complete after its own work writes ``metadata.npy`` and
+   ``manifest.json`` (atomically; the last worker to finish always sees all shards, and two finalizing at once
    write identical bytes). Rerunning any task after all are done writes it too.
 
 Patches are stored with a margin for rotation, shift and blur (see :mod:`cytonet.data.patches`); with
@@ -579,15 +585,24 @@ def run_extract(
     task_id: int = 0,
     num_tasks: int = 1,
     workers: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> ExtractResult:
-    """Extract (this task's share of) the patch store of ``cfg`` into ``out``; see the module docstring."""
+    """Extract (this process's share of) the patch store of ``cfg`` into ``out``; see the module docstring.
+
+    ``task_id`` of ``num_tasks``: this array task; ``rank`` of ``world_size``: this process among those running
+    the task (from the launcher, handed in by the CLI); ``workers``: processes this one starts for its shards.
+    """
     if num_tasks < 1 or not 0 <= task_id < num_tasks:
         raise UsageError(f"--task-id {task_id} must lie in 0..{num_tasks - 1} (--num-tasks {num_tasks})")
-    if overwrite and num_tasks > 1:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UsageError(f"rank {rank} must lie in 0..{world_size - 1} (world size {world_size})")
+    if overwrite and num_tasks * world_size > 1:
         raise UsageError(
-            "--overwrite with several tasks would let one task delete another's shards; "
-            "delete the output folder first or run one task with --overwrite"
+            f"--overwrite with several processes ({num_tasks} tasks x {world_size} ranks) would let one delete "
+            "another's shards; delete the output folder first or run one process with --overwrite"
         )
+    worker, n_workers = task_id * world_size + rank, num_tasks * world_size
     started = time.perf_counter()
     ecfg = cfg.extract
     src = sections_dir if sections_dir is not None else cfg.resolve_path(ecfg.sections_dir)
@@ -599,12 +614,12 @@ def run_extract(
     _prepare_out(out, settings, overwrite)
     write_bytes_atomic(out / "config.resolved.yaml", config_to_yaml(cfg).encode())
 
-    # Survey: shared cache, each task starting at its own offset.
+    # Survey: shared cache, each worker starting at its own offset.
     survey_dir = out / SURVEY_DIR
     survey_dir.mkdir(exist_ok=True)
     files = [survey_dir / f"{e.name}.npz" for e in entries]
     jobs = [(e.path, e.name, str(f), _survey_settings(cfg, e)) for e, f in zip(entries, files)]
-    done = _run_jobs(survey_section, _rotated(jobs, task_id, num_tasks), workers)
+    done = _run_jobs(survey_section, _rotated(jobs, worker, n_workers), workers)
     log.info("extract: surveyed %d sections (%d from cache)", len(done), done.count("cached"))
     surveys = [load_survey(f) for f in files]
 
@@ -616,7 +631,7 @@ def run_extract(
     for i, s in enumerate(shards):
         k = offsets[s["split"]]
         offsets[s["split"]] += s["n"]
-        if i % num_tasks != task_id:
+        if i % n_workers != worker:
             continue
         remove_path(partial_path(out / s["name"]))  # left by a killed run: never complete, redo the shard
         if (out / s["name"]).exists():
@@ -636,13 +651,15 @@ def run_extract(
                 compression=ecfg.compression,
             )
         )
-    mine = sum(1 for i in range(len(shards)) if i % num_tasks == task_id)
+    mine = sum(1 for i in range(len(shards)) if i % n_workers == worker)
     results = _run_jobs(write_shard, [(job,) for job in shard_jobs], workers)
     written = results.count("written")
     log.info(
-        "extract: task %d/%d wrote %d of its %d shards (%d already complete) in %.1f s",
+        "extract: task %d/%d, rank %d/%d wrote %d of its %d shards (%d already complete) in %.1f s",
         task_id,
         num_tasks,
+        rank,
+        world_size,
         written,
         mine,
         mine - len(shard_jobs),
@@ -655,8 +672,8 @@ def run_extract(
         manifest = _finalize(out, cfg, entries, brains, geometry, settings, shards, plan_areas)
     else:
         log.info(
-            "extract: %d of %d shards still missing (other tasks); the task that completes the last one writes "
-            "the manifest (or rerun any task)",
+            "extract: %d of %d shards still missing (other tasks or ranks); the one that completes the last "
+            "shard writes the manifest (or rerun any task)",
             len(missing),
             len(shards),
         )

@@ -24,6 +24,7 @@ only the centre crop.
 from __future__ import annotations
 
 import dataclasses
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,16 @@ class _RangeSampler(Sampler[int]):
         return len(self.ids)
 
 
+def _leave_preemption_to_the_trainer(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGUSR1: on clusters that signal every process of a step (SLURM
+    with cgroup process tracking, ``scancel --signal``), a worker killed by the preemption signal would make the
+    next batch fail before the training process could checkpoint. The trainer handles the signal; workers end
+    with it (torch stops them when their parent exits)."""
+    del worker_id
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class PatchLoader:
     """Batches of one split for one rank, augmented on ``device``; resumable mid-epoch."""
 
@@ -150,6 +161,7 @@ class PatchLoader:
         self.loader = DataLoader(
             self.dataset,
             num_workers=loader_cfg.workers,
+            worker_init_fn=_leave_preemption_to_the_trainer,
             pin_memory=loader_cfg.pin_memory and self.device.type == "cuda",
             **kwargs,
         )

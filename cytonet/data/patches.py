@@ -48,6 +48,7 @@ import json
 import math
 import os
 import shutil
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -165,22 +166,25 @@ def remove_path(path: Path) -> None:
         path.unlink()
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file unique to this process, fsync, then rename.
+def write_bytes_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Write ``data`` to ``path`` through a temp file unique to this process (and thread), fsync, then rename.
 
     Several processes may write the same file (e.g. the manifest, by whichever array task finishes last):
-    each uses its own temp name, so a reader sees one complete version, never a mix.
+    each uses its own temp name, so a reader sees one complete version, never a mix. ``fsync=False`` keeps the
+    atomicity against a killed process but not against a lost node (for markers of data that is not fsynced
+    either).
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+def write_json_atomic(path: Path, obj: Any, fsync: bool = True) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), fsync)
 
 
 def columns_sha256(columns: dict[str, np.ndarray]) -> str:

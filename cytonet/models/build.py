@@ -19,6 +19,11 @@ from cytonet.models.heads import LinearClassifier, ProjectionHead
 from cytonet.models.paper_encoder import PaperEncoder
 from cytonet.models.resnet import resnet50, resnet101
 
+#: File of a finished probe or scratch stage holding encoder, linear classifier and area table (written by the
+#: training loop, read by ``cytonet infer``).
+MODEL_FILE = "model.pt"
+MODEL_FORMAT = "cytonet-classifier-1"
+
 
 def build_encoder(cfg: ModelConfig, in_channels: int = 1) -> Encoder:
     """The encoder of ``cfg`` (weights in channels_last format when ``cfg.channels_last``)."""

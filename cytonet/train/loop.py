@@ -15,7 +15,8 @@ that holds one). Model, optimiser, scaler, loader position and every rank's RNG 
 the CPU a run killed at any step and resumed ends with weights bitwise identical to an uninterrupted run.
 
 Outputs in the run folder: ``config.resolved.yaml``, ``ckpt-*.pt``, ``encoder.pt`` (final encoder weights, the
-input of probe and inference), ``metrics-<split>.json``, ``per-area-<split>.csv``, ``confusion-<split>.png``
+input of the probe), ``model.pt`` (probe and scratch: encoder, classifier and area table, the input of
+``cytonet infer``), ``metrics-<split>.json``, ``per-area-<split>.csv``, ``confusion-<split>.png``
 (probe and scratch), ``train-log.csv`` (per step; also TensorBoard scalars in ``tensorboard/`` when tensorboard
 is installed) and ``DONE``.
 """
@@ -43,7 +44,7 @@ from cytonet.distributed import DistEnv
 from cytonet.errors import CytonetError
 from cytonet.losses.classification import CrossEntropyLoss
 from cytonet.losses.contrastive import build_loss
-from cytonet.models.build import build_classifier, build_contrastive_model
+from cytonet.models.build import MODEL_FILE, MODEL_FORMAT, build_classifier, build_contrastive_model
 from cytonet.optim.build import build_optimizer
 from cytonet.optim.schedule import lr_at, set_lr
 from cytonet.precision import MixedPrecision
@@ -315,6 +316,21 @@ def _run(
     if env.is_main:
         encoder = raw_model.get_submodule("encoder")
         torch.save({"encoder": encoder.state_dict(), "config": config_dict}, out / ENCODER_FILE)
+        if kind != "pretrain":
+            # Everything inference needs: encoder, linear head, and which area each class is.
+            torch.save(
+                {
+                    "format": MODEL_FORMAT,
+                    "encoder": encoder.state_dict(),
+                    "classifier": raw_model.get_submodule("classifier").state_dict(),
+                    "area_ids": list(store.area_ids),
+                    "area_names": class_names,
+                    "patch_pixel_size_um": float(store.geometry.pixel_size_um),
+                    "sections": list(store.manifest.get("sections", [])),
+                    "config": config_dict,
+                },
+                out / MODEL_FILE,
+            )
         (out / DONE_FILE).write_text(json.dumps({"step": step, "metrics": metrics}, indent=1))
     distributed.barrier()
     return StageResult(out, step, metrics)
@@ -327,7 +343,7 @@ def _clear_run(out: Path) -> None:
     for p in out.iterdir():
         if p.is_file() and (
             p.name.startswith(("ckpt-", "metrics-", "per-area-", "confusion-"))
-            or p.name in (DONE_FILE, ENCODER_FILE, "train-log.csv")
+            or p.name in (DONE_FILE, ENCODER_FILE, MODEL_FILE, "train-log.csv")
         ):
             p.unlink()
 

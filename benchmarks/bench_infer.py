@@ -1,0 +1,180 @@
+"""Whole-section inference: dense against per-patch evaluation, and end-to-end overhead over the pure trunk.
+
+Two measurements, side by side in one run, on one synthetic section and one model (random weights with
+non-trivial BatchNorm statistics: speed and exactness do not depend on training):
+
+1. Dense vs per-patch: the same tile evaluated by :class:`DenseEncoder` (trunk once, a trous after the split
+   point) and by :class:`PerPatchEncoder` (one encoder call per grid point, batched) at a stride of about 1/16
+   of the patch; prints both times, the speedup (goal >= 50x) and the largest feature difference.
+2. End to end: ``run_infer`` over the whole section (read, tissue mask, dense trunk, classifier, pyramid,
+   compressed OME-Zarr writes, done markers) against the pure forward pass (dense trunk + classifier) over
+   the same blocks already in memory; prints megapixels per second (section pixels) and the overhead (goal
+   <= 15%).
+
+    python benchmarks/bench_infer.py                  # cases demo, medium, paper (~3 min on 2 cores)
+    python benchmarks/bench_infer.py --cases medium --repeats 5
+    python benchmarks/bench_infer.py --device cuda --precision bf16
+
+Cases (encoder blocks / patch / stride): demo 3 / 121 px / 8 at 16 um (the CPU demo's model), medium 4 / 265 px
+/ 16, paper 6 / 1129 px / 64 (seed 002's encoder at about patch / 16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cytonet.config import config_to_dict, load_config
+from cytonet.data.sections import open_section
+from cytonet.data.synth import generate_section
+from cytonet.distributed import DistEnv
+from cytonet.infer.dense import DenseEncoder, PerPatchEncoder, dense_classifier_logits, read_model_image
+from cytonet.infer.run import BlockEvaluator, load_classifier, run_infer, select_sections
+from cytonet.models.build import MODEL_FILE, MODEL_FORMAT, build_encoder
+from cytonet.models.heads import LinearClassifier
+
+
+def make_model(cfg: object, path: Path, n_areas: int, pixel_um: float) -> None:
+    torch.manual_seed(0)
+    enc = build_encoder(cfg.model)  # type: ignore[attr-defined]
+    g = torch.Generator().manual_seed(0)
+    for m in enc.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    head = LinearClassifier(enc.out_dim, n_areas)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "format": MODEL_FORMAT,
+            "encoder": enc.state_dict(),
+            "classifier": head.state_dict(),
+            "area_ids": list(range(2, 2 + n_areas)),
+            "area_names": [f"A{i:02d}" for i in range(n_areas)],
+            "patch_pixel_size_um": pixel_um,
+            "sections": [],
+            "config": config_to_dict(cfg),  # type: ignore[arg-type]
+        },
+        path / MODEL_FILE,
+    )
+
+
+def timed(fn: object, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()  # type: ignore[operator]
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+#: case -> (n_blocks, patch px, stride px, section px per model px, tile edge for part 1, chunk px)
+CASES = {
+    "demo": (3, 121, 8, 4, 640, 64),
+    "medium": (4, 265, 16, 2, 768, 128),
+    "paper": (6, 1129, 64, 1, 1129 + 3 * 64, 32),
+}
+#: Pixel size of the synthetic section: 4 um gives 6000 x 4500 px (27 MP), large enough that per-run costs
+#: (loading the model, creating the volume) weigh as little as they do on real sections.
+SECTION_UM = 4.0
+
+
+def run_case(name: str, args: argparse.Namespace, work: Path, device: torch.device) -> None:
+    n_blocks, patch, stride, factor, tile_px, chunk = CASES[name]
+    work = work / name
+    cfg = load_config(
+        None,
+        [
+            f"run.root_dir={work}",
+            f"model.n_blocks={n_blocks}",
+            f"model.patch_size_px={patch}",
+            f"synth.pixel_size_um={SECTION_UM}",
+            "extract.sections_dir=sections",
+            "infer.splits=[]",
+            f"infer.stride_px={stride}",
+            f"infer.chunk_px={chunk}",
+            f"infer.precision={args.precision}",
+            "infer.cleanup=none",
+        ],
+    )
+    generate_section(cfg.synth, 0, 0, work / "sections" / "B00_s0000.zarr", chunk_px=512)
+    make_model(cfg, work / "probe", cfg.synth.n_areas, SECTION_UM * factor)
+    clf = load_classifier(work / "probe")
+    enc = clf.encoder.to(device)
+    print(
+        f"\n== {name}: {n_blocks}-block encoder, patch {patch} px, stride {stride} px (patch/{patch / stride:.1f}), "
+        f"model pixel {SECTION_UM * factor:g} um, {args.device} {args.precision}"
+    )
+
+    # 1. dense vs per-patch on one tile from the middle of the section
+    with open_section(work / "sections" / "B00_s0000.zarr") as r:
+        h, w = r.shape
+        y0 = max(0, (h // factor - tile_px) // 2)
+        x0 = max(0, (w // factor - tile_px) // 2)
+        tile = read_model_image(r, factor, y0, y0 + tile_px, x0, x0 + tile_px)
+    x = torch.from_numpy(tile).float().div(255.0)[None, None].to(device)
+    dense = DenseEncoder(enc, patch, stride).to(device).eval()
+    per_patch = PerPatchEncoder(enc, patch, stride, batch_size=16 if patch > 512 else 64).eval()
+    with torch.no_grad():
+        fd = dense(x)
+        t_dense = timed(lambda: dense(x), args.repeats)
+        t0 = time.perf_counter()
+        fp = per_patch(x)
+        t_patch = time.perf_counter() - t0
+    n_pts = fd.shape[-2] * fd.shape[-1]
+    print(f"1. dense vs per-patch, tile {tile_px}^2 px, {n_pts} grid points")
+    print(f"   per-patch {t_patch:8.3f} s ({n_pts / t_patch:8.0f} points/s)")
+    print(f"   dense     {t_dense:8.3f} s ({n_pts / t_dense:8.0f} points/s)")
+    print(f"   speedup {t_patch / t_dense:.1f}x; largest feature difference {(fd - fp).abs().max().item():.2e}")
+
+    # 2. end to end vs the pure forward pass over the same blocks
+    jobs = select_sections(cfg, clf)
+    evaluator = BlockEvaluator(cfg, clf, device)
+    blocks = [(job, b) for job in jobs for b in job.grid.blocks()]
+    with open_section(jobs[0].path) as r:
+        imgs = [evaluator.read(r, job, b)[0] for job, b in blocks]
+    tissue = [evaluator.tissue(img, job.grid, b, job.grid.read_box(b)).any() for img, (job, b) in zip(imgs, blocks)]
+    inputs = [torch.from_numpy(img).float().div(255.0)[None, None].to(device) for img, t in zip(imgs, tissue) if t]
+
+    def pure() -> None:
+        with torch.no_grad(), torch.autocast(device.type, dtype=evaluator.dtype, enabled=evaluator.dtype is not None):
+            for xb in inputs:
+                torch.softmax(dense_classifier_logits(evaluator.net(xb).float(), clf.head.fc), dim=1).cpu()
+
+    # Interleaved, best of N each: the machine's load drifts during a run, and both sides see the same drift.
+    t_pure_runs, e2e = [], []
+    for rep in range(args.repeats):
+        t_pure_runs.append(timed(pure, 1))
+        t0 = time.perf_counter()
+        run_infer(cfg, DistEnv(), work / f"out-{rep}", device=device)
+        e2e.append(time.perf_counter() - t0)
+    t_pure, t_e2e = min(t_pure_runs), min(e2e)
+    mpix = h * w / 1e6
+    print(
+        f"2. end to end: section {h}x{w} px ({mpix:.1f} MP), {len(blocks)} blocks of {chunk}^2 output px, "
+        f"{sum(tissue)} with tissue"
+    )
+    print(f"   pure forward (trunk + classifier, blocks in memory) {t_pure:7.3f} s  {mpix / t_pure:7.2f} MP/s")
+    print(f"   cytonet infer (read, evaluate, write, markers)     {t_e2e:7.3f} s  {mpix / t_e2e:7.2f} MP/s")
+    print(f"   overhead {100 * (t_e2e / t_pure - 1):.1f}% (goal <= 15%)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-infer-"))
+    for name in args.cases:
+        run_case(name, args, work, torch.device(args.device))
+    print(f"\n(outputs in {work})")
+
+
+if __name__ == "__main__":
+    main()

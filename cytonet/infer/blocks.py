@@ -1,0 +1,144 @@
+"""Output grid, blocks with read and write boxes, and the split of blocks over workers.
+
+Coordinates, per section (all integers):
+
+- section pixels (the store's), model pixels (block means of ``factor`` section pixels: the pixel size the
+  model was trained at) and output pixels (one per ``stride`` model pixels).
+- Output pixel (i, j) covers model pixels [i s, (i+1) s) x [j s, (j+1) s); its prediction is the model's
+  output on the P x P patch centred on model pixel (i s + s // 2, j s + s // 2), i.e. the patch whose top-left
+  corner is (i s + s // 2 - P // 2, ...). The grid has ceil(H_model / s) x ceil(W_model / s) points.
+- A block is one output chunk (or one shard when sharded): its *write box* is a rectangle of output pixels
+  it owns at every pyramid level (chunk edges halve per level, so a block owns whole chunks everywhere), its
+  *read box* the model pixels its patches cover: write box times the stride plus the receptive-field context.
+
+Block ids are ``"<by>.<bx>"`` within a section; the global order is (section name, by, bx). Work units are
+blocks (zarr output: one writer per chunk or shard) or whole sections (HDF5: one writer per file); unit k
+goes to worker k mod W, where worker = task * world_size + rank and W = num_tasks * world_size.
+
+Entry points: :class:`Grid`, :class:`Block`, :func:`section_grid`, :func:`assign`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of one section's output grid."""
+
+    section: str
+    by: int
+    bx: int
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    """Write box at full resolution: output rows [y0, y1), columns [x0, x1)."""
+
+    @property
+    def id(self) -> str:
+        return f"{self.by}.{self.bx}"
+
+    @property
+    def key(self) -> str:
+        """Globally unique name: ``<section>/<by>.<bx>``."""
+        return f"{self.section}/{self.id}"
+
+    def at_level(self, level: int, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+        """Write box (y0, y1, x0, x1) at pyramid ``level`` of an array whose level shape is ``shape``."""
+        f = 2**level
+        return self.y0 // f, min(shape[0], -(-self.y1 // f)), self.x0 // f, min(shape[1], -(-self.x1 // f))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The output grid of one section."""
+
+    section: str
+    model_shape: tuple[int, int]
+    """(H, W) of the section in model pixels."""
+    stride: int
+    patch: int
+    block: int
+    """Block edge in output pixels (chunk, or shard, edge)."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Output pixels (rows, columns) at full resolution."""
+        return -(-self.model_shape[0] // self.stride), -(-self.model_shape[1] // self.stride)
+
+    def level_shape(self, level: int) -> tuple[int, int]:
+        f = 2**level
+        return -(-self.shape[0] // f), -(-self.shape[1] // f)
+
+    @property
+    def n_blocks(self) -> tuple[int, int]:
+        return -(-self.shape[0] // self.block), -(-self.shape[1] // self.block)
+
+    def blocks(self) -> list[Block]:
+        """Every block in (by, bx) order."""
+        h, w = self.shape
+        nby, nbx = self.n_blocks
+        b = self.block
+        return [
+            Block(self.section, by, bx, by * b, min(h, (by + 1) * b), bx * b, min(w, (bx + 1) * b))
+            for by in range(nby)
+            for bx in range(nbx)
+        ]
+
+    def first_patch_corner(self, i: int) -> int:
+        """Model-pixel coordinate of the top-left corner of output pixel i's patch (along either axis)."""
+        return i * self.stride + self.stride // 2 - self.patch // 2
+
+    def read_box(self, block: Block) -> tuple[int, int, int, int]:
+        """Model pixels (y0, y1, x0, x1) whose patches cover ``block``; may extend beyond the section."""
+        ry0, rx0 = self.first_patch_corner(block.y0), self.first_patch_corner(block.x0)
+        ry1 = self.first_patch_corner(block.y1 - 1) + self.patch
+        rx1 = self.first_patch_corner(block.x1 - 1) + self.patch
+        return ry0, ry1, rx0, rx1
+
+    def centre_px(self, i: int) -> int:
+        """Model pixel at the centre of output pixel i's patch."""
+        return i * self.stride + self.stride // 2
+
+
+def section_grid(section: str, model_shape: tuple[int, int], stride: int, patch: int, block: int) -> Grid:
+    if min(model_shape) < 1:
+        raise ValueError(f"section {section}: empty at the model's pixel size {model_shape}")
+    return Grid(section, model_shape, stride, patch, block)
+
+
+def assign(n_units: int, worker: int, n_workers: int) -> list[int]:
+    """Indices of the units this worker owns: round robin, so that neighbouring (similar) units spread out."""
+    if not 0 <= worker < n_workers:
+        raise ValueError(f"worker {worker} is outside 0..{n_workers - 1}")
+    return list(range(worker, n_units, n_workers))
+
+
+def worker_of(task_id: int, num_tasks: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(worker index, number of workers) of rank ``rank`` in array task ``task_id``."""
+    if not 0 <= task_id < num_tasks:
+        raise ValueError(f"task id {task_id} is outside 0..{num_tasks - 1}")
+    return task_id * world_size + rank, num_tasks * world_size
+
+
+def pyramid_mean(a: np.ndarray, levels: int) -> list[np.ndarray]:
+    """Level 0 = ``a`` (C, h, w); level l = means over 2^l x 2^l windows, partial windows at the far edges
+    averaging only the pixels they hold (so a block's levels equal those of the whole array cut to the block,
+    because blocks start at multiples of 2^(levels-1))."""
+    out = [a]
+    cur = a.astype(np.float64)
+    weight = np.ones(a.shape[-2:], dtype=np.float64)
+    for _ in range(1, levels):
+        ph, pw = cur.shape[-2] % 2, cur.shape[-1] % 2
+        cur = np.pad(cur * weight, [(0, 0)] * (cur.ndim - 2) + [(0, ph), (0, pw)])
+        weight = np.pad(weight, [(0, ph), (0, pw)])
+        h2, w2 = cur.shape[-2] // 2, cur.shape[-1] // 2
+        summed = cur.reshape(*cur.shape[:-2], h2, 2, w2, 2).sum(axis=(-3, -1))
+        weight = weight.reshape(h2, 2, w2, 2).sum(axis=(1, 3))
+        cur = summed / weight
+        out.append(cur.astype(a.dtype))
+    return out

@@ -1,0 +1,181 @@
+"""Dense evaluation of a patch encoder over whole tiles: one trunk pass per tile instead of one per patch.
+
+With unpadded ('valid') convolutions the paper encoder is a sliding-window function of its input, so its
+convolutional trunk run once over a tile yields, at every step of its total stride T, exactly the feature
+vector that the same patch evaluated alone would give (PLATFORM.md, "Dense inference"). Predictions at a
+stride s < T need the layers after the split point to keep the finer grid: the layer whose stride would
+overshoot s runs with a smaller stride, and every later layer is dilated by the factor dropped ("a trous").
+Max-pooling and 3x3 convolutions stay exact under this rewrite; BatchNorm (eval) and ReLU are pointwise.
+
+- :class:`DenseEncoder` ``(B, 1, H, W) -> (B, D_e, h, w)``: output ``[:, :, i, j]`` equals
+  ``encoder(x[:, :, i*s : i*s+P, j*s : j*s+P])`` (the pooled representation h of the patch of edge P whose
+  top-left corner is (i*s, j*s)), with ``h = (H - P) // s + 1``. Patches larger than the receptive field R
+  (P > R) average the final map of the patch, which the dense path reproduces by a dilated average pool.
+- :class:`PerPatchEncoder` the same mapping by cutting every patch out and running the encoder on batches of
+  patches: the reference for tests and benchmarks, and the fallback for encoders that are not sliding-window
+  functions (ResNets, 'same' padding).
+- :func:`dense_classifier_logits` applies a linear classifier (B, D_e) -> (B, K) to a (B, D_e, h, w) map.
+- :func:`read_model_image`: a section region at the model's pixel size (block means of the extraction factor,
+  rounded as extraction does), zero outside the section.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cytonet.models.base import Encoder
+from cytonet.models.paper_encoder import PaperEncoder
+
+
+class DenseError(ValueError):
+    """The encoder or the stride does not allow exact dense evaluation (the message says what to change)."""
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def achievable_stride(encoder: PaperEncoder, stride_px: int) -> int:
+    """The dense map's stride e: the largest divisor of ``stride_px`` that divides the total stride T.
+
+    The output grid is then every (stride_px / e)-th point of the dense map. Every divisor of T is reachable
+    because all layer strides are powers of two (4, 2, 2, ...).
+    """
+    if stride_px < 1:
+        raise DenseError(f"infer.stride_px={stride_px} must be >= 1")
+    return math.gcd(stride_px, encoder.total_stride)
+
+
+class DenseEncoder(nn.Module):
+    """Sliding-window evaluation of a valid-padding :class:`PaperEncoder` at stride ``stride_px`` (see module doc).
+
+    The trunk is a deep copy of ``encoder.trunk`` with rewritten strides and dilations; its weights are copied,
+    so later changes to ``encoder`` are not seen. Use in eval mode (BatchNorm must use running statistics to be a
+    per-pixel map; in train mode the statistics of a tile differ from those of a patch).
+    """
+
+    def __init__(self, encoder: Encoder, patch_size_px: int, stride_px: int) -> None:
+        super().__init__()
+        if not isinstance(encoder, PaperEncoder):
+            raise DenseError(
+                f"dense evaluation needs the paper encoder with valid padding, got {type(encoder).__name__}; "
+                "use infer.mode=per_patch"
+            )
+        if encoder.padding != "valid":
+            raise DenseError(
+                f"dense evaluation is exact only with model.padding=valid (got {encoder.padding!r}): zero padding "
+                "makes every output depend on its patch borders; use infer.mode=per_patch"
+            )
+        rf, total = encoder.receptive_field_px, encoder.total_stride
+        if patch_size_px < rf:
+            raise DenseError(f"patch of {patch_size_px} px is smaller than the encoder's receptive field {rf} px")
+        self.patch_size_px = patch_size_px
+        self.stride_px = stride_px
+        self.dense_stride = achievable_stride(encoder, stride_px)
+        self.subsample = stride_px // self.dense_stride
+        self.channels_last = encoder.channels_last
+        self.trunk = copy.deepcopy(encoder.trunk)
+        budget, dilation = self.dense_stride, 1
+        for m in self.trunk.modules():
+            if isinstance(m, nn.Conv2d | nn.MaxPool2d):
+                s = _pair(m.stride)[0]
+                keep = math.gcd(s, budget)
+                budget //= keep
+                if isinstance(m, nn.Conv2d):
+                    m.stride = (keep, keep)
+                    m.dilation = (dilation * _pair(m.dilation)[0],) * 2
+                else:
+                    if m.ceil_mode or _pair(m.padding)[0] != 0:
+                        raise DenseError("dense evaluation needs unpadded max-pooling")
+                    m.stride = keep
+                    m.dilation = dilation * _pair(m.dilation)[0]
+                dilation *= s // keep
+        # Final maps of a P px patch: k x k positions, T px apart (T / e apart on the dense map).
+        self.pool_k = (patch_size_px - rf) // total + 1
+        self.pool_dilation = total // self.dense_stride
+        self.out_dim = encoder.out_dim
+
+    def out_size(self, n_in: int) -> int:
+        """Output positions along an axis of ``n_in`` input pixels."""
+        return max(0, (n_in - self.patch_size_px) // self.stride_px + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, D_e, (H - P)//s + 1, (W - P)//s + 1)."""
+        if x.dim() != 4 or min(x.shape[-2:]) < self.patch_size_px:
+            raise ValueError(f"input must be (B, C, H, W) with H, W >= {self.patch_size_px}, got {tuple(x.shape)}")
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        f = self.trunk(x)
+        if self.pool_k > 1:
+            # mean over the k x k final positions of each patch = avg-pool with dilation T / e
+            f = _dilated_mean(f, self.pool_k, self.pool_dilation)
+        if self.subsample > 1:
+            f = f[:, :, :: self.subsample, :: self.subsample]
+        h, w = self.out_size(x.shape[-2]), self.out_size(x.shape[-1])
+        return f[:, :, :h, :w]
+
+
+def _dilated_mean(f: torch.Tensor, k: int, d: int) -> torch.Tensor:
+    """Mean over k x k taps spaced d apart, valid: (B, C, H, W) -> (B, C, H - (k-1)d, W - (k-1)d)."""
+    span = (k - 1) * d
+    h, w = f.shape[-2] - span, f.shape[-1] - span
+    acc = torch.zeros(f.shape[0], f.shape[1], h, w, dtype=f.dtype, device=f.device)
+    for a in range(k):
+        for b in range(k):
+            acc += f[:, :, a * d : a * d + h, b * d : b * d + w]
+    return acc / (k * k)
+
+
+class PerPatchEncoder(nn.Module):
+    """The same mapping as :class:`DenseEncoder`, one encoder call per patch (in batches of ``batch_size``)."""
+
+    def __init__(self, encoder: Encoder, patch_size_px: int, stride_px: int, batch_size: int = 64) -> None:
+        super().__init__()
+        if stride_px < 1 or batch_size < 1:
+            raise DenseError(f"stride_px={stride_px} and batch_size={batch_size} must be >= 1")
+        self.encoder = encoder
+        self.patch_size_px = patch_size_px
+        self.stride_px = stride_px
+        self.batch_size = batch_size
+        self.out_dim = encoder.out_dim
+
+    def out_size(self, n_in: int) -> int:
+        return max(0, (n_in - self.patch_size_px) // self.stride_px + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, D_e, h, w) by unfolding patches."""
+        p, s = self.patch_size_px, self.stride_px
+        b, c = x.shape[:2]
+        h, w = self.out_size(x.shape[-2]), self.out_size(x.shape[-1])
+        windows = x.unfold(2, p, s).unfold(3, p, s)[:, :, :h, :w]  # (B, C, h, w, P, P), a view
+        patches = windows.permute(0, 2, 3, 1, 4, 5).reshape(b * h * w, c, p, p)
+        out = [self.encoder(patches[i : i + self.batch_size]) for i in range(0, len(patches), self.batch_size)]
+        feats = torch.cat(out) if out else x.new_zeros(0, self.out_dim)
+        return feats.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def dense_classifier_logits(features: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
+    """A linear classifier applied at every position: (B, D_e, h, w) -> (B, K, h, w) logits."""
+    return torch.einsum("bdhw,kd->bkhw", features.to(fc.weight.dtype), fc.weight) + fc.bias.view(1, -1, 1, 1)
+
+
+def block_mean_uint8(img: np.ndarray, factor: int) -> np.ndarray:
+    """(H*f, W*f) uint8 -> (H, W) uint8 block means, rounded half up (as patch extraction rounds)."""
+    if factor == 1:
+        return np.ascontiguousarray(img)
+    h, w = img.shape[0] // factor, img.shape[1] // factor
+    blocks = img[: h * factor, : w * factor].reshape(h, factor, w, factor).astype(np.uint32).sum(axis=(1, 3))
+    return ((blocks + factor * factor // 2) // (factor * factor)).astype(np.uint8)
+
+
+def read_model_image(reader: Any, factor: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """Model pixels [y0, y1) x [x0, x1) of a section's ``image`` layer (model pixel m = section pixels
+    [m f, (m+1) f)), block-averaged by ``factor``; zero where the region leaves the section."""
+    img = reader.read_padded("image", y0 * factor, y1 * factor, x0 * factor, x1 * factor)
+    return block_mean_uint8(np.asarray(img), factor)

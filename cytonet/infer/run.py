@@ -1,0 +1,558 @@
+"""``cytonet infer``: per-area probability maps and label maps of whole sections, block by block.
+
+Plan: the sections (``infer.sections`` or those of ``infer.splits``), each cut into blocks of one output
+chunk or shard (:mod:`cytonet.infer.blocks`). Work units (blocks for OME-Zarr, whole sections for HDF5) are
+dealt round robin to the workers of this job: ``worker = task_id * world_size + rank`` over
+``num_tasks * world_size`` workers, so torchrun or mpiexec ranks and SLURM array tasks combine. Workers do
+not talk to each other: every unit has one owner, volumes are created once under a lock, and done markers
+say what is finished. A rerun (any worker layout) skips done blocks, so a crash followed by a rerun gives the
+same bytes as an uninterrupted run.
+
+Per block: read the read box at the model's pixel size, mark the output pixels whose footprint is tissue,
+evaluate the encoder densely (or per patch), apply the linear classifier and softmax, zero the non-tissue
+pixels, take the argmax area, build the block's pyramid levels, write them, then the done marker.
+
+Clean-up (``infer.cleanup``): once all blocks of a section (2D) or of a brain's sections (3D) are done, the
+first worker to notice takes a lock and writes ``labels/cleaned``; the others see its marker and skip.
+
+Entry points: :func:`run_infer`, :func:`load_classifier`, :func:`select_sections`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cytonet import __version__
+from cytonet.config import Config, config_from_dict, config_to_dict, save_config
+from cytonet.data.patches import write_json_atomic
+from cytonet.data.sections import WHITE_MATTER_ID, SectionReader, list_sections, open_section
+from cytonet.distributed import DistEnv
+from cytonet.errors import ConfigError, InputError
+from cytonet.infer import writers
+from cytonet.infer.blocks import Block, Grid, assign, pyramid_mean, section_grid, worker_of
+from cytonet.infer.cleanup import grid_positions, knn_cleanup, stack_cleanup
+from cytonet.infer.dense import DenseEncoder, PerPatchEncoder, dense_classifier_logits, read_model_image
+from cytonet.models.base import Encoder
+from cytonet.models.build import MODEL_FILE, MODEL_FORMAT, build_encoder
+from cytonet.models.heads import LinearClassifier
+from cytonet.precision import autocast_dtype, check_precision
+
+log = logging.getLogger(__name__)
+
+#: Test hook: ``N:before`` / ``N:after`` makes the process exit (status 3) when writing its (N+1)-th block,
+#: before its data or after its data but before its done marker.
+CRASH_ENV = "CYTONET_INFER_CRASH"
+#: Label ids from here on are areas in a section store's labels layer (0 background, 1 white matter).
+FIRST_AREA_ID = WHITE_MATTER_ID + 1
+
+
+@dataclass
+class Classifier:
+    """A trained encoder and linear head, with what inference needs to know about them."""
+
+    encoder: Encoder
+    head: LinearClassifier
+    area_ids: list[int]
+    area_names: list[str]
+    patch_size_px: int
+    patch_pixel_size_um: float
+    sha256: str
+    path: Path
+    sections: list[dict[str, Any]]
+    """Sections of the patch store the model was trained on, with their split."""
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_classifier(path: Path) -> Classifier:
+    """Encoder and classifier from a probe or scratch run's ``model.pt`` (eval mode, fp32, CPU)."""
+    if path.is_dir() or path.suffix != ".pt":
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise InputError(f"{path} does not exist: run `cytonet probe` (or scratch) to the end first (infer.model_from)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise InputError(f"{path}: cannot load the model ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
+        raise InputError(f"{path} is not a cytonet classifier file (format {MODEL_FORMAT})")
+    mcfg = config_from_dict(state["config"]).model
+    encoder = build_encoder(mcfg)
+    head = LinearClassifier(encoder.out_dim, len(state["area_ids"]))
+    try:
+        encoder.load_state_dict(state["encoder"], strict=True)
+        head.load_state_dict(state["classifier"], strict=True)
+    except RuntimeError as exc:
+        raise InputError(f"{path}: weights do not fit the model settings stored with them: {exc}") from None
+    encoder.eval()
+    head.eval()
+    return Classifier(
+        encoder=encoder,
+        head=head,
+        area_ids=[int(a) for a in state["area_ids"]],
+        area_names=[str(n) for n in state["area_names"]],
+        patch_size_px=mcfg.patch_size_px,
+        patch_pixel_size_um=float(state["patch_pixel_size_um"]),
+        sha256=file_sha256(path),
+        path=path,
+        sections=list(state.get("sections", [])),
+    )
+
+
+@dataclass(frozen=True)
+class SectionJob:
+    name: str
+    path: str
+    brain: str
+    z_mm: float
+    factor: int
+    grid: Grid
+
+
+def _section_name(reader: SectionReader) -> str:
+    m = reader.meta
+    return f"{m.brain}_s{m.section_index:04d}"  # the name patch extraction gives sections
+
+
+def select_sections(cfg: Config, clf: Classifier) -> list[SectionJob]:
+    """The sections to map, sorted by name, with their output grids."""
+    icfg = cfg.infer
+    root = cfg.resolve_path(icfg.sections_dir or cfg.extract.sections_dir)
+    paths = list_sections(root)
+    if not paths:
+        raise InputError(f"no section stores (.zarr / .h5) below {root} (infer.sections_dir)")
+    found: dict[str, tuple[Path, SectionReader]] = {}
+    for p in paths:
+        r = open_section(p)
+        found[_section_name(r)] = (p, r)
+    if icfg.sections:
+        missing = [s for s in icfg.sections if s not in found]
+        if missing:
+            raise InputError(f"infer.sections names {missing}, not found below {root}; found: {sorted(found)}")
+        names = list(icfg.sections)
+    elif icfg.splits and clf.sections:
+        split_of = {s["name"]: s.get("split") for s in clf.sections}
+        names = [n for n in found if split_of.get(n) in icfg.splits]
+        if not names:
+            raise InputError(
+                f"no section below {root} is in the splits {icfg.splits} recorded in {clf.path}; "
+                "set infer.sections or infer.splits=[]"
+            )
+    else:
+        names = list(found)
+    block = icfg.chunk_px * max(1, icfg.shard_chunks)
+    jobs = []
+    for name in sorted(set(names)):
+        p, r = found[name]
+        ratio = clf.patch_pixel_size_um / r.meta.pixel_size_um
+        factor = round(ratio)
+        if factor < 1 or not math.isclose(ratio, factor, rel_tol=1e-6):
+            raise InputError(
+                f"{p}: pixel size {r.meta.pixel_size_um} um does not divide the model's {clf.patch_pixel_size_um} um "
+                "(the model sees block means of an integer number of section pixels)"
+            )
+        h, w = r.meta.shape
+        grid = section_grid(name, (h // factor, w // factor), icfg.stride_px, clf.patch_size_px, block)
+        jobs.append(SectionJob(name, str(p), r.meta.brain, r.meta.z_mm, factor, grid))
+    return jobs
+
+
+class BlockEvaluator:
+    """Probabilities and labels of one block (see module doc)."""
+
+    def __init__(self, cfg: Config, clf: Classifier, device: torch.device) -> None:
+        icfg = cfg.infer
+        check_precision(icfg.precision, device)
+        self.dtype = autocast_dtype(icfg.precision)
+        self.device = device
+        net: nn.Module
+        if icfg.mode == "dense":
+            net = DenseEncoder(clf.encoder, clf.patch_size_px, icfg.stride_px)
+        else:
+            net = PerPatchEncoder(clf.encoder, clf.patch_size_px, icfg.stride_px, icfg.batch_size)
+        self.net = net.to(device).eval()
+        self.head = clf.head.to(device).eval()
+        self.area_ids = np.asarray(clf.area_ids, dtype=np.uint16)
+        self.tissue_max = icfg.tissue_max_intensity
+        self.roi = icfg.roi
+        self.band = cfg.extract.centerline_tolerance
+        self.levels = icfg.pyramid_levels
+
+    def tissue(self, img: np.ndarray, grid: Grid, block: Block, box: tuple[int, int, int, int]) -> np.ndarray:
+        """(h, w) bool: output pixels whose footprint (its part inside the section) has a mean grey value below
+        the threshold. Pixels outside the section read as 0 and add nothing to the sums."""
+        s = grid.stride
+        fy0, fx0 = block.y0 * s - box[0], block.x0 * s - box[2]
+        ny, nx = block.y1 - block.y0, block.x1 - block.x0
+        foot = img[fy0 : fy0 + ny * s, fx0 : fx0 + nx * s]
+        sums = foot.reshape(ny, s, nx, s).sum(axis=(1, 3), dtype=np.uint32)
+        cy = np.clip(grid.model_shape[0] - (block.y0 + np.arange(ny)) * s, 0, s)
+        cx = np.clip(grid.model_shape[1] - (block.x0 + np.arange(nx)) * s, 0, s)
+        return sums < self.tissue_max * np.outer(cy, cx)
+
+    def read(self, reader: SectionReader, job: SectionJob, block: Block) -> tuple[np.ndarray, np.ndarray | None]:
+        """The block's read box at the model's pixel size (uint8) and, unless ``infer.roi=tissue``, the (h, w)
+        region-of-interest mask at the output pixels' patch centres (see ``InferConfig.roi``)."""
+        img = read_model_image(reader, job.factor, *job.grid.read_box(block))
+        if self.roi == "tissue":
+            return img, None
+        layer = "labels" if self.roi == "cortex" else "depth"
+        if not reader.has(layer):
+            raise InputError(f"{reader.path} has no {layer} layer: infer.roi={self.roi} needs one (or use roi=tissue)")
+        g, f = job.grid, job.factor
+        ys = np.array([g.centre_px(i) for i in range(block.y0, block.y1)]) * f + f // 2
+        xs = np.array([g.centre_px(j) for j in range(block.x0, block.x1)]) * f + f // 2
+        values = reader.read_padded(layer, int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1)
+        at = np.asarray(values)[np.ix_(ys - ys[0], xs - xs[0])]
+        if self.roi == "cortex":
+            return img, at >= FIRST_AREA_ID
+        with np.errstate(invalid="ignore"):
+            return img, np.abs(at - 0.5) <= self.band  # NaN (outside the cortex) compares False
+
+    @torch.no_grad()
+    def __call__(
+        self, data: tuple[np.ndarray, np.ndarray | None], job: SectionJob, block: Block
+    ) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+        """(probability levels (K, h_l, w_l), label levels (h_l, w_l), tissue pixels) of one block."""
+        grid = job.grid
+        img, roi = data
+        mask = self.tissue(img, grid, block, grid.read_box(block))
+        if roi is not None:
+            mask &= roi
+        k = len(self.area_ids)
+        probs = np.zeros((k, *mask.shape), dtype=np.float32)
+        if mask.any():
+            x = torch.from_numpy(img).to(self.device, non_blocking=True).float().div_(255.0)[None, None]
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                feats = self.net(x)
+            logits = dense_classifier_logits(feats.float(), self.head.fc)
+            probs = torch.softmax(logits, dim=1)[0].cpu().numpy().astype(np.float32)  # a device sync point
+            probs *= mask[None]
+        levels = pyramid_mean(probs, self.levels)
+        labels = [self._argmax(p) for p in levels]
+        return levels, labels, int(mask.sum())
+
+    def _argmax(self, probs: np.ndarray) -> np.ndarray:
+        lab = self.area_ids[np.argmax(probs, axis=0)]
+        lab[probs.sum(axis=0) <= 0] = 0
+        return lab
+
+
+@dataclass
+class InferResult:
+    out: Path
+    sections: list[str]
+    written: int
+    skipped: int
+    cleaned: list[str]
+    complete: bool
+    """Every block of every section is done (by this worker or others)."""
+
+
+def _crash_point() -> tuple[int, str] | None:
+    raw = os.environ.get(CRASH_ENV)
+    if not raw:
+        return None
+    n, _, phase = raw.partition(":")
+    return int(n), phase or "after"
+
+
+def infer_settings(cfg: Config, clf: Classifier, job: SectionJob) -> dict[str, Any]:
+    """What the output's content depends on: two runs may share a volume only when these agree."""
+    icfg = cfg.infer
+    return {
+        "format": icfg.format,
+        "stride_px": icfg.stride_px,
+        "chunk_px": icfg.chunk_px,
+        "shard_chunks": icfg.shard_chunks,
+        "pyramid_levels": icfg.pyramid_levels,
+        "mode": icfg.mode,
+        "precision": icfg.precision,
+        "tissue_max_intensity": icfg.tissue_max_intensity,
+        "roi": icfg.roi,
+        "centerline_tolerance": cfg.extract.centerline_tolerance if icfg.roi == "centerline" else None,
+        "compression": icfg.compression,
+        "cleanup": icfg.cleanup,
+        "cleanup_k": icfg.cleanup_k,
+        "cleanup_components": icfg.cleanup_components,
+        "model_sha256": clf.sha256,
+        "area_ids": clf.area_ids,
+        "area_names": clf.area_names,
+        "model_pixel_size_um": clf.patch_pixel_size_um,
+        "output_pixel_size_um": clf.patch_pixel_size_um * icfg.stride_px,
+        "section_factor": job.factor,
+        "grid_shape": list(job.grid.shape),
+        "label_images": ["argmax", "cleaned"] if icfg.cleanup != "none" else ["argmax"],
+    }
+
+
+def _attrs(cfg: Config, clf: Classifier, job: SectionJob, settings: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "settings": settings,
+        "cytonet_version": __version__,
+        "checkpoint": {"path": str(clf.path), "sha256": clf.sha256},
+        "stride_px": cfg.infer.stride_px,
+        "pixel_size_um": settings["output_pixel_size_um"],
+        "model_pixel_size_um": clf.patch_pixel_size_um,
+        "section": {"name": job.name, "store": job.path, "brain": job.brain, "z_mm": job.z_mm},
+        "grid": "output pixel (i, j) covers model pixels [i*s, (i+1)*s) x [j*s, (j+1)*s); its patch is centred on "
+        "model pixel (i*s + s//2, j*s + s//2); model pixel m covers section pixels [m*f, (m+1)*f)",
+        "config": config_to_dict(cfg),
+    }
+
+
+def _complete(out: Path, job: SectionJob, fmt: str) -> bool:
+    if fmt == "hdf5":
+        return (writers.state_dir(out, job.name) / "complete.json").is_file()
+    markers = writers.DoneMarkers(out, job.name)
+    return all(markers.is_done(b) for b in job.grid.blocks())
+
+
+def run_infer(
+    cfg: Config,
+    env: DistEnv,
+    out: Path | None = None,
+    *,
+    task_id: int = 0,
+    num_tasks: int = 1,
+    overwrite: bool = False,
+    device: torch.device | None = None,
+) -> InferResult:
+    """Map this worker's share of the sections; clean up what became complete. See the module doc."""
+    icfg = cfg.infer
+    out = out or cfg.resolve_path(icfg.out_dir)
+    worker, n_workers = worker_of(task_id, num_tasks, env.rank, env.world_size)
+    if overwrite and n_workers > 1:
+        raise ConfigError(
+            "--overwrite with several workers (ranks or array tasks) would let one worker delete another's output; "
+            "remove the output folder first, or run once with one process and --overwrite"
+        )
+    clf = load_classifier(cfg.resolve_path(icfg.model_from))
+    jobs = select_sections(cfg, clf)
+    out.mkdir(parents=True, exist_ok=True)
+    if worker == 0:
+        save_config(cfg, out, name="infer.config.yaml")
+    if overwrite:
+        for job in jobs:
+            writers.remove_outputs(out, job.name)
+    device = device or torch.device("cpu")
+    evaluator = BlockEvaluator(cfg, clf, device)
+
+    units: list[tuple[SectionJob, list[Block]]]
+    if icfg.format == "hdf5":
+        units = [(job, job.grid.blocks()) for job in jobs]
+    else:
+        units = [(job, [b]) for job in jobs for b in job.grid.blocks()]
+    mine = [units[i] for i in assign(len(units), worker, n_workers)]
+    log.info(
+        "infer: %d sections, %d units; worker %d of %d takes %d", len(jobs), len(units), worker, n_workers, len(mine)
+    )
+    checked: set[str] = set()
+    skipped = 0
+    todo: list[tuple[SectionJob, Block]] = []
+    for job, blocks in mine:
+        if job.name not in checked:  # before trusting any done marker of this section
+            writers.check_existing(out, job.name, infer_settings(cfg, clf, job))
+            checked.add(job.name)
+        markers = writers.DoneMarkers(out, job.name)
+        for block in blocks:
+            if markers.is_done(block):
+                skipped += 1
+            else:
+                todo.append((job, block))
+        complete_marker = writers.state_dir(out, job.name) / "complete.json"
+        if icfg.format == "hdf5" and not any(j is job for j, _ in todo) and not complete_marker.is_file():
+            write_json_atomic(complete_marker, {"worker": worker})  # a crash came between its last marker and this
+    started = time.perf_counter()
+    written = _process(
+        cfg, clf, out, todo, evaluator, {"worker": worker, "n_workers": n_workers, "task_id": task_id, "rank": env.rank}
+    )
+    log.info(
+        "infer: worker %d wrote %d blocks, skipped %d done, in %.1f s",
+        worker,
+        written,
+        skipped,
+        time.perf_counter() - started,
+    )
+    cleaned = _cleanup_ready(cfg, out, jobs, clf)
+    complete = all(_complete(out, job, icfg.format) for job in jobs)
+    return InferResult(out, [j.name for j in jobs], written, skipped, cleaned, complete)
+
+
+def _process(
+    cfg: Config,
+    clf: Classifier,
+    out: Path,
+    todo: list[tuple[SectionJob, Block]],
+    evaluator: BlockEvaluator,
+    who: dict[str, int],
+) -> int:
+    """Evaluate and write ``todo`` in order; returns the number of blocks written.
+
+    Three stages overlap: a reader thread fetches the next block's read box, the main thread evaluates the
+    current one (torch releases the GIL), a writer thread writes the previous one and then its done marker.
+    At most one write is in flight, so when a block's write starts every earlier block is written and marked.
+    HDF5 volumes are closed (and marked complete) once their last block is written.
+    """
+    fmt = cfg.infer.format
+    crash = _crash_point()
+    volumes: dict[str, writers.Volume] = {}
+    readers: dict[str, SectionReader] = {}
+    last_block = {job.name: i for i, (job, _) in enumerate(todo)}
+    count = 0
+    spent = {"read": 0.0, "evaluate": 0.0, "write": 0.0, "wait": 0.0}  # seconds per stage (threads overlap)
+
+    def read(reader: SectionReader, job: SectionJob, block: Block) -> tuple[np.ndarray, np.ndarray | None]:
+        t0 = time.perf_counter()
+        data = evaluator.read(reader, job, block)
+        spent["read"] += time.perf_counter() - t0
+        return data
+
+    def reader_of(job: SectionJob) -> SectionReader:
+        if job.name not in readers:
+            readers[job.name] = open_section(job.path)
+        return readers[job.name]
+
+    def write(i: int, job: SectionJob, block: Block, result: tuple[Any, Any, int], seconds: float) -> None:
+        nonlocal count
+        t0 = time.perf_counter()
+        if job.name not in volumes:
+            settings = infer_settings(cfg, clf, job)
+            volumes[job.name] = writers.open_volume(out, job.grid, settings, _attrs(cfg, clf, job, settings))
+        if crash and count == crash[0] and crash[1] == "before":
+            os._exit(3)
+        volumes[job.name].write_block(block, result[0], result[1])
+        if crash and count == crash[0]:
+            os._exit(3)
+        info = {**who, "tissue_px": result[2], "seconds": round(seconds, 4)}
+        writers.DoneMarkers(out, job.name).mark(block, info)
+        count += 1
+        spent["write"] += time.perf_counter() - t0
+        if last_block[job.name] == i and fmt == "hdf5":
+            volumes.pop(job.name).close()
+            write_json_atomic(writers.state_dir(out, job.name) / "complete.json", {"worker": who["worker"]})
+
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    try:
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="infer-read") as rpool,
+            ThreadPoolExecutor(1, thread_name_prefix="infer-write") as wpool,
+        ):
+            pending_read: Future[tuple[np.ndarray, np.ndarray | None]] | None = None
+            pending_write: Future[None] | None = None
+            for i, (job, block) in enumerate(todo):
+                t0 = time.perf_counter()
+                if pending_read is None:
+                    pending_read = rpool.submit(read, reader_of(job), job, block)
+                img = pending_read.result()
+                spent["wait"] += time.perf_counter() - t0
+                pending_read = None
+                if i + 1 < len(todo):
+                    nj, nb = todo[i + 1]
+                    pending_read = rpool.submit(read, reader_of(nj), nj, nb)
+                t0 = time.perf_counter()
+                result = evaluator(img, job, block)
+                seconds = time.perf_counter() - t0
+                spent["evaluate"] += seconds
+                t0 = time.perf_counter()
+                if pending_write is not None:
+                    pending_write.result()  # re-raises a failed write; bounds the memory in flight
+                spent["wait"] += time.perf_counter() - t0
+                pending_write = wpool.submit(write, i, job, block, result, seconds)
+            if pending_write is not None:
+                pending_write.result()
+    finally:
+        for v in volumes.values():
+            v.close()
+        for r in readers.values():
+            r.close()
+    if count:
+        log.info("infer: stage seconds (overlapping): %s", ", ".join(f"{k} {v:.2f}" for k, v in spent.items()))
+    return count
+
+
+def _cleanup_ready(cfg: Config, out: Path, jobs: list[SectionJob], clf: Classifier) -> list[str]:
+    """Clean up every section (2D) or brain (3D) whose blocks are all done and that nobody cleaned yet."""
+    icfg = cfg.infer
+    if icfg.cleanup == "none":
+        return []
+    groups: dict[str, list[SectionJob]] = {}
+    for job in jobs:
+        key = job.brain if icfg.cleanup == "knn3d" else job.name
+        groups.setdefault(key, []).append(job)
+    done_here = []
+    for key, members in sorted(groups.items()):
+        if not all(_complete(out, j, icfg.format) for j in members):
+            continue
+        lock = out / writers.STATE_DIR / f"cleanup-{key}.lock"
+        with writers.exclusive_lock(lock):
+            marker = writers.state_dir(out, members[0].name) / "cleaned.json"
+            if marker.is_file():
+                continue
+            _clean_group(cfg, out, members, clf)
+            for j in members:
+                write_json_atomic(writers.state_dir(out, j.name) / "cleaned.json", {"group": key})
+        done_here += [j.name for j in members]
+    return done_here
+
+
+def _clean_group(cfg: Config, out: Path, members: list[SectionJob], clf: Classifier) -> None:
+    icfg = cfg.infer
+    pixel_um = clf.patch_pixel_size_um * icfg.stride_px
+    vols = []
+    for j in members:
+        settings = infer_settings(cfg, clf, j)
+        vols.append(writers.open_volume(out, j.grid, settings, _attrs(cfg, clf, j, settings)))
+    try:
+        maps = [v.read_labels("argmax", 0) for v in vols]
+        if icfg.cleanup == "knn3d":
+            cleaned = stack_cleanup(
+                maps, [j.z_mm * 1000.0 for j in members], pixel_um, icfg.cleanup_k, icfg.cleanup_components
+            )
+        else:
+            cleaned = [
+                knn_cleanup(m, grid_positions(m.shape, pixel_um), icfg.cleanup_k, icfg.cleanup_components) for m in maps
+            ]
+        for v, lab in zip(vols, cleaned):
+            v.write_labels("cleaned", label_pyramid(v, lab))
+    finally:
+        for v in vols:
+            v.close()
+
+
+def label_pyramid(vol: writers.Volume, labels: np.ndarray) -> list[np.ndarray]:
+    """Levels of a cleaned label map: level l takes, per 2^l window, the most frequent non-zero label."""
+    out = [labels]
+    for lvl in range(1, vol.levels):
+        h, w = vol.grid.level_shape(lvl)
+        f = 2**lvl
+        padded = np.zeros((h * f, w * f), dtype=labels.dtype)
+        padded[: labels.shape[0], : labels.shape[1]] = labels
+        windows = padded.reshape(h, f, w, f).transpose(0, 2, 1, 3).reshape(h, w, f * f)
+        ids = np.unique(labels[labels > 0])
+        if len(ids) == 0:
+            out.append(np.zeros((h, w), dtype=labels.dtype))
+            continue
+        counts = (windows[..., None] == ids[None, None, None, :]).sum(axis=2)
+        lab = ids[np.argmax(counts, axis=-1)].astype(labels.dtype)
+        lab[counts.max(axis=-1) == 0] = 0
+        out.append(lab)
+    return out

@@ -1,0 +1,382 @@
+"""Output volumes of ``cytonet infer``: one per section, OME-Zarr (default) or HDF5, with per-block done markers.
+
+OME-Zarr (NGFF 0.5 on zarr v3), ``<out>/<section>.ome.zarr``::
+
+    zarr.json               ome.multiscales (axes c, y, x in micrometer; one scale per level), ome.omero
+                            (channel names = areas), cytonet provenance
+    0, 1, ...               float32 (K, h, w) per-area probabilities, level l 2^l times coarser
+    labels/argmax/0, 1, ... uint16 (h, w) area id of the most probable area (0: no tissue), an NGFF image-label
+    labels/cleaned/...      the same after the kNN clean-up (when infer.cleanup is not none)
+
+HDF5, ``<out>/<section>.h5``: datasets ``probabilities/<l>``, ``labels/argmax/<l>``, ``labels/cleaned/<l>``,
+the same attributes (JSON strings) on the root.
+
+A volume is created once, complete with all its arrays, in a temporary folder renamed into place (zarr) or
+under an exclusive lock (HDF5), so concurrent workers never see half-made metadata. Every later opener
+compares the settings it would write with those stored and refuses a mismatch, naming the keys that differ.
+Workers write whole chunks (or shards) only: a block's write box is a whole number of chunks at every level.
+
+Done markers: ``<out>/.cytonet/<section>/blocks/<by>.<bx>.json``, written atomically after the block's data
+(and, for HDF5, after a flush), holding the writer's worker number; ``.../cleaned.json`` after the clean-up.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cytonet.data.patches import write_json_atomic
+from cytonet.errors import InputError
+from cytonet.infer.blocks import Block, Grid
+
+STATE_DIR = ".cytonet"
+LABEL_IMAGES = ("argmax", "cleaned")
+
+
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on ``path``, created if missing; released on exit."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def volume_path(out: Path, section: str, fmt: str) -> Path:
+    return out / (f"{section}.ome.zarr" if fmt == "ome-zarr" else f"{section}.h5")
+
+
+def state_dir(out: Path, section: str) -> Path:
+    return out / STATE_DIR / section
+
+
+class DoneMarkers:
+    """Per-block done markers of one section."""
+
+    def __init__(self, out: Path, section: str) -> None:
+        self.dir = state_dir(out, section) / "blocks"
+
+    def path(self, block: Block) -> Path:
+        return self.dir / f"{block.id}.json"
+
+    def is_done(self, block: Block) -> bool:
+        return self.path(block).is_file()
+
+    def mark(self, block: Block, info: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # Atomic (a killed worker leaves no half marker) but not fsynced: the chunks it vouches for are not
+        # fsynced by zarr either, so syncing the marker alone would not survive a lost node any better.
+        write_json_atomic(self.path(block), info, fsync=False)
+
+    def read(self, block: Block) -> dict[str, Any]:
+        return json.loads(self.path(block).read_text())
+
+
+def _ngff_axes(channel: bool) -> list[dict[str, str]]:
+    yx = [{"name": a, "type": "space", "unit": "micrometer"} for a in ("y", "x")]
+    return ([{"name": "c", "type": "channel"}] if channel else []) + yx
+
+
+def ngff_multiscales(name: str, levels: int, pixel_um: float, channel: bool) -> list[dict[str, Any]]:
+    """NGFF 0.5 ``multiscales``: level l has pixel size pixel_um * 2^l; the translation puts each pixel's
+    centre at the centre of its footprint (output pixel i covers [i, i+1) x pixel_um at level 0)."""
+    datasets = []
+    for lvl in range(levels):
+        s = pixel_um * 2**lvl
+        scale = ([1.0] if channel else []) + [s, s]
+        shift = ([0.0] if channel else []) + [(s - pixel_um) / 2] * 2
+        datasets.append(
+            {
+                "path": str(lvl),
+                "coordinateTransformations": [
+                    {"type": "scale", "scale": scale},
+                    {"type": "translation", "translation": shift},
+                ],
+            }
+        )
+    return [{"name": name, "axes": _ngff_axes(channel), "datasets": datasets}]
+
+
+def _label_colors(area_ids: list[int]) -> list[dict[str, Any]]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    out = []
+    for i, a in enumerate(area_ids):
+        r, g, b, _ = cmap(i % 20)
+        out.append({"label-value": int(a), "rgba": [int(255 * r), int(255 * g), int(255 * b), 255]})
+    return out
+
+
+class Volume:
+    """One section's output, created (or opened) by :func:`open_volume`."""
+
+    def __init__(self, path: Path, grid: Grid, spec: dict[str, Any]) -> None:
+        self.path = path
+        self.grid = grid
+        self.spec = spec
+        self.levels = int(spec["pyramid_levels"])
+
+    def write_block(self, block: Block, probs: list[np.ndarray], labels: list[np.ndarray]) -> None:
+        raise NotImplementedError
+
+    def read_labels(self, name: str = "argmax", level: int = 0) -> np.ndarray:
+        raise NotImplementedError
+
+    def read_probs(self, level: int = 0) -> np.ndarray:
+        raise NotImplementedError
+
+    def write_labels(self, name: str, levels: list[np.ndarray]) -> None:
+        """Whole label images of every level (the clean-up; one writer per section)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _level_chunks(spec: dict[str, Any], level: int) -> tuple[int, int | None]:
+    """(chunk edge, shard edge or None) at ``level``: both halve per level so blocks stay whole."""
+    c = int(spec["chunk_px"]) // 2**level
+    n = int(spec["shard_chunks"])
+    return c, (c * n if n else None)
+
+
+class ZarrVolume(Volume):
+    def __init__(self, path: Path, grid: Grid, spec: dict[str, Any]) -> None:
+        super().__init__(path, grid, spec)
+        import zarr
+
+        self._group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+        self._probs: list[Any] = [self._group[str(lvl)] for lvl in range(self.levels)]
+        self._labels: dict[str, list[Any]] = {
+            name: [self._group[f"labels/{name}/{lvl}"] for lvl in range(self.levels)] for name in spec["label_images"]
+        }
+
+    @staticmethod
+    def create(path: Path, grid: Grid, spec: dict[str, Any], attrs: dict[str, Any]) -> None:
+        import zarr
+        from zarr.codecs import BloscCodec, BloscShuffle
+
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        levels = int(spec["pyramid_levels"])
+        k = len(spec["area_ids"])
+
+        def codec(dtype: np.dtype) -> Any:
+            if spec["compression"] == "none":
+                return None
+            return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
+
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        pixel_um = float(spec["output_pixel_size_um"])
+        for lvl in range(levels):
+            c, s = _level_chunks(spec, lvl)
+            root.create_array(
+                str(lvl),
+                shape=(k, *grid.level_shape(lvl)),
+                chunks=(k, c, c),
+                shards=(k, s, s) if s else None,
+                dtype="float32",
+                fill_value=0.0,
+                compressors=codec(np.dtype("float32")),
+                dimension_names=("c", "y", "x"),
+            )
+        labels = root.create_group("labels")
+        labels.attrs["ome"] = {"version": "0.5", "labels": list(spec["label_images"])}
+        for name in spec["label_images"]:
+            g = labels.create_group(name)
+            for lvl in range(levels):
+                c, s = _level_chunks(spec, lvl)
+                g.create_array(
+                    str(lvl),
+                    shape=grid.level_shape(lvl),
+                    chunks=(c, c),
+                    shards=(s, s) if s else None,
+                    dtype="uint16",
+                    fill_value=0,
+                    compressors=codec(np.dtype("uint16")),
+                    dimension_names=("y", "x"),
+                )
+            g.attrs["ome"] = {
+                "version": "0.5",
+                "image-label": {
+                    "version": "0.5",
+                    "colors": _label_colors(spec["area_ids"]),
+                    "properties": [
+                        {"label-value": int(a), "name": n} for a, n in zip(spec["area_ids"], spec["area_names"])
+                    ],
+                    "source": {"image": "../../"},
+                },
+                "multiscales": ngff_multiscales(f"{grid.section} {name}", levels, pixel_um, channel=False),
+            }
+        root.attrs["ome"] = {
+            "version": "0.5",
+            "multiscales": ngff_multiscales(grid.section, levels, pixel_um, channel=True),
+            "omero": {
+                "channels": [
+                    {"label": n, "window": {"start": 0.0, "end": 1.0, "min": 0.0, "max": 1.0}, "active": True}
+                    for n in spec["area_names"]
+                ],
+            },
+        }
+        root.attrs["cytonet"] = attrs
+        try:
+            os.rename(tmp, path)  # atomic: other workers see no volume or a complete one
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not path.is_dir():
+                raise
+
+    @staticmethod
+    def stored_attrs(path: Path) -> dict[str, Any]:
+        meta = json.loads((path / "zarr.json").read_text())
+        return dict(meta.get("attributes", {}).get("cytonet", {}))
+
+    def write_block(self, block: Block, probs: list[np.ndarray], labels: list[np.ndarray]) -> None:
+        for lvl in range(self.levels):
+            y0, y1, x0, x1 = block.at_level(lvl, self.grid.level_shape(lvl))
+            self._probs[lvl][:, y0:y1, x0:x1] = probs[lvl]
+            self._labels["argmax"][lvl][y0:y1, x0:x1] = labels[lvl]
+
+    def read_labels(self, name: str = "argmax", level: int = 0) -> np.ndarray:
+        return np.asarray(self._labels[name][level][...])
+
+    def read_probs(self, level: int = 0) -> np.ndarray:
+        return np.asarray(self._probs[level][...])
+
+    def write_labels(self, name: str, levels: list[np.ndarray]) -> None:
+        for lvl, arr in enumerate(levels):
+            self._labels[name][lvl][...] = arr
+
+
+class HDF5Volume(Volume):
+    def __init__(self, path: Path, grid: Grid, spec: dict[str, Any], writable: bool = True) -> None:
+        super().__init__(path, grid, spec)
+        import h5py
+        import hdf5plugin  # noqa: F401  (registers the blosc filter for reading)
+
+        self._file = h5py.File(path, "r+" if writable else "r")
+
+    @staticmethod
+    def create(path: Path, grid: Grid, spec: dict[str, Any], attrs: dict[str, Any]) -> None:
+        import h5py
+        import hdf5plugin
+
+        levels = int(spec["pyramid_levels"])
+        k = len(spec["area_ids"])
+        kwargs: dict[str, Any] = {}
+        if spec["compression"] == "blosc-zstd":
+            kwargs.update(hdf5plugin.Blosc(cname="zstd", clevel=3, shuffle=hdf5plugin.Blosc.SHUFFLE))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        with h5py.File(tmp, "w") as f:
+            for lvl in range(levels):
+                c, _ = _level_chunks(spec, lvl)
+                h, w = grid.level_shape(lvl)
+                ch = (k, min(c, h), min(c, w))
+                f.create_dataset(f"probabilities/{lvl}", shape=(k, h, w), chunks=ch, dtype="f4", fillvalue=0, **kwargs)
+                for name in spec["label_images"]:
+                    f.create_dataset(
+                        f"labels/{name}/{lvl}", shape=(h, w), chunks=ch[1:], dtype="u2", fillvalue=0, **kwargs
+                    )
+            for key, value in attrs.items():
+                f.attrs[key] = json.dumps(value)
+        os.replace(tmp, path)
+
+    @staticmethod
+    def stored_attrs(path: Path) -> dict[str, Any]:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return {k: json.loads(v) for k, v in f.attrs.items()}
+
+    def write_block(self, block: Block, probs: list[np.ndarray], labels: list[np.ndarray]) -> None:
+        for lvl in range(self.levels):
+            y0, y1, x0, x1 = block.at_level(lvl, self.grid.level_shape(lvl))
+            self._file[f"probabilities/{lvl}"][:, y0:y1, x0:x1] = probs[lvl]
+            self._file[f"labels/argmax/{lvl}"][y0:y1, x0:x1] = labels[lvl]
+        self._file.flush()  # the done marker follows: the block must be on disk first
+
+    def read_labels(self, name: str = "argmax", level: int = 0) -> np.ndarray:
+        return np.asarray(self._file[f"labels/{name}/{level}"][...])
+
+    def read_probs(self, level: int = 0) -> np.ndarray:
+        return np.asarray(self._file[f"probabilities/{level}"][...])
+
+    def write_labels(self, name: str, levels: list[np.ndarray]) -> None:
+        for lvl, arr in enumerate(levels):
+            self._file[f"labels/{name}/{lvl}"][...] = arr
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            keys += _diff_keys(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            keys.append(prefix + k)
+    return keys
+
+
+def check_existing(out: Path, section: str, spec: dict[str, Any]) -> None:
+    """Refuse to continue a section whose existing volume was made with other settings, or whose done markers
+    outlived their volume (both would mix results of different runs)."""
+    path = volume_path(out, section, spec["format"])
+    cls: type[ZarrVolume] | type[HDF5Volume] = ZarrVolume if spec["format"] == "ome-zarr" else HDF5Volume
+    if not path.exists():
+        if any((state_dir(out, section) / "blocks").glob("*.json")):
+            raise InputError(
+                f"{state_dir(out, section)} holds done markers but {path} is missing; "
+                "remove the markers folder or rerun with --overwrite"
+            )
+        return
+    try:
+        stored = cls.stored_attrs(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(
+            f"{path}: cannot read the output volume ({exc}); remove it or rerun with --overwrite"
+        ) from None
+    differ = _diff_keys(stored.get("settings", {}), spec)
+    if differ:
+        raise InputError(
+            f"{path} was written with other settings ({', '.join(differ[:8])} differ); "
+            "use another infer.out_dir or rerun with --overwrite"
+        )
+
+
+def open_volume(out: Path, grid: Grid, spec: dict[str, Any], attrs: dict[str, Any]) -> Volume:
+    """Create the section's volume if it does not exist (exactly once among concurrent workers), else open it
+    after checking that it was made with the same settings (``spec``, part of ``attrs``)."""
+    fmt = spec["format"]
+    path = volume_path(out, grid.section, fmt)
+    cls: type[ZarrVolume] | type[HDF5Volume] = ZarrVolume if fmt == "ome-zarr" else HDF5Volume
+    with exclusive_lock(state_dir(out, grid.section) / "create.lock"):
+        if not path.exists():
+            cls.create(path, grid, spec, attrs)
+    check_existing(out, grid.section, spec)
+    return cls(path, grid, spec)
+
+
+def remove_outputs(out: Path, section: str) -> None:
+    """Remove one section's outputs and markers (``--overwrite``)."""
+    for fmt in ("ome-zarr", "hdf5"):
+        p = volume_path(out, section, fmt)
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    shutil.rmtree(state_dir(out, section), ignore_errors=True)

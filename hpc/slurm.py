@@ -1,0 +1,209 @@
+"""sbatch scripts from the templates in ``slurm/`` and a site profile, and their submission with sbatch.
+
+Entry points: :func:`render` (kind, profile, config -> :class:`RenderedJob`), :func:`write_script`,
+:func:`sbatch`, :func:`submit_pipeline` (pretrain -> probe -> infer chained with ``--dependency=afterok``).
+
+Templates hold ``#SBATCH`` lines and one command line with ``{{placeholders}}``; there is no logic in bash.
+Training kinds (pretrain, probe, scratch) use ``slurm/train.sbatch``: one task per node running
+``hpc.torchrun`` (torchrun with the rendezvous at the first node) under ``hpc.requeue`` (requeues the job when
+the step exits 75 after a preemption checkpoint). Array kinds (extract, infer) use ``slurm/array.sbatch``.
+
+Quoting: every value that reaches the shell (interpreter, config path, overrides) goes through
+``shlex.quote``, so a config path such as ``x'$(touch /tmp/pwned)'`` arrives as that literal string. Values on
+``#SBATCH`` lines (which sbatch parses itself) must be one plain token and are refused otherwise. The profile's
+``setup`` lines are shell code by design and written verbatim.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cytonet.config import load_config
+from cytonet.errors import ConfigError, CytonetError, UsageError
+from hpc.site import _TOKEN_RE, SiteProfile
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "slurm"
+TRAIN_KINDS = ("pretrain", "probe", "scratch")
+ARRAY_KINDS = ("extract", "infer")
+KINDS = ("extract", "pretrain", "probe", "scratch", "infer")
+#: What ``cytonet slurm pipeline`` submits unless told otherwise.
+DEFAULT_STAGES = ("pretrain", "probe", "infer")
+_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+
+
+class SlurmError(CytonetError):
+    """sbatch (or another SLURM client) refused or failed; carries its message."""
+
+
+@dataclass(frozen=True)
+class RenderedJob:
+    """A rendered sbatch script and where its log files go (the folder must exist before sbatch)."""
+
+    kind: str
+    script: str
+    log_dir: Path
+
+
+def _sbatch_value(key: str, value: str) -> str:
+    """A value for an ``#SBATCH`` line: one plain token, else a :class:`ConfigError` naming ``key``."""
+    if not _TOKEN_RE.match(value):
+        raise ConfigError(
+            f"{key}={value!r} cannot go on an #SBATCH line: use letters, digits and _.,:@%+=/-[]() only "
+            "(no spaces, quotes, '#' or newlines)"
+        )
+    return value
+
+
+def _site_sbatch(kind: str, profile: SiteProfile) -> list[str]:
+    lines = []
+    for name in ("account", "partition", "qos"):
+        value = getattr(profile, name)
+        if value:
+            lines.append(f"--{name}={_sbatch_value(name, value)}")
+    gpus = profile.gpus_per_node if kind in TRAIN_KINDS else (1 if kind == "infer" and profile.gpus_per_node else 0)
+    if gpus:
+        lines.append(f"--gpus-per-node={profile.gpu_type + ':' if profile.gpu_type else ''}{gpus}")
+    if gpus and profile.cpus_per_gpu:
+        lines.append(f"--cpus-per-gpu={profile.cpus_per_gpu}")
+    elif profile.cpus_per_task:
+        lines.append(f"--cpus-per-task={profile.cpus_per_task}")
+    if profile.mem:
+        lines.append(f"--mem={profile.mem}")
+    lines.extend(profile.extra_sbatch)
+    return [f"#SBATCH {line}" for line in lines]
+
+
+def _fill(template: str, values: dict[str, str], name: str) -> str:
+    """Replace ``{{key}}``; a line that is only a placeholder takes a multi-line value or disappears when empty."""
+    out = []
+    for line in template.splitlines():
+        m = _PLACEHOLDER.fullmatch(line.strip())
+        if m is not None:
+            if m.group(1) not in values:
+                raise KeyError(f"template {name}: no value for {{{{{m.group(1)}}}}}")
+            if values[m.group(1)]:
+                out.append(values[m.group(1)])
+            continue
+
+        def sub(match: re.Match[str]) -> str:
+            if match.group(1) not in values:
+                raise KeyError(f"template {name}: no value for {{{{{match.group(1)}}}}}")
+            return values[match.group(1)]
+
+        out.append(_PLACEHOLDER.sub(sub, line))
+    return "\n".join(out) + "\n"
+
+
+def render(
+    kind: str,
+    profile: SiteProfile,
+    config_path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    array_tasks: int | None = None,
+) -> RenderedJob:
+    """The sbatch script running ``cytonet <kind> CONFIG [overrides]`` under ``profile``.
+
+    The config is loaded (and so validated) here, so that a bad config fails at submission, not in the queue.
+    Logs go to ``<run.root_dir>/slurm/`` (``%x-%j.out``; arrays ``%x-%A_%a.out``), appended across requeues.
+    """
+    if kind not in KINDS:
+        raise UsageError(f"unknown job kind {kind!r}; use one of {', '.join(KINDS)}")
+    config = Path(config_path).resolve()
+    cfg = load_config(config, list(overrides))
+    log_dir = cfg.resolve_path("slurm").resolve()
+    is_array = kind in ARRAY_KINDS
+    tasks = profile.array_tasks if array_tasks is None else array_tasks
+    if tasks < 1:
+        raise UsageError(f"--array={tasks}: an array needs at least 1 task")
+    values = {
+        "kind": kind,
+        "job_name": _sbatch_value("job_name_prefix", f"{profile.job_name_prefix}-{kind}"),
+        "time": getattr(profile.time, kind),
+        "output": _sbatch_value("run.root_dir", str(log_dir / ("%x-%A_%a.out" if is_array else "%x-%j.out"))),
+        "site_sbatch": "\n".join(_site_sbatch(kind, profile)),
+        "setup": "\n".join(profile.setup),
+        "python": shlex.quote(profile.python_path),
+        "command": " ".join(shlex.quote(arg) for arg in [kind, str(config), *overrides]),
+    }
+    if is_array:
+        values.update(last_task=str(tasks - 1), parallelism=str(profile.array_parallelism), num_tasks=str(tasks))
+        name = "array.sbatch"
+    else:
+        nodes = profile.pretrain_nodes if kind == "pretrain" else 1
+        values.update(
+            nodes=str(nodes), signal_lead_s=str(profile.signal_lead_s), nproc_per_node=str(profile.nproc_per_node)
+        )
+        name = "train.sbatch"
+    script = _fill((TEMPLATE_DIR / name).read_text(), values, name)
+    return RenderedJob(kind, script, log_dir)
+
+
+def write_script(job: RenderedJob, path: str | Path) -> Path:
+    """Write the script (mode 0755) and create its log folder; returns the path."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    job.log_dir.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(job.script)
+    tmp.chmod(0o755)
+    tmp.replace(p)
+    return p
+
+
+def sbatch(script: str | Path, *, after_ok: str | None = None, extra: Sequence[str] = ()) -> str:
+    """Submit ``script`` with sbatch and return the job id. ``after_ok``: a job id that must finish successfully
+    first (``--dependency=afterok``; the job is cancelled if that one fails: ``--kill-on-invalid-dep=yes``)."""
+    cmd = ["sbatch", "--parsable"]
+    if after_ok is not None:
+        cmd += [f"--dependency=afterok:{after_ok}", "--kill-on-invalid-dep=yes"]
+    cmd += [*extra, str(script)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    except FileNotFoundError:
+        raise SlurmError("sbatch is not installed here: submit from a SLURM login node") from None
+    if r.returncode != 0:
+        raise SlurmError(f"`{shlex.join(cmd)}` failed ({r.returncode}): {r.stderr.strip()}")
+    job_id = r.stdout.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise SlurmError(f"`{shlex.join(cmd)}` printed no job id: {r.stdout!r}")
+    log.info("submitted %s as job %s%s", script, job_id, f" (after {after_ok})" if after_ok else "")
+    return job_id
+
+
+@dataclass(frozen=True)
+class SubmittedStage:
+    kind: str
+    job_id: str
+    script: Path
+
+
+def submit_pipeline(
+    profile: SiteProfile,
+    config_path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    stages: Sequence[str] = DEFAULT_STAGES,
+    array_tasks: int | None = None,
+) -> list[SubmittedStage]:
+    """Render the scripts of ``stages`` into ``<run.root_dir>/slurm/`` and submit them, each after the previous
+    one succeeded (``--dependency=afterok``); a failed stage cancels the ones after it."""
+    bad = [s for s in stages if s not in KINDS]
+    if bad or not stages:
+        raise UsageError(f"--stages {','.join(stages)}: use a comma-separated list of {', '.join(KINDS)}")
+    jobs = [render(kind, profile, config_path, overrides, array_tasks=array_tasks) for kind in stages]
+    submitted: list[SubmittedStage] = []
+    previous: str | None = None
+    for job in jobs:
+        path = write_script(job, job.log_dir / f"{job.kind}.sbatch")
+        previous = sbatch(path, after_ok=previous)
+        submitted.append(SubmittedStage(job.kind, previous, path))
+    return submitted

@@ -1,0 +1,169 @@
+"""torchrun for one SLURM task per node: the rendezvous from the allocation, preemption signals to the workers,
+and the workers' requeue status (75) kept as this process's exit status.
+
+Usage (in ``slurm/train.sbatch``, one task per node)::
+
+    srun python -m hpc.torchrun --nproc-per-node=4 -- pretrain CONFIG [overrides]
+
+runs, on node ``$SLURM_NODEID`` of N, the equivalent of::
+
+    torchrun --nnodes=N --node_rank=$SLURM_NODEID --nproc_per_node=4 --master_addr=<first node>
+             --master_port=<20000 + job id % 20000> -m cytonet.cli pretrain CONFIG [overrides]
+
+(static rendezvous: ``--node_rank`` is respected, unlike c10d's first-come numbering). Outside SLURM it is
+``torchrun --standalone``. torch's own launcher runs in this process (``torch.distributed.run``), with two
+changes that requeueing needs:
+
+- Signals. SLURM signals the step's tasks, i.e. this agent; torchrun starts its workers in new sessions, so
+  with process-group tracking they see nothing, and torchrun's agent would answer SIGTERM by terminating them
+  (and die on SIGUSR1, whose default action is to exit). Here SIGUSR1 and SIGTERM are forwarded to the
+  workers, which checkpoint together at the next step and exit 75.
+- Exit status. torchrun reports any worker failure as status 1; here, when every failed worker exited with
+  the requeue status, this process exits with it too, so that ``hpc.requeue`` can requeue the job. So it does
+  when workers end in any way after a preemption signal reached this agent (a signal that comes before the
+  training loop listens ends the workers by its default action; the job is preempted all the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from types import FrameType
+
+from hpc.env import LaunchEnv, LaunchEnvError, detect
+
+log = logging.getLogger("hpc.torchrun")
+
+#: Signals this agent passes to its workers instead of acting on them (the training loop's preempt_signals).
+FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
+#: torchrun's agent handles these itself (SIGTERM is left out: it is forwarded instead).
+AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+
+
+def resolve_master(name: str) -> str:
+    """``name`` if this host can resolve it, else the node's ``NodeAddr`` from ``scontrol show node``.
+
+    Node names usually resolve; on clusters (and test clusters) where they do not, SLURM still knows the
+    address it uses to reach the node.
+    """
+    try:
+        socket.getaddrinfo(name, None)
+        return name
+    except OSError:
+        pass
+    try:
+        r = subprocess.run(["scontrol", "show", "node", name], capture_output=True, text=True, timeout=30, check=False)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return name
+    for item in r.stdout.split():
+        if item.startswith("NodeAddr="):
+            return item.split("=", 1)[1]
+    return name
+
+
+def torchrun_argv(env: LaunchEnv, nproc_per_node: int, cytonet_args: list[str], master_addr: str) -> list[str]:
+    """torchrun's arguments for this task (``master_addr`` already resolved)."""
+    if env.launcher == "slurm":
+        if env.local_world_size != 1:
+            raise LaunchEnvError(
+                f"hpc.torchrun needs one task per node (--ntasks-per-node=1), got {env.local_world_size}"
+            )
+        layout = [
+            f"--nnodes={env.world_size}",
+            f"--node_rank={env.node_rank}",
+            f"--master_addr={master_addr}",
+            f"--master_port={env.master_port}",
+        ]
+    elif env.launcher == "single":
+        layout = ["--standalone", "--nnodes=1"]
+    else:
+        raise LaunchEnvError(f"hpc.torchrun runs one per node under srun or alone, not under {env.launcher}")
+    return [*layout, f"--nproc_per_node={nproc_per_node}", "-m", "cytonet.cli", *cytonet_args]
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (the workers of this agent)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name is in parentheses and may hold spaces: the fields after the last ')' are fixed.
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 1 and fields[1] == str(pid):
+            kids.append(int(entry))
+    return kids
+
+
+#: The preemption signal this agent received, if any (see :func:`run`).
+_received: list[str] = []
+
+
+def _forward_to_workers(signum: int, frame: FrameType | None) -> None:
+    _received.append(signal.Signals(signum).name)
+    workers = _children(os.getpid())
+    log.warning("received %s: passing it to workers %s", signal.Signals(signum).name, workers)
+    for pid in workers:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def run(torchrun_args: list[str], requeue_exit_code: int = 75) -> int:
+    """torch.distributed.run in this process; returns 0, the requeue status, or 1."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torch_run
+
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = AGENT_SIGNALS
+    for sig in FORWARDED:
+        signal.signal(sig, _forward_to_workers)
+    try:
+        torch_run(parse_args(torchrun_args))
+    except ChildFailedError as exc:
+        codes = sorted({failure.exitcode for failure in exc.failures.values()})
+        if codes == [requeue_exit_code]:
+            log.warning("workers exited with %d after a preemption checkpoint", requeue_exit_code)
+            return requeue_exit_code
+        if _received:
+            # The signal came before the workers' training loop was listening (still importing or loading) and
+            # ended them: the job was being preempted all the same, so requeue it; it resumes from the newest
+            # checkpoint there is.
+            log.warning("workers ended with %s after %s: requeueing", codes, _received[0])
+            return requeue_exit_code
+        log.error("%s", exc.format_msg())
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hpc.torchrun", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nproc-per-node", type=int, default=1, help="workers on this node: one per GPU")
+    parser.add_argument("--exit-code", type=int, default=75, help="the workers' requeue status (default 75)")
+    parser.add_argument("cytonet_args", nargs=argparse.REMAINDER, help="-- COMMAND CONFIG [overrides]")
+    args = parser.parse_args(argv)
+    rest = args.cytonet_args[1:] if args.cytonet_args[:1] == ["--"] else args.cytonet_args
+    if not rest:
+        parser.error("give the cytonet command after --, e.g. -- pretrain CONFIG")
+    if args.nproc_per_node < 1:
+        parser.error(f"--nproc-per-node={args.nproc_per_node} must be >= 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s hpc.torchrun %(levelname)s %(message)s")
+    env = detect()
+    master = resolve_master(env.master_addr) if env.launcher == "slurm" else env.master_addr
+    targs = torchrun_argv(env, args.nproc_per_node, rest, master)
+    log.info("node %s (%d of %d): torchrun %s", socket.gethostname(), env.node_rank, env.world_size, " ".join(targs))
+    return run(targs, args.exit_code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

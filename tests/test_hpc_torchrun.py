@@ -1,0 +1,74 @@
+"""``python -m hpc.torchrun`` without SLURM (torchrun --standalone): SIGUSR1 to the agent reaches the workers, which
+checkpoint together, and the agent exits with their requeue status 75 (torchrun itself would say 1); a rerun
+resumes and ends with the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from ringdata import make_sections
+
+from cytonet.config import load_config
+from cytonet.data.extract import run_extract
+from cytonet.train.checkpoint import list_checkpoints
+
+pytestmark = pytest.mark.distributed
+ENV = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
+
+
+def newest_step(run_dir: Path) -> int:
+    found = list_checkpoints(run_dir)
+    return int(found[-1].stem.split("-")[1]) if found else 0
+
+
+def test_usr1_to_the_agent_checkpoints_all_ranks_and_exits_75(tmp_path: Path) -> None:
+    make_sections(tmp_path / "sections")
+    cfg = {
+        "run": {"root_dir": str(tmp_path)},
+        "extract": {"sections_dir": str(tmp_path / "sections"), "patches_per_area": 16, "eval_patches_per_area": 4},
+        "model": {"n_blocks": 2, "patch_size_px": 49},
+        "loader": {"workers": 0, "samples_per_class": 2},
+        "pretrain": {"epochs": 4, "global_batch_size": 8, "checkpoint_every_steps": 1},
+    }
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    run_extract(load_config(config), tmp_path / "patches")
+
+    def command(out: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "hpc.torchrun",
+            "--nproc-per-node=2",
+            "--",
+            "pretrain",
+            str(config),
+            f"pretrain.out_dir={out}",
+        ]
+
+    def launch(out: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(command(out), env=ENV, stderr=subprocess.PIPE, text=True)
+
+    reference, preempted = launch("ref"), launch("pre")
+    end = time.monotonic() + 300
+    while not (newest_step(tmp_path / "pre") >= 3 or preempted.poll() is not None or time.monotonic() > end):
+        time.sleep(0.05)
+    preempted.send_signal(signal.SIGUSR1)  # the agent only, as SLURM signals a step's tasks
+    _, err = preempted.communicate(timeout=300)
+    assert preempted.returncode == 75, err[-3000:]
+    assert err.count("exiting with 75 for requeue") == 2 and "received SIGUSR1: passing it to workers" in err
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err[-3000:]
+    r = subprocess.run(command("pre"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
+    a = torch.load(tmp_path / "ref" / "encoder.pt", weights_only=True)["encoder"]
+    b = torch.load(tmp_path / "pre" / "encoder.pt", weights_only=True)["encoder"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,417 @@
+"""Whole-section inference: dense = per-patch, block layout, work split, crash and resume, formats, clean-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ringdata import make_sections
+
+from cytonet.config import Config, config_to_dict, load_config, save_config
+from cytonet.data.sections import SectionMeta, create_section, open_section
+from cytonet.distributed import DistEnv
+from cytonet.errors import InputError
+from cytonet.infer import writers
+from cytonet.infer.blocks import Grid, assign, pyramid_mean
+from cytonet.infer.cleanup import grid_positions, knn_cleanup, seed_mask, stack_cleanup
+from cytonet.infer.dense import DenseEncoder, PerPatchEncoder, read_model_image
+from cytonet.infer.run import load_classifier, run_infer
+from cytonet.models.build import MODEL_FILE, MODEL_FORMAT, build_encoder
+from cytonet.models.heads import LinearClassifier
+from cytonet.models.paper_encoder import PaperEncoder
+
+CYTONET = str(Path(sys.executable).with_name("cytonet"))
+AREAS = [2, 3, 4, 5]
+
+
+def randomise_batchnorm(module: torch.nn.Module, seed: int) -> None:
+    """Non-trivial running statistics, so that eval-mode BatchNorm is not the identity."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+
+
+def base_config(root: Path, *overrides: str) -> Config:
+    return load_config(
+        None,
+        [
+            f"run.root_dir={root}",
+            "model.n_blocks=3",
+            "model.patch_size_px=121",
+            "extract.sections_dir=sections",
+            "infer.splits=[]",
+            "infer.stride_px=8",
+            "infer.chunk_px=8",
+            "infer.pyramid_levels=2",
+            *overrides,
+        ],
+    )
+
+
+def write_model(cfg: Config, run_dir: Path, pixel_um: float = 8.0, seed: int = 0) -> Path:
+    """A model.pt as probe writes it, with random weights (inference must be exact for any weights)."""
+    torch.manual_seed(seed)
+    enc = build_encoder(cfg.model)
+    randomise_batchnorm(enc, seed)
+    head = LinearClassifier(enc.out_dim, len(AREAS))
+    torch.nn.init.normal_(head.fc.weight, std=2.0)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / MODEL_FILE
+    torch.save(
+        {
+            "format": MODEL_FORMAT,
+            "encoder": enc.state_dict(),
+            "classifier": head.state_dict(),
+            "area_ids": AREAS,
+            "area_names": ["big", "mid", "small", "tiny"],
+            "patch_pixel_size_um": pixel_um,
+            "sections": [],
+            "config": config_to_dict(cfg),
+        },
+        path,
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("infer")
+    make_sections(root / "sections", {"B00": 2, "B01": 1})
+    cfg = base_config(root)
+    write_model(cfg, root / "probe")
+    save_config(cfg, root, name="infer.yaml")
+    return root
+
+
+def read_volume(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an output volume, by name."""
+    import zarr
+
+    out = {}
+    if path.suffix == ".h5":
+        import h5py
+
+        with h5py.File(path) as f:
+            f.visititems(lambda name, obj: out.__setitem__(name, obj[...]) if hasattr(obj, "shape") else None)
+        return out
+    g = zarr.open_group(str(path), mode="r")
+    for name, arr in g.arrays():
+        out[name] = arr[...]
+    for lname in ("argmax", "cleaned"):
+        if f"labels/{lname}" in g:
+            for name, arr in g[f"labels/{lname}"].arrays():
+                out[f"labels/{lname}/{name}"] = arr[...]
+    return out
+
+
+def assert_same_outputs(a: Path, b: Path, atol: float = 0.0) -> None:
+    """Same volumes with the same arrays: bitwise, or probabilities within ``atol`` (runs with other thread
+    counts, e.g. torchrun's OMP_NUM_THREADS=1, sum convolutions in another order)."""
+    vols = sorted(p.name for p in a.iterdir() if p.name.endswith((".ome.zarr", ".h5")))
+    assert vols == sorted(p.name for p in b.iterdir() if p.name.endswith((".ome.zarr", ".h5")))
+    assert vols
+    for name in vols:
+        va, vb = read_volume(a / name), read_volume(b / name)
+        assert va.keys() == vb.keys()
+        for key in va:
+            if atol and va[key].dtype.kind == "f":
+                np.testing.assert_allclose(va[key], vb[key], rtol=0, atol=atol, err_msg=f"{name}/{key}")
+            else:
+                np.testing.assert_array_equal(va[key], vb[key], err_msg=f"{name}/{key}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dense evaluation
+
+
+@pytest.mark.parametrize(
+    ("n_blocks", "patch", "stride"), [(3, 121, 8), (3, 121, 16), (3, 121, 24), (3, 137, 4), (4, 265, 16), (2, 57, 3)]
+)
+def test_dense_equals_per_patch(n_blocks: int, patch: int, stride: int) -> None:
+    torch.manual_seed(n_blocks + stride)
+    enc = PaperEncoder(n_blocks).eval()
+    randomise_batchnorm(enc, stride)
+    x = torch.rand(2, 1, patch + 5 * stride + 1, patch + 3 * stride)
+    with torch.no_grad():
+        dense = DenseEncoder(enc, patch, stride).eval()(x)
+        ref = PerPatchEncoder(enc, patch, stride)(x)
+        # and against the plain encoder on one cut-out patch
+        i, j = 4, 2
+        single = enc(x[1:2, :, i * stride : i * stride + patch, j * stride : j * stride + patch])[0]
+    assert dense.shape == ref.shape == (2, enc.out_dim, 6, 4)
+    assert (dense - ref).abs().max().item() < 1e-4
+    assert (dense[1, :, i, j] - single).abs().max().item() < 1e-4
+
+
+def test_dense_refuses_same_padding_and_resnets() -> None:
+    from cytonet.infer.dense import DenseError
+
+    with pytest.raises(DenseError, match="padding=valid"):
+        DenseEncoder(PaperEncoder(3, padding="same"), 121, 8)
+    with pytest.raises(DenseError, match="per_patch"):
+        DenseEncoder(build_encoder(load_config(None, ["model.encoder=resnet50"]).model), 224, 8)
+
+
+def test_pyramid_mean_of_blocks_equals_pyramid_of_whole() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.random((3, 21, 13)).astype(np.float32)
+    whole = pyramid_mean(a, 3)
+    part = pyramid_mean(a[:, 8:, 4:], 3)  # a block starting at multiples of 4
+    for lvl in range(3):
+        f = 2**lvl
+        np.testing.assert_allclose(part[lvl], whole[lvl][:, 8 // f :, 4 // f :], rtol=1e-6)
+    assert whole[2].shape == (3, 6, 4)
+
+
+def test_assign_covers_every_unit_once() -> None:
+    owned = sorted(i for w in range(7) for i in assign(23, w, 7))
+    assert owned == list(range(23))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# run_infer
+
+
+def run(root: Path, out: Path, *overrides: str, **kw: object) -> object:
+    cfg = base_config(root, *overrides)
+    return run_infer(cfg, DistEnv(), out, **kw)  # type: ignore[arg-type]
+
+
+def test_grid_points_equal_per_patch_evaluation(root: Path) -> None:
+    out = root / "out-basic"
+    result = run(root, out)
+    assert result.complete and result.written == 3 * 9  # 3 sections, 20 x 20 grid in 8 x 8 blocks
+    cfg = base_config(root)
+    clf = load_classifier(root / "probe")
+    vol = out / "B00_s0001.ome.zarr"
+    probs = read_volume(vol)["0"]
+    labels = read_volume(vol)["labels/argmax/0"]
+    assert probs.shape == (4, 20, 20) and labels.shape == (20, 20)
+    reader = open_section(root / "sections/B00/B00_s0001.zarr")
+    grid = Grid("B00_s0001", (160, 160), 8, 121, 8)
+    rng = np.random.default_rng(1)
+    points = [(0, 0), (19, 19), (7, 8), *[tuple(rng.integers(0, 20, 2)) for _ in range(12)]]
+    worst = 0.0
+    for i, j in points:
+        y0, x0 = grid.first_patch_corner(int(i)), grid.first_patch_corner(int(j))
+        patch = read_model_image(reader, 1, y0, y0 + 121, x0, x0 + 121)
+        x = torch.from_numpy(patch).float().div(255.0)[None, None]
+        with torch.no_grad():
+            p = torch.softmax(clf.head(clf.encoder(x)), dim=1)[0].numpy()
+        worst = max(worst, float(np.abs(p - probs[:, i, j]).max()))
+        assert labels[i, j] == AREAS[int(np.argmax(p))]
+    assert worst < 1e-4, worst
+    assert cfg.infer.format == "ome-zarr"
+
+
+def test_provenance_and_ngff_metadata(root: Path) -> None:
+    out = root / "out-basic"
+    if not out.exists():
+        run(root, out)
+    meta = json.loads((out / "B00_s0000.ome.zarr" / "zarr.json").read_text())["attributes"]
+    prov = meta["cytonet"]
+    clf = load_classifier(root / "probe")
+    assert prov["checkpoint"]["sha256"] == clf.sha256
+    assert prov["stride_px"] == 8 and prov["pixel_size_um"] == 64.0
+    assert prov["cytonet_version"] and prov["config"]["infer"]["stride_px"] == 8
+    ms = meta["ome"]["multiscales"][0]
+    assert [a["name"] for a in ms["axes"]] == ["c", "y", "x"]
+    assert ms["datasets"][1]["coordinateTransformations"][0]["scale"] == [1.0, 128.0, 128.0]
+
+
+def test_readable_by_ome_zarr_readers(root: Path) -> None:
+    pytest.importorskip("ome_zarr")
+    out = root / "out-basic"
+    if not out.exists():
+        run(root, out)
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    nodes = list(Reader(parse_url(str(out / "B00_s0000.ome.zarr")))())
+    image = nodes[0]
+    assert [d.shape for d in image.data] == [(4, 20, 20), (4, 10, 10)]
+    np.testing.assert_array_equal(np.asarray(image.data[0]), read_volume(out / "B00_s0000.ome.zarr")["0"])
+    models = pytest.importorskip("ome_zarr_models")
+    import zarr
+    from ome_zarr_models.v05.image import Image
+
+    Image.from_zarr(zarr.open_group(str(out / "B00_s0000.ome.zarr"), mode="r"))
+    assert models
+
+
+def test_array_tasks_cover_every_block_once_and_match(root: Path) -> None:
+    ref = root / "out-basic"
+    if not ref.exists():
+        run(root, ref)
+    out = root / "out-tasks"
+    for task in (2, 0, 1):
+        run(root, out, task_id=task, num_tasks=3)
+    assert_same_outputs(ref, out)
+    writers_seen = {}
+    for marker in (out / ".cytonet").glob("*/blocks/*.json"):
+        info = json.loads(marker.read_text())
+        writers_seen[f"{marker.parent.parent.name}/{marker.stem}"] = info["worker"]
+    assert len(writers_seen) == 27 and set(writers_seen.values()) == {0, 1, 2}
+
+
+def test_crash_then_rerun_gives_identical_output(root: Path) -> None:
+    ref = root / "out-basic"
+    if not ref.exists():
+        run(root, ref)
+    for phase in ("before", "after"):
+        out = root / f"out-crash-{phase}"
+        cmd = [CYTONET, "infer", str(root / "infer.yaml"), "--out", str(out)]
+        env = dict(os.environ, CYTONET_INFER_CRASH=f"5:{phase}")
+        crashed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert crashed.returncode == 3, crashed.stderr[-2000:]
+        done = list((out / ".cytonet").glob("*/blocks/*.json"))
+        assert len(done) == 5
+        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert "skipped 5 done" in rerun.stderr
+        assert_same_outputs(ref, out)
+
+
+def test_torchrun_two_ranks_match_one_process(root: Path) -> None:
+    ref = root / "out-basic"
+    if not ref.exists():
+        run(root, ref)
+    out = root / "out-torchrun"
+    cmd = [
+        str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
+        CYTONET, "infer", str(root / "infer.yaml"), "--out", str(out),
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_outputs(ref, out, atol=1e-6)
+    ranks = {json.loads(m.read_text())["rank"] for m in (out / ".cytonet").glob("*/blocks/*.json")}
+    assert ranks == {0, 1}
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "sharded"])
+def test_hdf5_and_sharded_zarr_equal_plain_zarr(root: Path, fmt: str) -> None:
+    ref = root / "out-basic"
+    if not ref.exists():
+        run(root, ref)
+    out = root / f"out-{fmt}"
+    if fmt == "hdf5":
+        run(root, out, "infer.format=hdf5", task_id=1, num_tasks=2)
+        run(root, out, "infer.format=hdf5", task_id=0, num_tasks=2)
+        for name in ("B00_s0000", "B01_s0000"):
+            a, b = read_volume(ref / f"{name}.ome.zarr"), read_volume(out / f"{name}.h5")
+            np.testing.assert_array_equal(a["0"], b["probabilities/0"])
+            np.testing.assert_array_equal(a["labels/cleaned/1"], b["labels/cleaned/1"])
+    else:
+        run(root, out, "infer.chunk_px=4", "infer.shard_chunks=2")
+        a, b = read_volume(ref / "B00_s0000.ome.zarr"), read_volume(out / "B00_s0000.ome.zarr")
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_settings_mismatch_and_bad_model_are_refused(root: Path, tmp_path: Path) -> None:
+    out = root / "out-basic"
+    if not out.exists():
+        run(root, out)
+    before = read_volume(out / "B00_s0000.ome.zarr")
+    with pytest.raises(InputError, match="stride_px"):
+        run(root, out, "infer.stride_px=16")
+    np.testing.assert_array_equal(before["0"], read_volume(out / "B00_s0000.ome.zarr")["0"])
+    bad = tmp_path / "probe"
+    bad.mkdir()
+    (bad / MODEL_FILE).write_bytes(b"not a model")
+    with pytest.raises(InputError, match="cannot load the model"):
+        run(root, tmp_path / "o", f"infer.model_from={bad}")
+    r = subprocess.run(
+        [CYTONET, "infer", str(root / "infer.yaml"), "infer.model_from=/nonexistent", "--out", str(tmp_path / "o2")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 1 and "/nonexistent/model.pt does not exist" in r.stderr
+
+
+def test_blocks_without_tissue_are_skipped_and_background(tmp_path: Path) -> None:
+    """A section whose right half is bare slide: those blocks are written as zeros without evaluation."""
+    size = 160
+    meta = SectionMeta(brain="B09", section_index=0, z_mm=0.0, pixel_size_um=8.0, shape=(size, size))
+    img = np.full((size, size), 245, np.uint8)
+    img[:, :64] = np.random.default_rng(0).integers(0, 200, (size, 64), dtype=np.uint8)
+    with create_section(tmp_path / "sections/B09_s0000.zarr", meta, chunk_px=64, compression="none") as w:
+        w.write("image", 0, 0, img)
+    cfg = base_config(tmp_path)
+    write_model(cfg, tmp_path / "probe")
+    result = run_infer(cfg, DistEnv(), tmp_path / "out")
+    assert result.complete
+    vol = read_volume(tmp_path / "out/B09_s0000.ome.zarr")
+    assert (vol["labels/argmax/0"][:, 8:] == 0).all() and (vol["0"][:, :, 8:] == 0).all()
+    assert (vol["labels/argmax/0"][:, :8] > 0).all()
+    np.testing.assert_allclose(vol["0"][:, :, :8].sum(axis=0), 1.0, rtol=1e-5)
+    tissue = [json.loads(m.read_text())["tissue_px"] for m in (tmp_path / "out/.cytonet").glob("*/blocks/*.json")]
+    assert sorted(tissue) == [0, 0, 0, 64, 64, 64] or 0 in tissue
+
+
+def test_roi_cortex_predicts_only_inside_the_labelled_cortex(root: Path) -> None:
+    out = root / "out-roi"
+    run(root, out, "infer.roi=cortex", "infer.cleanup=none")
+    labels = read_volume(out / "B01_s0000.ome.zarr")["labels/argmax/0"]
+    grid = Grid("B01_s0000", (160, 160), 8, 121, 8)
+    centres = np.array([grid.centre_px(i) for i in range(20)])
+    with open_section(root / "sections/B01/B01_s0000.zarr") as r:
+        truth = r.read("labels")[np.ix_(centres, centres)]
+    assert ((labels > 0) == (truth >= 2)).all()
+    assert (truth >= 2).sum() > 50
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Clean-up (seed 001)
+
+
+def test_knn_cleanup_relabels_small_islands_from_seeds() -> None:
+    lab = np.zeros((30, 30), np.uint16)
+    lab[:, :15] = 2
+    lab[:, 15:] = 3
+    lab[5:8, 3:6] = 3  # island of 3 inside area 2
+    lab[20, 25] = 2  # single pixel of 2 inside area 3
+    lab[0:2, 0:2] = 0  # unlabelled stays unlabelled
+    seeds = seed_mask(lab, 1)
+    assert not seeds[5:8, 3:6].any() and not seeds[20, 25] and seeds[15, 3]
+    out = knn_cleanup(lab, grid_positions(lab.shape, 1.0), k=5, components=1)
+    assert (out[:, 2:15] == 2).all() and (out[:, 15:] == 3).all() and (out[0:2, 0:2] == 0).all()
+    # with two components kept per area the island of 3 survives
+    out2 = knn_cleanup(lab, grid_positions(lab.shape, 1.0), k=5, components=2)
+    assert (out2[5:8, 3:6] == 3).all()
+
+
+def test_3d_cleanup_uses_neighbouring_sections() -> None:
+    """A blob that is the only piece of its area in its own section (kept by the 2D clean-up) is a small
+    second piece of that area in the stack (relabelled by the 3D clean-up)."""
+    side = np.full((10, 10), 2, np.uint16)
+    side[:, 6:] = 3
+    middle = np.full((10, 10), 2, np.uint16)
+    middle[4:6, 1:3] = 3
+    flat = knn_cleanup(middle, grid_positions(middle.shape, 10.0), k=3, components=1)
+    assert (flat[4:6, 1:3] == 3).all()
+    out = stack_cleanup([middle, side, side.copy()], [40.0, 0.0, 20.0], pixel_um=10.0, k=3, components=1)
+    assert (out[0] == 2).all()
+    np.testing.assert_array_equal(out[1], side)
+    np.testing.assert_array_equal(out[2], side)
+
+
+def test_volume_lock_creates_once(tmp_path: Path) -> None:
+    grid = Grid("S", (40, 40), 4, 9, 4)
+    spec = {
+        "format": "ome-zarr", "pyramid_levels": 2, "area_ids": [2, 3], "area_names": ["a", "b"],
+        "compression": "none", "output_pixel_size_um": 4.0, "chunk_px": 4, "shard_chunks": 0,
+        "label_images": ["argmax"],
+    }  # fmt: skip
+    v1 = writers.open_volume(tmp_path, grid, spec, {"settings": spec})
+    v2 = writers.open_volume(tmp_path, grid, spec, {"settings": spec})
+    assert v1.path == v2.path and not list(tmp_path.glob(".*partial"))

@@ -1,0 +1,211 @@
+"""Site profiles and sbatch script rendering: golden files, strict profile validation, quoting that keeps hostile
+config paths and overrides literal when the rendered script runs under bash, the torchrun layout under srun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cytonet.errors import ConfigError, UsageError
+from hpc.env import LaunchEnvError, detect
+from hpc.requeue import requeue_target
+from hpc.site import SiteProfile, load_profile, parse_time_limit, profile_from_dict
+from hpc.slurm import KINDS, render
+from hpc.torchrun import torchrun_argv
+
+REPO = Path(__file__).resolve().parent.parent
+GOLDEN = Path(__file__).resolve().parent / "golden"
+EXAMPLE = REPO / "configs" / "sites" / "example.yaml"
+PAPER = REPO / "configs" / "paper-isbi2021.yaml"
+#: Set to 1 to rewrite the golden files from the current templates (then review the diff).
+UPDATE = os.environ.get("CYTONET_UPDATE_GOLDEN") == "1"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "sites").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_profiles_load(path: Path) -> None:
+    assert isinstance(load_profile(path), SiteProfile)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rendered_scripts_match_golden_files(kind: str) -> None:
+    job = render(kind, load_profile(EXAMPLE), PAPER, ["run.root_dir=/scratch/brainmap/isbi2021"])
+    # The config path is absolute; the golden files show the checkout at /opt/cytonet.
+    script = job.script.replace(str(REPO), "/opt/cytonet")
+    golden = GOLDEN / f"{kind}.sbatch"
+    if UPDATE:
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(script)
+    assert script == golden.read_text(), f"{kind}: rendered script differs from {golden} (CYTONET_UPDATE_GOLDEN=1)"
+    assert job.log_dir == Path("/scratch/brainmap/isbi2021/slurm")
+
+
+def test_array_size_and_parallelism_come_from_profile_or_argument() -> None:
+    profile = load_profile(EXAMPLE)
+    assert "#SBATCH --array=0-31%8\n" in render("infer", profile, PAPER).script
+    assert "#SBATCH --array=0-4%8\n" in render("extract", profile, PAPER, array_tasks=5).script
+    with pytest.raises(UsageError, match="at least 1 task"):
+        render("infer", profile, PAPER, array_tasks=0)
+
+
+def test_unknown_profile_key_lists_the_valid_ones() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'acount'.*valid keys: account, partition, qos, time"):
+        profile_from_dict({"acount": "x"})
+    with pytest.raises(ConfigError, match=r"unknown key 'time.pretrian'.*valid keys: extract, pretrain"):
+        profile_from_dict({"time": {"pretrian": "10"}})
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"account": "lab\n#SBATCH --qos=high"}, "account"),
+        ({"partition": "gpu booster"}, "partition"),
+        ({"qos": "'x'"}, "qos"),
+        ({"time": {"pretrain": "tomorrow"}}, "time.pretrain"),
+        ({"time": {"probe": "0"}}, "time.probe"),
+        ({"mem": "lots"}, "mem"),
+        ({"gpus_per_node": -1}, "gpus_per_node"),
+        ({"gpus_per_node": "4"}, "gpus_per_node"),
+        ({"setup": ["module load x\nrm -rf /"]}, r"setup\[0\]"),
+        ({"extra_sbatch": ["--constraint=a100 --exclusive"]}, r"extra_sbatch\[0\]"),
+        ({"extra_sbatch": ["constraint=a100"]}, r"extra_sbatch\[0\]"),
+        ({"array_parallelism": 0}, "array_parallelism"),
+    ],
+)
+def test_bad_profile_values_are_refused_naming_the_key(data: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^site profile: {key}="):
+        profile_from_dict(data)
+
+
+def test_time_limits() -> None:
+    assert parse_time_limit("90") == 90
+    assert parse_time_limit("30:00") == 30
+    assert parse_time_limit("01:30:00") == 90
+    assert parse_time_limit("1-00:00:00") == 1440
+    assert parse_time_limit("2-12") == 2 * 1440 + 12 * 60
+    for bad in ("", "1:2:3:4", "-5", "1h"):
+        with pytest.raises(ValueError):
+            parse_time_limit(bad)
+
+
+def test_paths_that_cannot_go_on_sbatch_lines_are_refused(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"run": {"root_dir": str(tmp_path / "my runs")}}))
+    with pytest.raises(ConfigError, match=r"run.root_dir=.*my runs.*cannot go on an #SBATCH line"):
+        render("pretrain", SiteProfile(), config)
+
+
+HOSTILE_OVERRIDES = [
+    "importer.image=a;touch PWNED_semicolon",
+    "importer.labels=$(touch PWNED_subst)`touch PWNED_backtick`",
+    "importer.coords=x' ; touch PWNED_quote ; '",
+    "importer.depth=$HOME && touch PWNED_and > /dev/null",
+]
+
+
+def hostile_config(tmp_path: Path) -> Path:
+    folder = tmp_path / "x'$(touch PWNED_path)'"
+    folder.mkdir()
+    config = folder / "cfg.yaml"
+    config.write_text(yaml.safe_dump({"run": {"root_dir": str(tmp_path / "run")}}))
+    return config
+
+
+def test_hostile_config_path_and_overrides_stay_literal_under_bash(tmp_path: Path) -> None:
+    """The rendered script runs under bash with an interpreter that records its arguments: every hostile string
+    arrives as one literal argument and no command in it is executed."""
+    record = tmp_path / "argv.json"
+    interpreter = tmp_path / "record-argv"
+    interpreter.write_text(
+        f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n"
+    )
+    interpreter.chmod(0o755)
+    config = hostile_config(tmp_path)
+    profile = SiteProfile(python=str(interpreter))
+    script = tmp_path / "job.sbatch"
+    script.write_text(render("probe", profile, config, HOSTILE_OVERRIDES).script)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    r = subprocess.run(["bash", str(script)], cwd=work, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    argv = json.loads(record.read_text())
+    assert argv == [
+        "-m",
+        "hpc.requeue",
+        "--",
+        "srun",
+        str(interpreter),
+        "-m",
+        "hpc.torchrun",
+        "--nproc-per-node=1",
+        "--",
+        "probe",
+        str(config),
+        *HOSTILE_OVERRIDES,
+    ]
+    assert not list(tmp_path.rglob("PWNED*")) and not list(Path.cwd().glob("PWNED*"))
+
+
+def test_torchrun_layout_under_srun_and_alone() -> None:
+    env = detect(
+        {
+            "SLURM_JOB_ID": "1234",
+            "SLURM_PROCID": "1",
+            "SLURM_NTASKS": "2",
+            "SLURM_STEP_ID": "0",
+            "SLURM_NODEID": "1",
+            "SLURM_LOCALID": "0",
+            "SLURM_NTASKS_PER_NODE": "1",
+            "SLURM_JOB_NODELIST": "gpu[07-08]",
+        }
+    )
+    argv = torchrun_argv(env, 4, ["pretrain", "c.yaml"], env.master_addr)
+    assert argv == [
+        "--nnodes=2",
+        "--node_rank=1",
+        "--master_addr=gpu07",
+        "--master_port=21234",
+        "--nproc_per_node=4",
+        "-m",
+        "cytonet.cli",
+        "pretrain",
+        "c.yaml",
+    ]
+    assert torchrun_argv(detect({}), 2, ["probe", "c.yaml"], "x")[:3] == [
+        "--standalone",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+    ]
+    two_per_node = detect(
+        {"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_STEP_ID": "0", "SLURM_NTASKS_PER_NODE": "2"}
+    )
+    with pytest.raises(LaunchEnvError, match="one task per node"):
+        torchrun_argv(two_per_node, 1, ["pretrain", "c.yaml"], "x")
+
+
+def test_requeue_target_names_the_array_task() -> None:
+    assert requeue_target(detect({"SLURM_JOB_ID": "77"})) == "77"
+    array_task = {"SLURM_JOB_ID": "80", "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3"}
+    assert requeue_target(detect(array_task)) == "77_3"
+    assert requeue_target(detect({})) is None
+
+
+def test_requeue_wrapper_passes_other_statuses_through() -> None:
+    for status in (0, 3):
+        cmd = [sys.executable, "-m", "hpc.requeue", "--", sys.executable, "-c", f"raise SystemExit({status})"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        assert subprocess.run(cmd, env=env, capture_output=True, timeout=60).returncode == status
+    # 75 outside SLURM: nothing to requeue, the status is kept for the caller.
+    r = subprocess.run(
+        [sys.executable, "-m", "hpc.requeue", "--", sys.executable, "-c", "raise SystemExit(75)"],
+        env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 75 and "not a SLURM job" in r.stderr, r.stderr
