@@ -74,9 +74,9 @@ def timed(fn: object, repeats: int) -> float:
 
 #: case -> (n_blocks, patch px, stride px, section px per model px, tile edge for part 1, chunk px)
 CASES = {
-    "demo": (3, 121, 8, 4, 640, 64),
+    "demo": (3, 121, 8, 4, 640, 128),
     "medium": (4, 265, 16, 2, 768, 128),
-    "paper": (6, 1129, 64, 1, 1129 + 3 * 64, 32),
+    "paper": (6, 1129, 64, 1, 1129 + 15 * 64, 128),
 }
 #: Pixel size of the synthetic section: 4 um gives 6000 x 4500 px (27 MP), large enough that per-run costs
 #: (loading the model, creating the volume) weigh as little as they do on real sections.
@@ -85,6 +85,7 @@ SECTION_UM = 4.0
 
 def run_case(name: str, args: argparse.Namespace, work: Path, device: torch.device) -> None:
     n_blocks, patch, stride, factor, tile_px, chunk = CASES[name]
+    chunk = args.chunk or chunk
     work = work / name
     cfg = load_config(
         None,
@@ -92,7 +93,7 @@ def run_case(name: str, args: argparse.Namespace, work: Path, device: torch.devi
             f"run.root_dir={work}",
             f"model.n_blocks={n_blocks}",
             f"model.patch_size_px={patch}",
-            f"synth.pixel_size_um={SECTION_UM}",
+            f"synth.pixel_size_um={args.section_um}",
             "extract.sections_dir=sections",
             "infer.splits=[]",
             f"infer.stride_px={stride}",
@@ -102,12 +103,12 @@ def run_case(name: str, args: argparse.Namespace, work: Path, device: torch.devi
         ],
     )
     generate_section(cfg.synth, 0, 0, work / "sections" / "B00_s0000.zarr", chunk_px=512)
-    make_model(cfg, work / "probe", cfg.synth.n_areas, SECTION_UM * factor)
+    make_model(cfg, work / "probe", cfg.synth.n_areas, args.section_um * factor)
     clf = load_classifier(work / "probe")
     enc = clf.encoder.to(device)
     print(
         f"\n== {name}: {n_blocks}-block encoder, patch {patch} px, stride {stride} px (patch/{patch / stride:.1f}), "
-        f"model pixel {SECTION_UM * factor:g} um, {args.device} {args.precision}"
+        f"model pixel {args.section_um * factor:g} um, {args.device} {args.precision}"
     )
 
     # 1. dense vs per-patch on one tile from the middle of the section
@@ -169,6 +170,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--section-um", type=float, default=SECTION_UM, help="pixel size of the synthetic section")
+    ap.add_argument("--chunk", type=int, default=0, help="output chunk (= block) edge in px; 0: the case's")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-infer-"))
     for name in args.cases:

@@ -386,8 +386,9 @@ class InferConfig:
     ``hdf5``: one .h5 file per section, written by a single process (HDF5 has no safe concurrent writers)."""
     stride_px: int = 8
     """Model pixels between two predictions (seed 001's field size; paper patch / 16 at the default)."""
-    chunk_px: int = 64
-    """Output pixels per chunk edge at full resolution; a block is one chunk (or one shard)."""
+    chunk_px: int = 128
+    """Output pixels per chunk edge at full resolution; a block is one chunk (or one shard). Larger blocks
+    amortise the per-write cost and re-read less receptive-field context (benchmarks/bench_infer.py)."""
     shard_chunks: int = 0
     """Chunks per shard edge (zarr v3 sharding); 0: no sharding. With sharding a block is one shard."""
     pyramid_levels: int = 3

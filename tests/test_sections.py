@@ -344,3 +344,14 @@ def test_corrupt_hdf5_store_is_an_input_error(tmp_path: Path) -> None:
     path.write_bytes(b"not an hdf5 file at all" * 10)
     with pytest.raises(InputError, match=r"bad\.h5"):
         open_section(path)
+
+
+@pytest.mark.parametrize("factor", [1, 2, 3, 4, 5, 16, 260])
+def test_block_mean_rounds_half_up_like_the_float_mean(factor: int) -> None:
+    from cytonet.data.sections import block_mean_uint8
+
+    rng = np.random.default_rng(factor)
+    img = rng.integers(0, 256, (3 * factor - 1, 4 * factor - 1), dtype=np.uint8)  # partial blocks dropped
+    img[:factor, :factor] = 255  # the largest sums
+    ref = np.floor(img[: 2 * factor, : 3 * factor].reshape(2, factor, 3, factor).mean(axis=(1, 3)) + 0.5)
+    np.testing.assert_array_equal(block_mean_uint8(img, factor), ref.astype(np.uint8))

@@ -77,7 +77,7 @@ from cytonet.data.patches import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from cytonet.data.sections import WHITE_MATTER_ID, list_sections, open_section
+from cytonet.data.sections import WHITE_MATTER_ID, block_mean_uint8, list_sections, open_section
 from cytonet.errors import InputError, OutputExistsError, UsageError
 
 log = logging.getLogger(__name__)
@@ -433,11 +433,7 @@ def read_patch(reader: Any, y: int, x: int, edge: int, factor: int) -> np.ndarra
     span = edge * factor
     y0 = y - (edge // 2) * factor - factor // 2
     x0 = x - (edge // 2) * factor - factor // 2
-    img = reader.read_padded("image", y0, y0 + span, x0, x0 + span)
-    if factor == 1:
-        return np.ascontiguousarray(img)
-    blocks = img.reshape(edge, factor, edge, factor).astype(np.uint32).sum(axis=(1, 3))
-    return ((blocks + factor * factor // 2) // (factor * factor)).astype(np.uint8)
+    return block_mean_uint8(reader.read_padded("image", y0, y0 + span, x0, x0 + span), factor)
 
 
 def _crash_point() -> tuple[int, int] | None:

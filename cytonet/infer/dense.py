@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cytonet.data.sections import block_mean_uint8
 from cytonet.models.base import Encoder
 from cytonet.models.paper_encoder import PaperEncoder
 
@@ -163,15 +164,6 @@ class PerPatchEncoder(nn.Module):
 def dense_classifier_logits(features: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
     """A linear classifier applied at every position: (B, D_e, h, w) -> (B, K, h, w) logits."""
     return torch.einsum("bdhw,kd->bkhw", features.to(fc.weight.dtype), fc.weight) + fc.bias.view(1, -1, 1, 1)
-
-
-def block_mean_uint8(img: np.ndarray, factor: int) -> np.ndarray:
-    """(H*f, W*f) uint8 -> (H, W) uint8 block means, rounded half up (as patch extraction rounds)."""
-    if factor == 1:
-        return np.ascontiguousarray(img)
-    h, w = img.shape[0] // factor, img.shape[1] // factor
-    blocks = img[: h * factor, : w * factor].reshape(h, factor, w, factor).astype(np.uint32).sum(axis=(1, 3))
-    return ((blocks + factor * factor // 2) // (factor * factor)).astype(np.uint8)
 
 
 def read_model_image(reader: Any, factor: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
