@@ -372,6 +372,12 @@ def test_nmf_selection_picks_factors_covering_their_area(analysed: Path) -> None
     # and every pick is enriched in its area: its share of positive samples inside the area beats the area's
     # share of all samples (1 / N_AREAS), which is what a factor unrelated to the areas would give
     assert all(p.coverage / (p.coverage + p.leakage) > 1.0 / N_AREAS + 0.05 for p in picks)
+    # Counting only a factor's clearly active coefficients (analysis.nmf_active_threshold) instead of every
+    # positive one, each picked factor's coverage of its area exceeds its leakage outside it.
+    cov, leak = factors.coverage_leakage(factors.active_coefficients(res.coefficients, 0.3), fs.columns["area"], rois)
+    active = factors.greedy_factor_selection(cov, leak, 0.5)
+    print("picks, active > 0.3 max:", [(p.factor, p.roi, p.coverage, p.leakage) for p in active])
+    assert all(p.coverage > p.leakage for p in active)
     with open(analysed / "section-nmf-selection.csv") as fh:
         rows = [line.strip().split(",") for line in fh][1:]
     wm = [r for r in rows if r[2] == "white_matter"]
