@@ -27,10 +27,14 @@ from cytonet.errors import ConfigError, UsageError
 Backend = Literal["zarr", "hdf5"]
 
 
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    """Raise a :class:`ConfigError` naming ``key``, its ``value`` and what is ``allowed``."""
+def check_value(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise a :class:`ConfigError` naming ``key``, its ``value`` and what is ``allowed`` (the one message
+    format of every config check, also used by other typed YAML files such as ``hpc/site.py``'s profiles)."""
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+
+
+_check = check_value
 
 
 @dataclass

@@ -20,7 +20,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cytonet.config import _check, build_dataclass, read_yaml
+from cytonet.config import build_dataclass, read_yaml
+from cytonet.config import check_value as _check
 from cytonet.errors import ConfigError
 
 #: SLURM time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
