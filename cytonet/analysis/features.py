@@ -26,7 +26,6 @@ Entry points: :func:`load_encoder`, :func:`patch_features`, :func:`dense_section
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -76,15 +75,6 @@ class FeatureSet:
             {k: np.concatenate([p.columns[k] for p in parts]) for k in keys},
             dict(parts[0].attrs),
         )
-
-
-def file_sha256(path: Path) -> str:
-    """Hex digest of a file (identifies the encoder a feature set came from)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_encoder(model_cfg: ModelConfig, path: Path, device: torch.device | str = "cpu") -> Encoder:
@@ -336,7 +326,6 @@ __all__ = [
     "FeatureSet",
     "dense_section_features",
     "encode_batches",
-    "file_sha256",
     "load_encoder",
     "patch_features",
     "read_features",

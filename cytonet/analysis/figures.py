@@ -125,10 +125,21 @@ def scatter_panels(
         if len(ids) <= _CATEGORICAL_LEGEND_MAX:
             ax.legend(fontsize=6, markerscale=2, loc="best", ncol=1 + len(ids) // 12, frameon=False)
     fig.suptitle(title)
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay out, write the PNG and free the figure (every figure of this module ends here)."""
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _map_figsize(geom: GridGeometry) -> tuple[float, float]:
+    """A 6.5 in wide figure with the section's aspect ratio (plus room for a title)."""
+    _, right, bottom, _ = geom.section_extent_mm()
+    return 6.5, 6.5 * bottom / right + 0.5
 
 
 def _underlay(ax: Any, thumb: np.ndarray | None, geom: GridGeometry) -> None:
@@ -179,10 +190,7 @@ def section_maps(
         ax.set_title(name, fontsize=9)
         _finish_map_axes(ax, geom)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def rgb_map(
@@ -199,16 +207,13 @@ def rgb_map(
         rgba[..., c] = np.clip(np.nan_to_num(m, nan=0.0) / (top if top > 0 else 1.0), 0, 1)
         valid |= np.isfinite(m)
     rgba[..., 3] = valid
-    fig, ax = plt.subplots(figsize=(6.5, 6.5 * geom.section_extent_mm()[2] / geom.section_extent_mm()[1] + 0.5))
+    fig, ax = plt.subplots(figsize=_map_figsize(geom))
     _underlay(ax, thumb, geom)
     ax.imshow(rgba, extent=geom.extent_mm(), interpolation="nearest")
     names = [f"{ch}: {name}" for ch, (name, _) in zip(("R", "G", "B"), maps[:3])]
     ax.set_title(f"{title}\n" + ", ".join(names), fontsize=9)
     _finish_map_axes(ax, geom)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def label_map(
@@ -221,7 +226,7 @@ def label_map(
     rgba = np.zeros((*labels.shape, 4), np.float32)
     for c, i in zip(colors, ids):
         rgba[labels == i] = c
-    fig, ax = plt.subplots(figsize=(6.5, 6.5 * geom.section_extent_mm()[2] / geom.section_extent_mm()[1] + 0.5))
+    fig, ax = plt.subplots(figsize=_map_figsize(geom))
     _underlay(ax, thumb, geom)
     ax.imshow(rgba, extent=geom.extent_mm(), interpolation="nearest", alpha=0.85)
     handles = [plt.Line2D([], [], ls="", marker="s", color=c, label=names.get(i, str(i))) for c, i in zip(colors, ids)]
@@ -229,10 +234,7 @@ def label_map(
         ax.legend(handles=handles, fontsize=7, loc="upper right", frameon=True)
     ax.set_title(title, fontsize=10)
     _finish_map_axes(ax, geom)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def matrix_heatmap(
@@ -261,10 +263,7 @@ def matrix_heatmap(
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=1.5))
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def png_is_blank(path: Path) -> bool:

@@ -57,7 +57,6 @@ from cytonet.analysis import factors, steps
 from cytonet.analysis.features import (
     FeatureSet,
     dense_section_features,
-    file_sha256,
     load_encoder,
     patch_features,
     read_features,
@@ -67,7 +66,7 @@ from cytonet.analysis.features import (
 from cytonet.analysis.report import write_report
 from cytonet.analysis.steps import AnalysisResult
 from cytonet.config import Config, config_to_dict, save_config
-from cytonet.data.patches import PatchStore
+from cytonet.data.patches import PatchStore, file_sha256
 from cytonet.distributed import DistEnv
 from cytonet.errors import ConfigError, InputError, OutputExistsError
 

@@ -187,6 +187,15 @@ def write_json_atomic(path: Path, obj: Any, fsync: bool = True) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), fsync)
 
 
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (identifies the model or encoder an output came from)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def columns_sha256(columns: dict[str, np.ndarray]) -> str:
     """Digest of a shard's metadata columns (what ``store check`` compares with the manifest)."""
     h = hashlib.sha256()

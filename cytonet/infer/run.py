@@ -20,7 +20,6 @@ Entry points: :func:`run_infer`, :func:`load_classifier`, :func:`select_sections
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -35,7 +34,7 @@ from torch import nn
 
 from cytonet import __version__
 from cytonet.config import Config, config_from_dict, config_to_dict, save_config
-from cytonet.data.patches import write_json_atomic
+from cytonet.data.patches import file_sha256, write_json_atomic
 from cytonet.data.sections import WHITE_MATTER_ID, SectionReader, list_sections, open_section
 from cytonet.distributed import DistEnv
 from cytonet.errors import ConfigError, InputError
@@ -71,14 +70,6 @@ class Classifier:
     path: Path
     sections: list[dict[str, Any]]
     """Sections of the patch store the model was trained on, with their split."""
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_classifier(path: Path) -> Classifier:
