@@ -422,6 +422,11 @@ class InferConfig:
     cleanup_components: int = 1
     """Connected components kept per area as seeds (seed 001: m_i, the expected number of pieces of an area)."""
 
+    @property
+    def label_images(self) -> list[str]:
+        """Label images each output holds: the argmax map, and the cleaned one unless ``cleanup`` is none."""
+        return ["argmax", "cleaned"] if self.cleanup != "none" else ["argmax"]
+
     def validate(self, prefix: str) -> None:
         _check(self.stride_px >= 1, f"{prefix}.stride_px", self.stride_px, ">= 1 px")
         _check(self.chunk_px >= 1, f"{prefix}.chunk_px", self.chunk_px, ">= 1 px")

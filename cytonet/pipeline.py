@@ -156,7 +156,7 @@ def infer_summary(cfg: Config, root: Path) -> str:
 
     out = cfg.resolve_path(cfg.infer.out_dir)
     scores = evaluate_outputs(cfg, out)
-    names = ["argmax", "cleaned"] if cfg.infer.cleanup != "none" else ["argmax"]
+    names = cfg.infer.label_images
     lines = [
         f"inference on {len(scores)} held-out sections (stride {cfg.infer.stride_px} px, roi {cfg.infer.roi}, "
         f"{coverage(scores):.0f}% of the cortex): pixel accuracy"

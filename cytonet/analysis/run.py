@@ -195,13 +195,12 @@ def section_features(
     overwrite: bool,
     device: Any,
 ) -> FeatureSet:
-    from cytonet.data.sections import open_section
+    from cytonet.data.sections import block_factor, open_section
 
     with open_section(path) as reader:
         native = reader.meta.pixel_size_um
-    ratio = store.geometry.pixel_size_um / native
-    factor = round(ratio)
-    if factor < 1 or abs(ratio - factor) > 1e-6 * ratio:
+    factor = block_factor(store.geometry.pixel_size_um, native)
+    if factor is None:
         raise InputError(
             f"section {path} at {native} um/px cannot be block-averaged to the patches' "
             f"{store.geometry.pixel_size_um} um/px"

@@ -77,7 +77,7 @@ from cytonet.data.patches import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from cytonet.data.sections import WHITE_MATTER_ID, block_mean_uint8, list_sections, open_section
+from cytonet.data.sections import WHITE_MATTER_ID, block_factor, block_mean_uint8, list_sections, open_section
 from cytonet.errors import InputError, OutputExistsError, UsageError
 
 log = logging.getLogger(__name__)
@@ -224,9 +224,8 @@ def _pixel_factor(entries: list[SectionEntry], target_um: float | None) -> tuple
     native = sizes[0]
     if target_um is None:
         return native, 1
-    ratio = target_um / native
-    factor = round(ratio)
-    if factor < 1 or not math.isclose(ratio, factor, rel_tol=1e-6):
+    factor = block_factor(target_um, native)
+    if factor is None:
         raise InputError(
             f"extract.pixel_size_um={target_um} is not an integer multiple of the sections' {native} um/px; "
             f"use {native:g}, {2 * native:g}, {4 * native:g}, ... or null"

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -396,6 +397,14 @@ class SectionReader:
 def open_section(path: str | Path) -> SectionReader:
     """Open a section store for lazy reading."""
     return SectionReader(path)
+
+
+def block_factor(target_um: float, native_um: float) -> int | None:
+    """The integer f with ``target_um = f * native_um`` (to a relative 1e-6), or None when there is none: the
+    coarser pixel size a section can be seen at through :func:`block_mean_uint8`."""
+    ratio = target_um / native_um
+    factor = round(ratio)
+    return factor if factor >= 1 and math.isclose(ratio, factor, rel_tol=1e-6) else None
 
 
 def block_mean_uint8(img: np.ndarray, factor: int) -> np.ndarray:

@@ -104,6 +104,11 @@ class Grid:
         """Model pixel at the centre of output pixel i's patch."""
         return i * self.stride + self.stride // 2
 
+    def centre_section_px(self, lo: int, hi: int, factor: int) -> np.ndarray:
+        """Section pixels (along either axis) at the patch centres of output pixels lo..hi-1: the centre model
+        pixel's middle section pixel, where masks and ground truth are looked up."""
+        return (np.arange(lo, hi) * self.stride + self.stride // 2) * factor + factor // 2
+
 
 def section_grid(section: str, model_shape: tuple[int, int], stride: int, patch: int, block: int) -> Grid:
     if min(model_shape) < 1:

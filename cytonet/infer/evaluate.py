@@ -19,7 +19,7 @@ import numpy as np
 from cytonet.config import Config
 from cytonet.data.sections import open_section
 from cytonet.infer import writers
-from cytonet.infer.run import SectionJob, infer_settings, load_classifier, select_sections
+from cytonet.infer.run import Classifier, SectionJob, infer_settings, load_classifier, select_sections
 
 
 @dataclass
@@ -38,9 +38,9 @@ class SectionScore:
 
 def truth_at_grid(path: str, job: SectionJob) -> np.ndarray:
     """(h, w) ground-truth label of every output pixel (0 where the centre falls outside the section)."""
-    g, f = job.grid, job.factor
-    ys = (np.arange(g.shape[0]) * g.stride + g.stride // 2) * f + f // 2
-    xs = (np.arange(g.shape[1]) * g.stride + g.stride // 2) * f + f // 2
+    g = job.grid
+    ys = g.centre_section_px(0, g.shape[0], job.factor)
+    xs = g.centre_section_px(0, g.shape[1], job.factor)
     with open_section(path) as r:
         if not r.has("labels"):
             raise ValueError(f"{path} has no labels layer to evaluate against")
@@ -52,8 +52,7 @@ def truth_at_grid(path: str, job: SectionJob) -> np.ndarray:
     return out
 
 
-def _open(cfg: Config, out: Path, job: SectionJob) -> writers.Volume:
-    clf = load_classifier(cfg.resolve_path(cfg.infer.model_from))
+def _open(cfg: Config, clf: Classifier, out: Path, job: SectionJob) -> writers.Volume:
     settings = infer_settings(cfg, clf, job)
     path = writers.volume_path(out, job.name, cfg.infer.format)
     if cfg.infer.format == "hdf5":
@@ -65,11 +64,11 @@ def evaluate_outputs(cfg: Config, out: Path) -> list[SectionScore]:
     """Accuracy of every mapped section's label images against its ``labels`` layer."""
     clf = load_classifier(cfg.resolve_path(cfg.infer.model_from))
     areas = np.asarray(clf.area_ids)
-    names = ["argmax", "cleaned"] if cfg.infer.cleanup != "none" else ["argmax"]
+    names = cfg.infer.label_images
     scores = []
     for job in select_sections(cfg, clf):
         truth = truth_at_grid(job.path, job)
-        vol = _open(cfg, out, job)
+        vol = _open(cfg, clf, out, job)
         try:
             cortex = np.isin(truth, areas)
             keep = cortex & (vol.read_labels("argmax") > 0)
@@ -100,7 +99,7 @@ def write_overlay(cfg: Config, out: Path, sections: list[str], png: Path) -> Pat
 
     clf = load_classifier(cfg.resolve_path(cfg.infer.model_from))
     jobs = {j.name: j for j in select_sections(cfg, clf)}
-    names = ["argmax", "cleaned"] if cfg.infer.cleanup != "none" else ["argmax"]
+    names = cfg.infer.label_images
     colours = matplotlib.colormaps["tab20"](np.arange(len(clf.area_ids)) % 20)
     lut = np.zeros(int(max(clf.area_ids)) + 1, dtype=int)
     lut[clf.area_ids] = np.arange(len(clf.area_ids)) + 1
@@ -111,10 +110,12 @@ def write_overlay(cfg: Config, out: Path, sections: list[str], png: Path) -> Pat
         job = jobs[name]
         g = job.grid
         with open_section(job.path) as r:
-            step = g.stride * job.factor
-            img = r.read("image")[step // 2 :: step, step // 2 :: step][: g.shape[0], : g.shape[1]]
+            ys = g.centre_section_px(0, g.shape[0], job.factor)
+            xs = g.centre_section_px(0, g.shape[1], job.factor)
+            full = r.read("image")
+            img = full[np.ix_(np.minimum(ys, full.shape[0] - 1), np.minimum(xs, full.shape[1] - 1))]
         truth = truth_at_grid(job.path, job)
-        vol = _open(cfg, out, job)
+        vol = _open(cfg, clf, out, job)
         try:
             maps = {"truth": truth, **{n: vol.read_labels(n) for n in names}}
         finally:

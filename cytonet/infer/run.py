@@ -21,7 +21,6 @@ Entry points: :func:`run_infer`, :func:`load_classifier`, :func:`select_sections
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from torch import nn
 from cytonet import __version__
 from cytonet.config import Config, config_from_dict, config_to_dict, save_config
 from cytonet.data.patches import file_sha256, write_json_atomic
-from cytonet.data.sections import WHITE_MATTER_ID, SectionReader, list_sections, open_section
+from cytonet.data.sections import WHITE_MATTER_ID, SectionReader, block_factor, list_sections, open_section
 from cytonet.distributed import DistEnv
 from cytonet.errors import ConfigError, InputError
 from cytonet.infer import writers
@@ -152,9 +151,8 @@ def select_sections(cfg: Config, clf: Classifier) -> list[SectionJob]:
     jobs = []
     for name in sorted(set(names)):
         p, r = found[name]
-        ratio = clf.patch_pixel_size_um / r.meta.pixel_size_um
-        factor = round(ratio)
-        if factor < 1 or not math.isclose(ratio, factor, rel_tol=1e-6):
+        factor = block_factor(clf.patch_pixel_size_um, r.meta.pixel_size_um)
+        if factor is None:
             raise InputError(
                 f"{p}: pixel size {r.meta.pixel_size_um} um does not divide the model's {clf.patch_pixel_size_um} um "
                 "(the model sees block means of an integer number of section pixels)"
@@ -207,9 +205,8 @@ class BlockEvaluator:
         layer = "labels" if self.roi == "cortex" else "depth"
         if not reader.has(layer):
             raise InputError(f"{reader.path} has no {layer} layer: infer.roi={self.roi} needs one (or use roi=tissue)")
-        g, f = job.grid, job.factor
-        ys = np.array([g.centre_px(i) for i in range(block.y0, block.y1)]) * f + f // 2
-        xs = np.array([g.centre_px(j) for j in range(block.x0, block.x1)]) * f + f // 2
+        ys = job.grid.centre_section_px(block.y0, block.y1, job.factor)
+        xs = job.grid.centre_section_px(block.x0, block.x1, job.factor)
         values = reader.read_padded(layer, int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1)
         at = np.asarray(values)[np.ix_(ys - ys[0], xs - xs[0])]
         if self.roi == "cortex":
@@ -290,7 +287,7 @@ def infer_settings(cfg: Config, clf: Classifier, job: SectionJob) -> dict[str, A
         "output_pixel_size_um": clf.patch_pixel_size_um * icfg.stride_px,
         "section_factor": job.factor,
         "grid_shape": list(job.grid.shape),
-        "label_images": ["argmax", "cleaned"] if icfg.cleanup != "none" else ["argmax"],
+        "label_images": icfg.label_images,
     }
 
 
@@ -382,9 +379,9 @@ def run_infer(
         skipped,
         time.perf_counter() - started,
     )
-    cleaned = _cleanup_ready(cfg, out, jobs, clf)
-    complete = all(_complete(out, job, icfg.format) for job in jobs)
-    return InferResult(out, [j.name for j in jobs], written, skipped, cleaned, complete)
+    complete = {job.name: _complete(out, job, icfg.format) for job in jobs}  # one look at the markers
+    cleaned = _cleanup_ready(cfg, out, jobs, clf, complete)
+    return InferResult(out, [j.name for j in jobs], written, skipped, cleaned, all(complete.values()))
 
 
 def _process(
@@ -480,8 +477,11 @@ def _process(
     return count
 
 
-def _cleanup_ready(cfg: Config, out: Path, jobs: list[SectionJob], clf: Classifier) -> list[str]:
-    """Clean up every section (2D) or brain (3D) whose blocks are all done and that nobody cleaned yet."""
+def _cleanup_ready(
+    cfg: Config, out: Path, jobs: list[SectionJob], clf: Classifier, complete: dict[str, bool]
+) -> list[str]:
+    """Clean up every section (2D) or brain (3D) whose blocks are all done (``complete``, by section) and that
+    nobody cleaned yet."""
     icfg = cfg.infer
     if icfg.cleanup == "none":
         return []
@@ -491,7 +491,7 @@ def _cleanup_ready(cfg: Config, out: Path, jobs: list[SectionJob], clf: Classifi
         groups.setdefault(key, []).append(job)
     done_here = []
     for key, members in sorted(groups.items()):
-        if not all(_complete(out, j, icfg.format) for j in members):
+        if not all(complete[j.name] for j in members):
             continue
         lock = out / writers.STATE_DIR / f"cleanup-{key}.lock"
         with writers.exclusive_lock(lock):

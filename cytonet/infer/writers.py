@@ -173,10 +173,10 @@ class ZarrVolume(Volume):
         levels = int(spec["pyramid_levels"])
         k = len(spec["area_ids"])
 
-        def codec(dtype: np.dtype) -> Any:
-            if spec["compression"] == "none":
-                return None
-            return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
+        # byte shuffle suits both float32 probabilities and uint16 labels
+        codec: Any = (
+            None if spec["compression"] == "none" else BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
+        )
 
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         pixel_um = float(spec["output_pixel_size_um"])
@@ -189,7 +189,7 @@ class ZarrVolume(Volume):
                 shards=(k, s, s) if s else None,
                 dtype="float32",
                 fill_value=0.0,
-                compressors=codec(np.dtype("float32")),
+                compressors=codec,
                 dimension_names=("c", "y", "x"),
             )
         labels = root.create_group("labels")
@@ -205,7 +205,7 @@ class ZarrVolume(Volume):
                     shards=(s, s) if s else None,
                     dtype="uint16",
                     fill_value=0,
-                    compressors=codec(np.dtype("uint16")),
+                    compressors=codec,
                     dimension_names=("y", "x"),
                 )
             g.attrs["ome"] = {
