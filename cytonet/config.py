@@ -132,9 +132,20 @@ class SectionStoreConfig:
     """Chunk edge in pixels of every 2D array."""
     compression: Literal["blosc-zstd", "none"] = "blosc-zstd"
     """Codec of the image and label arrays."""
+    image_levels: tuple[int, ...] = (2, 4, 8, 16)
+    """Downsampled copies of the image stored beside it (factor f: means of f x f pixels, exactly what
+    averaging the full resolution gives): inference and dense features at f times the pixel size read f^2
+    times fewer bytes. Powers of two up to 64; [] stores none (+33% image bytes for the default)."""
 
     def validate(self, prefix: str) -> None:
         _check(16 <= self.chunk_px <= 8192, f"{prefix}.chunk_px", self.chunk_px, "use 16-8192 px")
+        levels = list(self.image_levels)
+        _check(
+            all(f in (2, 4, 8, 16, 32, 64) for f in levels) and levels == sorted(set(levels)),
+            f"{prefix}.image_levels",
+            levels,
+            "increasing powers of two among 2, 4, 8, 16, 32, 64 (or [])",
+        )
 
 
 @dataclass
@@ -412,8 +423,9 @@ class InferConfig:
     ``cortex`` where the section's labels layer marks an area (label >= 2: used as a cortex mask, the area ids
     are not used); ``centerline`` where its depth layer is 0.5 +- ``extract.centerline_tolerance``, the band
     that ``extract.sampling=centerline`` trains the classifier on (seed 002)."""
-    compression: Literal["blosc-zstd", "none"] = "blosc-zstd"
-    """Codec of the output arrays."""
+    compression: Literal["blosc-lz4", "blosc-zstd", "none"] = "blosc-lz4"
+    """Codec of the output arrays (byte shuffle first): ``blosc-lz4`` encodes probabilities about 9x faster
+    than ``blosc-zstd`` (level 3) at 2.0x instead of 2.4x smaller; ``blosc-zstd`` when disk matters more."""
     cleanup: Literal["none", "knn2d", "knn3d"] = "knn2d"
     """Clean-up of the label maps (seed 001): keep the largest connected components of each area as seeds and
     relabel the rest by the k nearest seeds in position, per section (2D) or across the section stack (3D)."""

@@ -86,6 +86,7 @@ def run_synth(cfg: Config, out: Path, *, overwrite: bool, preview: bool, workers
             backend=cfg.sections.backend,
             chunk_px=cfg.sections.chunk_px,
             compression=cfg.sections.compression,
+            image_levels=cfg.sections.image_levels,
             overwrite=overwrite,
             workers=workers,
             extra_attrs={"config": resolved},

@@ -42,7 +42,11 @@ def ring_layers(index: int, size: int = SIZE) -> dict[str, np.ndarray]:
 
 
 def make_sections(
-    root: Path, brains: dict[str, int] | None = None, backend: str = "zarr", size: int = SIZE
+    root: Path,
+    brains: dict[str, int] | None = None,
+    backend: str = "zarr",
+    size: int = SIZE,
+    image_levels: tuple[int, ...] = (),
 ) -> list[Path]:
     """Write ring sections: ``brains`` maps brain id -> number of sections (default B00: 3, B01: 3, B02: 1)."""
     brains = brains or {"B00": 3, "B01": 3, "B02": 1}
@@ -60,7 +64,7 @@ def make_sections(
                 label_table=table,
             )
             path = root / brain / f"{brain}_s{index:04d}{suffix}"
-            with create_section(path, meta, chunk_px=64, compression="none") as w:
+            with create_section(path, meta, chunk_px=64, compression="none", image_levels=image_levels) as w:
                 for layer, data in ring_layers(index, size).items():
                     w.write(layer, 0, 0, data)
             paths.append(path)

@@ -14,13 +14,14 @@ import torch
 from ringdata import make_sections
 
 from cytonet.config import Config, config_to_dict, load_config, save_config
+from cytonet.data.chunks import open_chunked
 from cytonet.data.sections import SectionMeta, create_section, open_section
 from cytonet.distributed import DistEnv
 from cytonet.errors import InputError
 from cytonet.infer import writers
 from cytonet.infer.blocks import Grid, assign, pyramid_mean
 from cytonet.infer.cleanup import grid_positions, knn_cleanup, seed_mask, stack_cleanup
-from cytonet.infer.dense import DenseEncoder, PerPatchEncoder, read_model_image
+from cytonet.infer.dense import DenseEncoder, PerPatchEncoder
 from cytonet.infer.run import load_classifier, run_infer
 from cytonet.models.build import MODEL_FILE, MODEL_FORMAT, build_encoder
 from cytonet.models.heads import LinearClassifier
@@ -171,6 +172,13 @@ def test_pyramid_mean_of_blocks_equals_pyramid_of_whole() -> None:
         f = 2**lvl
         np.testing.assert_allclose(part[lvl], whole[lvl][:, 8 // f :, 4 // f :], rtol=1e-6)
     assert whole[2].shape == (3, 6, 4)
+    for lvl in (1, 2):  # each pixel: the mean of the pixels of its window that lie inside the array
+        f = 2**lvl
+        ref = [
+            [a[:, i * f : (i + 1) * f, j * f : (j + 1) * f].mean(axis=(1, 2)) for j in range(-(-13 // f))]
+            for i in range(-(-21 // f))
+        ]
+        np.testing.assert_allclose(whole[lvl], np.array(ref).transpose(2, 0, 1), rtol=1e-6)
 
 
 def test_assign_covers_every_unit_once() -> None:
@@ -204,7 +212,7 @@ def test_grid_points_equal_per_patch_evaluation(root: Path) -> None:
     worst = 0.0
     for i, j in points:
         y0, x0 = grid.first_patch_corner(int(i)), grid.first_patch_corner(int(j))
-        patch = read_model_image(reader, 1, y0, y0 + 121, x0, x0 + 121)
+        patch = reader.read_image(1, y0, y0 + 121, x0, x0 + 121)
         x = torch.from_numpy(patch).float().div(255.0)[None, None]
         with torch.no_grad():
             p = torch.softmax(clf.head(clf.encoder(x)), dim=1)[0].numpy()
@@ -227,6 +235,11 @@ def test_provenance_and_ngff_metadata(root: Path) -> None:
     ms = meta["ome"]["multiscales"][0]
     assert [a["name"] for a in ms["axes"]] == ["c", "y", "x"]
     assert ms["datasets"][1]["coordinateTransformations"][0]["scale"] == [1.0, 128.0, 128.0]
+    # blosc-lz4 by default, in arrays whose chunks the writer encodes itself (cytonet.data.chunks)
+    for name in ("0", "1", "labels/argmax/0"):
+        arr = json.loads((out / "B00_s0000.ome.zarr" / name / "zarr.json").read_text())
+        assert arr["codecs"][1]["configuration"]["cname"] == "lz4"
+        assert open_chunked(out / "B00_s0000.ome.zarr" / name) is not None
 
 
 def test_readable_by_ome_zarr_readers(root: Path) -> None:
@@ -336,6 +349,22 @@ def test_settings_mismatch_and_bad_model_are_refused(root: Path, tmp_path: Path)
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 1 and "/nonexistent/model.pt does not exist" in r.stderr
+
+
+def test_image_levels_give_the_same_maps_without_reading_the_full_resolution(tmp_path: Path) -> None:
+    """A model at twice the section's pixel size reads the stored level x2: same maps as averaging the full
+    resolution, and the full resolution is not read (zeroed here, it would change every probability)."""
+    import zarr
+
+    for name, levels in (("plain", ()), ("levels", (2, 4))):
+        make_sections(tmp_path / name / "sections", {"B00": 1}, size=176, image_levels=levels)
+        cfg = base_config(tmp_path / name)
+        write_model(cfg, tmp_path / name / "probe", pixel_um=16.0)
+        if levels:
+            zarr.open_array(str(tmp_path / name / "sections/B00/B00_s0000.zarr/image"), mode="r+")[...] = 0
+        assert run_infer(cfg, DistEnv(), tmp_path / name / "out").complete
+    assert_same_outputs(tmp_path / "plain/out", tmp_path / "levels/out")
+    assert read_volume(tmp_path / "plain/out/B00_s0000.ome.zarr")["0"].shape == (4, 11, 11)
 
 
 def test_blocks_without_tissue_are_skipped_and_background(tmp_path: Path) -> None:

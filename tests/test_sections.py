@@ -355,3 +355,50 @@ def test_block_mean_rounds_half_up_like_the_float_mean(factor: int) -> None:
     img[:factor, :factor] = 255  # the largest sums
     ref = np.floor(img[: 2 * factor, : 3 * factor].reshape(2, factor, 3, factor).mean(axis=(1, 3)) + 0.5)
     np.testing.assert_array_equal(block_mean_uint8(img, factor), ref.astype(np.uint8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_image_levels_equal_averaging_the_full_resolution(tmp_path: Path, backend: str) -> None:
+    """A stored level gives the same pixels as block-averaging the full resolution, for boxes inside, across
+    and past the section's edge (100 x 70 px: no level divides it, so partial edge pixels are exercised)."""
+    data = {"image": make_layers()["image"]}
+    meta = make_meta()
+    path = store_path(tmp_path, backend)
+    with create_section(path, meta, layers=("image",), chunk_px=CHUNK, image_levels=(2, 4, 16)) as w:
+        for y0 in range(0, SHAPE[0], CHUNK):
+            w.write("image", y0, 0, data["image"][y0 : y0 + CHUNK])
+    plain = write_store(store_path(tmp_path / "plain", backend), data)
+    with open_section(path) as r, open_section(plain) as p:
+        assert r.image_levels == (2, 4, 16) and p.image_levels == ()
+        assert r.meta == SectionMeta.from_attrs(r.meta.to_attrs(), "x")
+        assert r.array("image_x4").shape == (25, 18) and r.array("image_x16").shape == (7, 5)
+        rng = np.random.default_rng(0)
+        for f in (1, 2, 3, 4, 16):
+            lh, lw = -(-SHAPE[0] // f), -(-SHAPE[1] // f)
+            boxes = [(0, lh, 0, lw), (-3, lh + 2, -1, lw + 4), (lh - 1, lh + 1, 0, 1)]
+            boxes += [
+                tuple(int(v) for v in (*sorted(rng.integers(-4, lh + 4, 2)), *sorted(rng.integers(-4, lw + 4, 2))))
+                for _ in range(6)
+            ]
+            for y0, y1, x0, x1 in boxes:
+                y1, x1 = max(y1, y0 + 1), max(x1, x0 + 1)
+                full = p.read_padded("image", y0 * f, y1 * f, x0 * f, x1 * f).astype(np.float64)
+                ref = np.floor(full.reshape(y1 - y0, f, x1 - x0, f).mean(axis=(1, 3)) + 0.5).astype(np.uint8)
+                np.testing.assert_array_equal(r.read_image(f, y0, y1, x0, x1), ref, err_msg=f"f={f} {y0, y1, x0, x1}")
+                np.testing.assert_array_equal(p.read_image(f, y0, y1, x0, x1), ref)
+
+
+def test_image_levels_must_be_powers_of_two(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"B03_s0017\.zarr.*image levels \[4, 3\]"):
+        create_section(store_path(tmp_path, "zarr"), make_meta(), image_levels=(4, 3))
+    assert not any(tmp_path.iterdir())  # nothing created
+
+
+@pytest.mark.parametrize("factor", [2, 7, 33, 300])
+def test_block_sums_equal_the_wide_sum(factor: int) -> None:
+    from cytonet.data.sections import block_sums
+
+    img = np.random.default_rng(factor).integers(0, 256, (2 * factor + 1, 3 * factor), dtype=np.uint8)
+    img[:factor, :factor] = 255
+    ref = img[: 2 * factor].reshape(2, factor, 3, factor).sum(axis=(1, 3), dtype=np.uint64)
+    np.testing.assert_array_equal(block_sums(img, factor), ref)

@@ -183,7 +183,6 @@ def dense_section_features(
     (the caller masks them); the returned rows run over the grid in row-major order.
     """
     from cytonet.data.sections import open_section
-    from cytonet.infer.dense import read_model_image
 
     dense = _dense_module(encoder, patch_px, stride_px, batch_size).to(device)
     with open_section(section_path) as reader:
@@ -200,7 +199,7 @@ def dense_section_features(
         for i0 in range(0, gh, tile_out):
             for j0 in range(0, gw, tile_out):
                 y0, x0 = i0 * stride_px, j0 * stride_px
-                img = read_model_image(reader, factor, y0, min(y0 + span, h_mod), x0, min(x0 + span, w_mod))
+                img = reader.read_image(factor, y0, min(y0 + span, h_mod), x0, min(x0 + span, w_mod))
                 x = torch.from_numpy(img).float().div_(255.0)[None, None].to(device)
                 out = dense(x)[0].permute(1, 2, 0).float().cpu().numpy()  # (h, w, D)
                 hi, wj = min(tile_out, gh - i0), min(tile_out, gw - j0)

@@ -660,6 +660,7 @@ def import_section(cfg: Config, out: Path, *, overwrite: bool) -> Path:
             chunk_px=store_cfg.chunk_px,
             compression=store_cfg.compression,
             overwrite=overwrite,
+            image_levels=store_cfg.image_levels,
         ) as writer:
             for layer in layers:
                 _copy_layer(writer, layer, sources[layer], conversion, band_rows)

@@ -14,6 +14,12 @@ coords    float32     H x W x 3: position in the shared 3D reference space, mm
 Writers may quantise the float layers to make them compress well: the synthetic generator stores depth in
 steps of 1/4096 and coordinates in the power-of-two step at or below half a pixel (1/256 mm at 8 um/px).
 
+Image levels: a store may also hold downsampled copies of the image, ``image_x<f>`` for powers of two f
+(``SectionMeta.image_levels``), pixel m being the mean of section pixels [m f, (m+1) f) in both axes, rounded
+as :func:`block_mean_uint8`, with zeros past the section's edge (so the level has ceil(H / f) rows). They are
+exactly what averaging the full resolution gives, so :meth:`SectionReader.read_image` reads a coarse pixel
+size from its level when there is one, f^2 times fewer bytes, and averages the full resolution otherwise.
+
 Layout on disk: a zarr v3 group ``<name>.zarr/`` with one array per layer, or one HDF5 file ``<name>.h5``
 with one dataset per layer; metadata (:class:`SectionMeta`) as attributes of the group / file root.
 
@@ -42,6 +48,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cytonet import __version__
+from cytonet.data.chunks import ChunkCache, ChunkedArray, open_chunked
 from cytonet.errors import InputError, OutputExistsError
 
 FORMAT_VERSION = 1
@@ -52,6 +59,12 @@ LAYER_DTYPES: dict[str, np.dtype[Any]] = {
     "coords": np.dtype(np.float32),
 }
 LAYER_FILL: dict[str, float] = {"image": 0, "labels": 0, "depth": float("nan"), "coords": float("nan")}
+#: Decoded chunks a zarr section reader keeps (neighbouring reads share the chunks of their overlap).
+CHUNK_CACHE_BYTES = 64 << 20
+#: Edge of the full-resolution tiles image levels are computed from (bounds the memory of writing them).
+LEVEL_TILE_PX = 1024
+#: Factors an image level may have (powers of two, like every image pyramid).
+LEVEL_FACTORS = (2, 4, 8, 16, 32, 64)
 SUFFIXES = {"zarr": ".zarr", "hdf5": ".h5"}
 BACKEND_OF_SUFFIX = {".zarr": "zarr", ".h5": "hdf5", ".hdf5": "hdf5"}
 
@@ -84,10 +97,13 @@ class SectionMeta:
     """Version of cytonet that wrote the store."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Further JSON-serialisable attributes (e.g. the resolved config)."""
+    image_levels: tuple[int, ...] = ()
+    """Factors of the stored image levels (``image_x<f>``, see the module doc); set by the writer."""
 
     def to_attrs(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["shape"] = list(self.shape)
+        d["image_levels"] = list(self.image_levels)
         d["label_table"] = {str(k): v for k, v in self.label_table.items()}
         d["format_version"] = FORMAT_VERSION
         return d
@@ -111,6 +127,7 @@ class SectionMeta:
                 source=str(attrs.get("source", "")),
                 cytonet_version=str(attrs.get("cytonet_version", "")),
                 extra=dict(attrs.get("extra", {})),
+                image_levels=tuple(int(f) for f in attrs.get("image_levels", [])),
             )
         except KeyError as exc:
             raise InputError(f"{where}: section metadata lacks the attribute {exc.args[0]!r}") from None
@@ -131,6 +148,24 @@ def backend_of(path: str | Path) -> str:
 
 def _layer_shape(layer: str, shape: tuple[int, int]) -> tuple[int, ...]:
     return (*shape, 3) if layer == "coords" else shape
+
+
+def level_name(factor: int) -> str:
+    """Array name of the image level with ``factor``."""
+    return f"image_x{factor}"
+
+
+def level_shape(shape: tuple[int, int], factor: int) -> tuple[int, int]:
+    """Shape of the image level with ``factor`` of a section of ``shape`` (partial edge pixels included)."""
+    return (-(-shape[0] // factor), -(-shape[1] // factor))
+
+
+def check_image_levels(levels: tuple[int, ...] | list[int], where: str) -> tuple[int, ...]:
+    """``levels`` as a tuple, or an InputError naming ``where`` unless they are increasing :data:`LEVEL_FACTORS`."""
+    out = tuple(int(f) for f in levels)
+    if any(f not in LEVEL_FACTORS for f in out) or list(out) != sorted(set(out)):
+        raise InputError(f"{where}: image levels {list(levels)} must be increasing factors among {list(LEVEL_FACTORS)}")
+    return out
 
 
 def _layer_chunks(layer: str, shape: tuple[int, int], chunk_px: int) -> tuple[int, ...]:
@@ -160,9 +195,11 @@ class SectionWriter:
         chunk_px: int,
         compression: Literal["blosc-zstd", "none"],
         overwrite: bool,
+        image_levels: tuple[int, ...] = (),
     ) -> None:
         self.path = path
-        self.meta = meta
+        self.meta = dataclasses.replace(meta, image_levels=check_image_levels(image_levels, str(path)))
+        self.chunk_px = chunk_px
         self.layers = layers
         self.backend = backend_of(path)
         self.overwrite = overwrite
@@ -181,13 +218,24 @@ class SectionWriter:
         else:
             self._open_hdf5(chunk_px, compression)
 
+    def _array_specs(self, chunk_px: int) -> list[tuple[str, tuple[int, ...], tuple[int, ...], np.dtype[Any], float]]:
+        """(name, shape, chunks, dtype, fill) of every array: the layers, then the image levels."""
+        specs = [
+            (name, _layer_shape(name, self.meta.shape), _layer_chunks(name, self.meta.shape, chunk_px),
+             LAYER_DTYPES[name], LAYER_FILL[name])
+            for name in self.layers
+        ]  # fmt: skip
+        for f in self.meta.image_levels:
+            shape = level_shape(self.meta.shape, f)
+            specs.append((level_name(f), shape, _layer_chunks("image", shape, chunk_px), LAYER_DTYPES["image"], 0))
+        return specs
+
     def _open_zarr(self, chunk_px: int, compression: str) -> None:
         import zarr
         from zarr.codecs import BloscCodec, BloscShuffle
 
         group = zarr.open_group(str(self.partial), mode="w", zarr_format=3)
-        for name in self.layers:
-            dtype = LAYER_DTYPES[name]
+        for name, shape, chunks, dtype, fill in self._array_specs(chunk_px):
             codec: Any = "auto"
             if compression == "none":
                 codec = None
@@ -195,12 +243,7 @@ class SectionWriter:
                 shuffle = BloscShuffle.bitshuffle if dtype.itemsize == 1 else BloscShuffle.shuffle
                 codec = BloscCodec(cname="zstd", clevel=3, shuffle=shuffle)
             self._arrays[name] = group.create_array(
-                name,
-                shape=_layer_shape(name, self.meta.shape),
-                chunks=_layer_chunks(name, self.meta.shape, chunk_px),
-                dtype=dtype,
-                fill_value=LAYER_FILL[name],
-                compressors=codec,
+                name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=codec
             )
         group.attrs.update(self.meta.to_attrs())
         self._group = group
@@ -210,22 +253,38 @@ class SectionWriter:
         import hdf5plugin
 
         self._file = h5py.File(self.partial, "w")
-        for name in self.layers:
-            dtype = LAYER_DTYPES[name]
+        for name, shape, chunks, dtype, fill in self._array_specs(chunk_px):
             kwargs: dict[str, Any] = {}
             if compression == "blosc-zstd":
                 shuffle = hdf5plugin.Blosc.BITSHUFFLE if dtype.itemsize == 1 else hdf5plugin.Blosc.SHUFFLE
                 kwargs.update(hdf5plugin.Blosc(cname="zstd", clevel=3, shuffle=shuffle))
             self._arrays[name] = self._file.create_dataset(
-                name,
-                shape=_layer_shape(name, self.meta.shape),
-                chunks=_layer_chunks(name, self.meta.shape, chunk_px),
-                dtype=dtype,
-                fillvalue=LAYER_FILL[name],
-                **kwargs,
+                name, shape=shape, chunks=chunks, dtype=dtype, fillvalue=fill, **kwargs
             )
         for key, value in self.meta.to_attrs().items():
             self._file.attrs[key] = json.dumps(value)
+
+    def _write_levels(self) -> None:
+        """Fill the image levels from the written image, tile by tile: one read of the full resolution serves
+        every level. A tile is a whole number of pixels of the coarsest level, at most LEVEL_TILE_PX px
+        wide (1 MB) unless that level's pixels are wider, so memory stays small at any section size."""
+        if not self.meta.image_levels:
+            return
+        h, w = self.meta.shape
+        top = self.meta.image_levels[-1]
+        tile = top * max(1, min(self.chunk_px, LEVEL_TILE_PX // top))
+        image = self._arrays["image"]
+        for y0 in range(0, h, tile):
+            for x0 in range(0, w, tile):
+                part = np.asarray(image[y0 : min(y0 + tile, h), x0 : min(x0 + tile, w)])
+                ph, pw = -(-part.shape[0] // top) * top, -(-part.shape[1] // top) * top
+                if part.shape != (ph, pw):  # the section's edge: zeros outside, as reading past the edge gives
+                    part = np.pad(part, ((0, ph - part.shape[0]), (0, pw - part.shape[1])))
+                for f in self.meta.image_levels:
+                    lh, lw = level_shape(self.meta.shape, f)
+                    ly, lx = y0 // f, x0 // f
+                    ny, nx = min(ph // f, lh - ly), min(pw // f, lw - lx)
+                    self._arrays[level_name(f)][ly : ly + ny, lx : lx + nx] = block_mean_uint8(part, f)[:ny, :nx]
 
     def write(self, layer: str, y0: int, x0: int, data: np.ndarray) -> None:
         """Write ``data`` (h x w, or h x w x 3 for coords) with its top-left corner at (y0, x0)."""
@@ -241,6 +300,7 @@ class SectionWriter:
         """Finish the store and move it into place; returns its final path."""
         if self._closed:
             return self.path
+        self._write_levels()
         if self.backend == "hdf5":
             self._file.close()
         self._closed = True
@@ -274,9 +334,11 @@ def create_section(
     chunk_px: int = 512,
     compression: Literal["blosc-zstd", "none"] = "blosc-zstd",
     overwrite: bool = False,
+    image_levels: tuple[int, ...] = (),
 ) -> SectionWriter:
-    """Start a new section store at ``path`` (suffix picks the backend: .zarr or .h5)."""
-    return SectionWriter(Path(path), meta, layers, chunk_px, compression, overwrite)
+    """Start a new section store at ``path`` (suffix picks the backend: .zarr or .h5); ``image_levels``: the
+    factors of the image levels to store (see the module doc), written when the store is closed."""
+    return SectionWriter(Path(path), meta, layers, chunk_px, compression, overwrite, image_levels)
 
 
 class SectionReader:
@@ -289,6 +351,9 @@ class SectionReader:
         self.backend = backend_of(self.path)
         self._handle: Any = None
         self._pid: int | None = None
+        self._fast: dict[str, ChunkedArray | None] | None = None
+        self._fast_pid: int | None = None
+        self._cache: ChunkCache | None = None
         try:
             attrs = self._read_attrs()
         finally:
@@ -316,6 +381,17 @@ class SectionReader:
         self._pid = os.getpid()
         return self._handle
 
+    def _chunked(self, name: str) -> ChunkedArray | None:
+        """Array ``name`` of a zarr store for direct chunk reads (:mod:`cytonet.data.chunks`), else None."""
+        if self.backend != "zarr":
+            return None
+        if self._fast is None or self._cache is None or self._fast_pid != os.getpid():
+            # first use, or a forked process: it drops what the parent cached
+            self._fast, self._fast_pid, self._cache = {}, os.getpid(), ChunkCache(CHUNK_CACHE_BYTES)
+        if name not in self._fast:
+            self._fast[name] = open_chunked(self.path / name, self._cache)
+        return self._fast[name]
+
     def _read_attrs(self) -> dict[str, Any]:
         handle = self._open()
         if self.backend == "zarr":
@@ -326,6 +402,7 @@ class SectionReader:
         state = self.__dict__.copy()
         state["_handle"] = None
         state["_pid"] = None
+        state["_fast"] = state["_cache"] = None
         return state
 
     # -- reading ----------------------------------------------------------------------------------------
@@ -355,22 +432,48 @@ class SectionReader:
         x1 = w if x1 is None else x1
         if not (0 <= y0 <= y1 <= h and 0 <= x0 <= x1 <= w):
             raise ValueError(f"{self.path}: box y[{y0}:{y1}] x[{x0}:{x1}] is outside the section ({h} x {w})")
+        return self._read_array(layer, y0, y1, x0, x1)
+
+    def _read_array(self, name: str, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        fast = self._chunked(name)
         try:
-            return np.asarray(self.array(layer)[y0:y1, x0:x1])
+            if fast is not None:
+                return fast.read((y0, y1), (x0, x1))
+            return np.asarray(self.array(name)[y0:y1, x0:x1])
         except (OSError, ValueError, RuntimeError) as exc:
-            raise InputError(f"{self.path}: reading {layer}[{y0}:{y1}, {x0}:{x1}] failed: {exc}") from None
+            raise InputError(f"{self.path}: reading {name}[{y0}:{y1}, {x0}:{x1}] failed: {exc}") from None
 
     def read_padded(self, layer: str, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Read a box that may extend past the section; the outside is the layer's fill value."""
-        h, w = self.shape
+        return self._read_padded(layer, self.shape, layer, y0, y1, x0, x1)
+
+    def _read_padded(
+        self, name: str, shape: tuple[int, int], layer: str, y0: int, y1: int, x0: int, x1: int
+    ) -> np.ndarray:
+        """Box of array ``name`` (2D extent ``shape``, dtype and fill of ``layer``), padded past its edge."""
+        h, w = shape
         if y0 >= 0 and x0 >= 0 and y1 <= h and x1 <= w:
-            return self.read(layer, y0, y1, x0, x1)  # inside: no padded copy
-        shape = _layer_shape(layer, (y1 - y0, x1 - x0))
-        out = np.full(shape, LAYER_FILL[layer], dtype=LAYER_DTYPES[layer])
+            return self._read_array(name, y0, y1, x0, x1)  # inside: no padded copy
+        out = np.full(_layer_shape(layer, (y1 - y0, x1 - x0)), LAYER_FILL[layer], dtype=LAYER_DTYPES[layer])
         cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
         if cy0 < cy1 and cx0 < cx1:
-            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = self.read(layer, cy0, cy1, cx0, cx1)
+            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = self._read_array(name, cy0, cy1, cx0, cx1)
         return out
+
+    @property
+    def image_levels(self) -> tuple[int, ...]:
+        """Factors of the image levels this store holds."""
+        return self.meta.image_levels
+
+    def read_image(self, factor: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels [y0, y1) x [x0, x1) of the image at ``factor`` times its pixel size (pixel m = means of
+        section pixels [m f, (m+1) f), rounded as :func:`block_mean_uint8`; zero past the edge): from the
+        stored level when there is one, else by averaging the full resolution. Same values either way."""
+        if factor in self.meta.image_levels:
+            name = level_name(factor)
+            return self._read_padded(name, level_shape(self.shape, factor), "image", y0, y1, x0, x1)
+        img = self.read_padded("image", y0 * factor, y1 * factor, x0 * factor, x1 * factor)
+        return block_mean_uint8(img, factor)
 
     def iter_rows(self, layer: str, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (y0, block) for consecutive horizontal bands of ``rows`` rows (bounded memory)."""
@@ -382,6 +485,7 @@ class SectionReader:
             self._handle.close()
         self._handle = None
         self._pid = None
+        self._fast = self._cache = None
 
     def __enter__(self) -> SectionReader:
         return self
@@ -407,27 +511,29 @@ def block_factor(target_um: float, native_um: float) -> int | None:
     return factor if factor >= 1 and math.isclose(ratio, factor, rel_tol=1e-6) else None
 
 
+def block_sums(img: np.ndarray, factor: int) -> np.ndarray:
+    """(H f, W f) uint8 -> (H, W) uint32 sums of f x f blocks (partial blocks at the end dropped).
+
+    Rows are summed first in uint16 (exact for f <= 257) over contiguous runs, then the f strided columns
+    added up: 10x faster than one reduction over both block axes."""
+    h, w = img.shape[0] // factor, img.shape[1] // factor
+    rows = img[: h * factor, : w * factor].reshape(h, factor, w * factor)
+    rows = rows.sum(axis=1, dtype=np.uint16 if factor <= 257 else np.uint32)
+    if factor > 32:  # few, long column runs: one reduction is faster than f strided adds
+        return rows.reshape(h, w, factor).sum(axis=2, dtype=np.uint32)
+    acc = rows[:, 0::factor].astype(np.uint32)
+    for j in range(1, factor):
+        acc += rows[:, j::factor]
+    return acc
+
+
 def block_mean_uint8(img: np.ndarray, factor: int) -> np.ndarray:
     """(H f, W f) uint8 -> (H, W) uint8 means of f x f blocks, rounded half up (patch extraction and inference
-    see sections at coarser pixel sizes through this one function).
-
-    Small factors add the f^2 strided views in uint16; larger ones sum rows in uint16 first (exact for
-    f <= 257), then columns: both several times faster than widening every pixel to uint32.
-    """
+    see sections at coarser pixel sizes through this one function; partial blocks at the end dropped)."""
     if factor == 1:
         return np.ascontiguousarray(img)
-    h, w = img.shape[0] // factor, img.shape[1] // factor
-    img = img[: h * factor, : w * factor]
     n = factor * factor
-    if factor <= 4:  # n * 255 + n // 2 < 2^16
-        acc = np.zeros((h, w), dtype=np.uint16)
-        for i in range(factor):
-            for j in range(factor):
-                acc += img[i::factor, j::factor]
-        return ((acc + n // 2) // n).astype(np.uint8)
-    rows = img.reshape(h, factor, w * factor).sum(axis=1, dtype=np.uint16 if factor <= 257 else np.uint32)
-    sums = rows.reshape(h, w, factor).sum(axis=2, dtype=np.uint32)
-    return ((sums + n // 2) // n).astype(np.uint8)
+    return ((block_sums(img, factor) + n // 2) // n).astype(np.uint8)
 
 
 def list_sections(root: str | Path) -> list[Path]:
@@ -435,7 +541,12 @@ def list_sections(root: str | Path) -> list[Path]:
     base = Path(root)
     if not base.is_dir():
         raise InputError(f"section folder {base} does not exist")
-    found = [p for suffix in BACKEND_OF_SUFFIX for p in base.rglob(f"*{suffix}") if not p.name.endswith(".partial")]
-    # A zarr group holds arrays that are folders too; keep only the stores themselves.
-    stores = [p for p in found if not any(parent in found for parent in p.parents)]
+    # Walk the folders but never into a store: a zarr store of a real section holds millions of chunk files.
+    stores = []
+    for folder, dirs, files in os.walk(base):
+        here = Path(folder)
+        for name in [*dirs, *files]:
+            if Path(name).suffix.lower() in BACKEND_OF_SUFFIX and not name.endswith(".partial"):
+                stores.append(here / name)
+        dirs[:] = [d for d in dirs if Path(d).suffix.lower() not in BACKEND_OF_SUFFIX and not d.endswith(".partial")]
     return sorted(stores)

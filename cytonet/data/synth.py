@@ -722,6 +722,7 @@ def generate_section(
     compression: Compression = "blosc-zstd",
     overwrite: bool = False,
     extra_attrs: dict[str, Any] | None = None,
+    image_levels: tuple[int, ...] = (),
 ) -> Path:
     """Generate one section into a store at ``path`` (suffix picks the backend), band by band."""
     started = time.perf_counter()
@@ -740,7 +741,9 @@ def generate_section(
     )
     # Blocks are whole chunks: one band of chunk rows, at most ~4096 px wide, so memory stays bounded.
     block_w = chunk_px * max(1, 4096 // chunk_px)
-    with create_section(path, meta, chunk_px=chunk_px, compression=compression, overwrite=overwrite) as writer:
+    with create_section(
+        path, meta, chunk_px=chunk_px, compression=compression, overwrite=overwrite, image_levels=image_levels
+    ) as writer:
         for y0 in range(0, h, chunk_px):
             y1 = min(y0 + chunk_px, h)
             for x0 in range(0, w, block_w):
@@ -753,10 +756,20 @@ def generate_section(
     return Path(path)
 
 
-def _section_job(args: tuple[SynthConfig, int, int, Path, int, Compression, bool, dict[str, Any] | None]) -> Path:
-    cfg, b, s, path, chunk_px, compression, overwrite, extra = args
+def _section_job(
+    args: tuple[SynthConfig, int, int, Path, int, Compression, bool, dict[str, Any] | None, tuple[int, ...]],
+) -> Path:
+    cfg, b, s, path, chunk_px, compression, overwrite, extra, levels = args
     return generate_section(
-        cfg, b, s, path, chunk_px=chunk_px, compression=compression, overwrite=overwrite, extra_attrs=extra
+        cfg,
+        b,
+        s,
+        path,
+        chunk_px=chunk_px,
+        compression=compression,
+        overwrite=overwrite,
+        extra_attrs=extra,
+        image_levels=levels,
     )
 
 
@@ -770,6 +783,7 @@ def generate_dataset(
     overwrite: bool,
     workers: int = 1,
     extra_attrs: dict[str, Any] | None = None,
+    image_levels: tuple[int, ...] = (),
 ) -> list[Path]:
     """Write every section of every brain to ``out_dir/<brain>/<section file>``; returns the paths in order.
 
@@ -785,7 +799,7 @@ def generate_dataset(
     for b in range(cfg.n_brains):
         for s in range(cfg.sections_per_brain):
             path = out_dir / brain_name(b) / section_filename(brain_name(b), s, backend)
-            jobs.append((cfg, b, s, path, chunk_px, codec, overwrite, extra_attrs))
+            jobs.append((cfg, b, s, path, chunk_px, codec, overwrite, extra_attrs, tuple(image_levels)))
     started = time.perf_counter()
     if workers > 1 and len(jobs) > 1:
         # spawn, not fork: a forked child would inherit zarr's event-loop state without its thread and hang.

@@ -130,20 +130,27 @@ def worker_of(task_id: int, num_tasks: int, rank: int, world_size: int) -> tuple
     return task_id * world_size + rank, num_tasks * world_size
 
 
+def _pool2(x: np.ndarray) -> np.ndarray:
+    """Sums over 2 x 2 windows of the last two axes (both even), as four strided adds."""
+    return x[..., 0::2, 0::2] + x[..., 1::2, 0::2] + x[..., 0::2, 1::2] + x[..., 1::2, 1::2]
+
+
 def pyramid_mean(a: np.ndarray, levels: int) -> list[np.ndarray]:
     """Level 0 = ``a`` (C, h, w); level l = means over 2^l x 2^l windows, partial windows at the far edges
     averaging only the pixels they hold (so a block's levels equal those of the whole array cut to the block,
-    because blocks start at multiples of 2^(levels-1))."""
+    because blocks start at multiples of 2^(levels-1)). Computed in float64, level by level."""
     out = [a]
     cur = a.astype(np.float64)
-    weight = np.ones(a.shape[-2:], dtype=np.float64)
+    weight: np.ndarray | None = None  # pixels per window so far; None while every window is full
     for _ in range(1, levels):
         ph, pw = cur.shape[-2] % 2, cur.shape[-1] % 2
-        cur = np.pad(cur * weight, [(0, 0)] * (cur.ndim - 2) + [(0, ph), (0, pw)])
-        weight = np.pad(weight, [(0, ph), (0, pw)])
-        h2, w2 = cur.shape[-2] // 2, cur.shape[-1] // 2
-        summed = cur.reshape(*cur.shape[:-2], h2, 2, w2, 2).sum(axis=(-3, -1))
-        weight = weight.reshape(h2, 2, w2, 2).sum(axis=(1, 3))
-        cur = summed / weight
+        if weight is None and not (ph or pw):
+            cur = _pool2(cur) / 4.0  # the common case: whole windows only
+        else:
+            if weight is None:
+                weight = np.ones(cur.shape[-2:], dtype=np.float64)
+            cur = np.pad(cur * weight, [(0, 0)] * (cur.ndim - 2) + [(0, ph), (0, pw)])
+            weight = _pool2(np.pad(weight, [(0, ph), (0, pw)]))
+            cur = _pool2(cur) / weight
         out.append(cur.astype(a.dtype))
     return out

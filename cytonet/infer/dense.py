@@ -15,8 +15,6 @@ Max-pooling and 3x3 convolutions stay exact under this rewrite; BatchNorm (eval)
   patches: the reference for tests and benchmarks, and the fallback for encoders that are not sliding-window
   functions (ResNets, 'same' padding).
 - :func:`dense_classifier_logits` applies a linear classifier (B, D_e) -> (B, K) to a (B, D_e, h, w) map.
-- :func:`read_model_image`: a section region at the model's pixel size (block means of the extraction factor,
-  rounded as extraction does), zero outside the section.
 """
 
 from __future__ import annotations
@@ -25,11 +23,9 @@ import copy
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from cytonet.data.sections import block_mean_uint8
 from cytonet.models.base import Encoder
 from cytonet.models.paper_encoder import PaperEncoder
 
@@ -164,10 +160,3 @@ class PerPatchEncoder(nn.Module):
 def dense_classifier_logits(features: torch.Tensor, fc: nn.Linear) -> torch.Tensor:
     """A linear classifier applied at every position: (B, D_e, h, w) -> (B, K, h, w) logits."""
     return torch.einsum("bdhw,kd->bkhw", features.to(fc.weight.dtype), fc.weight) + fc.bias.view(1, -1, 1, 1)
-
-
-def read_model_image(reader: Any, factor: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-    """Model pixels [y0, y1) x [x0, x1) of a section's ``image`` layer (model pixel m = section pixels
-    [m f, (m+1) f)), block-averaged by ``factor``; zero where the region leaves the section."""
-    img = reader.read_padded("image", y0 * factor, y1 * factor, x0 * factor, x1 * factor)
-    return block_mean_uint8(np.asarray(img), factor)

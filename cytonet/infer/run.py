@@ -8,9 +8,10 @@ not talk to each other: every unit has one owner, volumes are created once under
 say what is finished. A rerun (any worker layout) skips done blocks, so a crash followed by a rerun gives the
 same bytes as an uninterrupted run.
 
-Per block: read the read box at the model's pixel size, mark the output pixels whose footprint is tissue,
-evaluate the encoder densely (or per patch), apply the linear classifier and softmax, zero the non-tissue
-pixels, take the argmax area, build the block's pyramid levels, write them, then the done marker.
+Per block, in three stages on three threads: read the read box at the model's pixel size and mark the output
+pixels whose footprint is tissue (and in the region of interest); evaluate the encoder densely (or per
+patch), apply the linear classifier and softmax; zero the pixels outside the mask, take the argmax area,
+build the block's pyramid levels, write them, then the done marker.
 
 Clean-up (``infer.cleanup``): once all blocks of a section (2D) or of a brain's sections (3D) are done, the
 first worker to notice takes a lock and writes ``labels/cleaned``; the others see its marker and skip.
@@ -34,13 +35,20 @@ from torch import nn
 from cytonet import __version__
 from cytonet.config import Config, config_from_dict, config_to_dict, save_config
 from cytonet.data.patches import file_sha256, write_json_atomic
-from cytonet.data.sections import WHITE_MATTER_ID, SectionReader, block_factor, list_sections, open_section
+from cytonet.data.sections import (
+    WHITE_MATTER_ID,
+    SectionReader,
+    block_factor,
+    block_sums,
+    list_sections,
+    open_section,
+)
 from cytonet.distributed import DistEnv
 from cytonet.errors import ConfigError, InputError
 from cytonet.infer import writers
 from cytonet.infer.blocks import Block, Grid, assign, pyramid_mean, section_grid, worker_of
 from cytonet.infer.cleanup import grid_positions, knn_cleanup, stack_cleanup
-from cytonet.infer.dense import DenseEncoder, PerPatchEncoder, dense_classifier_logits, read_model_image
+from cytonet.infer.dense import DenseEncoder, PerPatchEncoder, dense_classifier_logits
 from cytonet.models.base import Encoder
 from cytonet.models.build import MODEL_FILE, MODEL_FORMAT, build_encoder
 from cytonet.models.heads import LinearClassifier
@@ -191,17 +199,20 @@ class BlockEvaluator:
         fy0, fx0 = block.y0 * s - box[0], block.x0 * s - box[2]
         ny, nx = block.y1 - block.y0, block.x1 - block.x0
         foot = img[fy0 : fy0 + ny * s, fx0 : fx0 + nx * s]
-        sums = foot.reshape(ny, s, nx, s).sum(axis=(1, 3), dtype=np.uint32)
+        sums = block_sums(foot, s)
         cy = np.clip(grid.model_shape[0] - (block.y0 + np.arange(ny)) * s, 0, s)
         cx = np.clip(grid.model_shape[1] - (block.x0 + np.arange(nx)) * s, 0, s)
         return sums < self.tissue_max * np.outer(cy, cx)
 
-    def read(self, reader: SectionReader, job: SectionJob, block: Block) -> tuple[np.ndarray, np.ndarray | None]:
-        """The block's read box at the model's pixel size (uint8) and, unless ``infer.roi=tissue``, the (h, w)
-        region-of-interest mask at the output pixels' patch centres (see ``InferConfig.roi``)."""
-        img = read_model_image(reader, job.factor, *job.grid.read_box(block))
-        if self.roi == "tissue":
-            return img, None
+    def read(self, reader: SectionReader, job: SectionJob, block: Block) -> tuple[np.ndarray, np.ndarray]:
+        """The block's read box at the model's pixel size (uint8) and the (h, w) mask of the output pixels to
+        predict: tissue and, unless ``infer.roi=tissue``, the region of interest at their patch centres (see
+        ``InferConfig.roi``). Stage 1 of 3 (the reader thread)."""
+        box = job.grid.read_box(block)
+        img = reader.read_image(job.factor, *box)
+        mask = self.tissue(img, job.grid, block, box)
+        if self.roi == "tissue" or not mask.any():
+            return img, mask
         layer = "labels" if self.roi == "cortex" else "depth"
         if not reader.has(layer):
             raise InputError(f"{reader.path} has no {layer} layer: infer.roi={self.roi} needs one (or use roi=tissue)")
@@ -210,32 +221,38 @@ class BlockEvaluator:
         values = reader.read_padded(layer, int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1)
         at = np.asarray(values)[np.ix_(ys - ys[0], xs - xs[0])]
         if self.roi == "cortex":
-            return img, at >= FIRST_AREA_ID
+            return img, mask & (at >= FIRST_AREA_ID)
         with np.errstate(invalid="ignore"):
-            return img, np.abs(at - 0.5) <= self.band  # NaN (outside the cortex) compares False
+            return img, mask & (np.abs(at - 0.5) <= self.band)  # NaN (outside the cortex) compares False
 
     @torch.no_grad()
-    def __call__(
-        self, data: tuple[np.ndarray, np.ndarray | None], job: SectionJob, block: Block
-    ) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-        """(probability levels (K, h_l, w_l), label levels (h_l, w_l), tissue pixels) of one block."""
-        grid = job.grid
-        img, roi = data
-        mask = self.tissue(img, grid, block, grid.read_box(block))
-        if roi is not None:
-            mask &= roi
-        k = len(self.area_ids)
-        probs = np.zeros((k, *mask.shape), dtype=np.float32)
-        if mask.any():
-            x = torch.from_numpy(img).to(self.device, non_blocking=True).float().div_(255.0)[None, None]
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-                feats = self.net(x)
-            logits = dense_classifier_logits(feats.float(), self.head.fc)
-            probs = torch.softmax(logits, dim=1)[0].cpu().numpy().astype(np.float32)  # a device sync point
+    def forward(self, data: tuple[np.ndarray, np.ndarray]) -> np.ndarray | None:
+        """(K, h, w) float32 probabilities of a block's read box, None when its mask is empty. Stage 2 of 3
+        (the main thread: the only one that runs the model)."""
+        img, mask = data
+        if not mask.any():
+            return None
+        x = torch.from_numpy(img).to(self.device, non_blocking=True).float().div_(255.0)[None, None]
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            feats = self.net(x)
+        logits = dense_classifier_logits(feats.float(), self.head.fc)
+        return torch.softmax(logits, dim=1)[0].cpu().numpy().astype(np.float32, copy=False)  # a device sync
+
+    def finish(self, probs: np.ndarray | None, mask: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+        """(probability levels (K, h_l, w_l), label levels (h_l, w_l), predicted pixels): masked pixels zeroed,
+        pyramid and argmax labels. Stage 3 of 3 (the writer thread, overlapping the next forward pass)."""
+        if probs is None:
+            probs = np.zeros((len(self.area_ids), *mask.shape), dtype=np.float32)
+        else:
             probs *= mask[None]
         levels = pyramid_mean(probs, self.levels)
-        labels = [self._argmax(p) for p in levels]
-        return levels, labels, int(mask.sum())
+        return levels, [self._argmax(p) for p in levels], int(mask.sum())
+
+    def __call__(
+        self, data: tuple[np.ndarray, np.ndarray], job: SectionJob, block: Block
+    ) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+        """Stages 2 and 3 of one block read by :meth:`read`, in one go."""
+        return self.finish(self.forward(data), data[1])
 
     def _argmax(self, probs: np.ndarray) -> np.ndarray:
         lab = self.area_ids[np.argmax(probs, axis=0)]
@@ -394,8 +411,10 @@ def _process(
 ) -> int:
     """Evaluate and write ``todo`` in order; returns the number of blocks written.
 
-    Three stages overlap: a reader thread fetches the next block's read box, the main thread evaluates the
-    current one (torch releases the GIL), a writer thread writes the previous one and then its done marker.
+    Three stages overlap (:class:`BlockEvaluator`): a reader thread reads the next block's read box and its
+    mask, the main thread runs the model on the current one (torch releases the GIL), a writer thread zeroes
+    the masked pixels of the previous one, builds its pyramid and labels, writes them and its done marker.
+    Everything but the model is off the main thread, so the model never waits for numpy work.
     At most one write is in flight, so when a block's write starts every earlier block is written and marked.
     HDF5 volumes are closed (and marked complete) once their last block is written.
     """
@@ -407,7 +426,7 @@ def _process(
     count = 0
     spent = {"read": 0.0, "evaluate": 0.0, "write": 0.0, "wait": 0.0}  # seconds per stage (threads overlap)
 
-    def read(reader: SectionReader, job: SectionJob, block: Block) -> tuple[np.ndarray, np.ndarray | None]:
+    def read(reader: SectionReader, job: SectionJob, block: Block) -> tuple[np.ndarray, np.ndarray]:
         t0 = time.perf_counter()
         data = evaluator.read(reader, job, block)
         spent["read"] += time.perf_counter() - t0
@@ -418,9 +437,12 @@ def _process(
             readers[job.name] = open_section(job.path)
         return readers[job.name]
 
-    def write(i: int, job: SectionJob, block: Block, result: tuple[Any, Any, int], seconds: float) -> None:
+    def write(
+        i: int, job: SectionJob, block: Block, probs: np.ndarray | None, mask: np.ndarray, seconds: float
+    ) -> None:
         nonlocal count
         t0 = time.perf_counter()
+        result = evaluator.finish(probs, mask)
         if job.name not in volumes:
             settings = infer_settings(cfg, clf, job)
             volumes[job.name] = writers.open_volume(out, job.grid, settings, _attrs(cfg, clf, job, settings))
@@ -444,27 +466,27 @@ def _process(
             ThreadPoolExecutor(1, thread_name_prefix="infer-read") as rpool,
             ThreadPoolExecutor(1, thread_name_prefix="infer-write") as wpool,
         ):
-            pending_read: Future[tuple[np.ndarray, np.ndarray | None]] | None = None
+            pending_read: Future[tuple[np.ndarray, np.ndarray]] | None = None
             pending_write: Future[None] | None = None
             for i, (job, block) in enumerate(todo):
                 t0 = time.perf_counter()
                 if pending_read is None:
                     pending_read = rpool.submit(read, reader_of(job), job, block)
-                img = pending_read.result()
+                data = pending_read.result()
                 spent["wait"] += time.perf_counter() - t0
                 pending_read = None
                 if i + 1 < len(todo):
                     nj, nb = todo[i + 1]
                     pending_read = rpool.submit(read, reader_of(nj), nj, nb)
                 t0 = time.perf_counter()
-                result = evaluator(img, job, block)
+                probs = evaluator.forward(data)
                 seconds = time.perf_counter() - t0
                 spent["evaluate"] += seconds
                 t0 = time.perf_counter()
                 if pending_write is not None:
                     pending_write.result()  # re-raises a failed write; bounds the memory in flight
                 spent["wait"] += time.perf_counter() - t0
-                pending_write = wpool.submit(write, i, job, block, result, seconds)
+                pending_write = wpool.submit(write, i, job, block, probs, data[1], seconds)
             if pending_write is not None:
                 pending_write.result()
     finally:

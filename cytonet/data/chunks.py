@@ -1,0 +1,207 @@
+"""Direct chunk I/O for local zarr v3 arrays: chunk files decoded and encoded here, reads through a small LRU
+chunk cache.
+
+zarr-python spends about 0.6 ms per chunk call in asyncio and thread hand-offs on top of the codec. For
+whole-section inference with small models that is most of the I/O:
+
+- reading: a 2153^2 px read box touches 25 chunks of 512^2 px, 21 ms through zarr against 13 ms decoded
+  here; neighbouring blocks share the chunks of their overlapping context, which the cache decodes once;
+- writing: a block's 6 output arrays (probabilities and labels at 3 pyramid levels) took 12 ms through zarr.
+
+Only arrays whose metadata this module fully understands take this path (:func:`open_chunked` returns None
+otherwise, and the caller goes through zarr): zarr v3, a regular chunk grid, the default chunk key encoding,
+codecs ``bytes`` (little endian) optionally followed by ``blosc``, no storage transformers (so no sharding),
+a numeric fill value, a store on the local file system. Section stores and output volumes written by
+cytonet are such arrays. As in zarr, a chunk that holds only the fill value has no file: reading a missing
+file gives the fill value, and writing such a chunk removes its file.
+
+Entry point: :func:`open_chunked` -> :class:`ChunkedArray` with :meth:`~ChunkedArray.read` (any box inside
+the array) and :meth:`~ChunkedArray.write` (boxes made of whole chunks, or ending at the array's edge).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: zarr v3 data type name -> numpy dtype (little endian, as the ``bytes`` codec writes them).
+DTYPES = {"uint8": "u1", "uint16": "<u2", "int32": "<i4", "float32": "<f4", "float64": "<f8"}
+#: How zarr v3 metadata spells the non-finite float fill values.
+FILL_WORDS: dict[Any, float] = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+#: blosc shuffle names in zarr v3 metadata -> numcodecs constants.
+SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+
+Box = tuple[tuple[int, int], ...]
+
+
+class ChunkCache:
+    """Decoded chunks by key, least recently used dropped first beyond ``max_bytes``; thread safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[Any, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> np.ndarray | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+            return item
+
+    def put(self, key: Any, value: np.ndarray) -> None:
+        with self._lock:
+            if key in self._items or value.nbytes > self.max_bytes:
+                return
+            self._items[key] = value
+            self._bytes += value.nbytes
+            while self._bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+class ChunkedArray:
+    """A local zarr v3 array read and written chunk file by chunk file (see the module doc)."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], cache: ChunkCache | None) -> None:
+        self.path = path
+        self.shape = tuple(int(n) for n in meta["shape"])
+        self.chunks = tuple(int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"])
+        self.dtype = np.dtype(DTYPES[meta["data_type"]])
+        self.fill = FILL_WORDS.get(meta["fill_value"], meta["fill_value"])
+        self.separator = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
+        blosc = meta["codecs"][1].get("configuration", {}) if len(meta["codecs"]) == 2 else None
+        self._codec: Any = None
+        if blosc is not None:
+            from numcodecs import Blosc
+
+            self._codec = Blosc(
+                cname=blosc.get("cname", "lz4"),
+                clevel=int(blosc.get("clevel", 5)),
+                shuffle=SHUFFLES[blosc.get("shuffle", "noshuffle")],
+                blocksize=int(blosc.get("blocksize", 0)),
+            )
+        self.cache = cache
+
+    def _file(self, index: tuple[int, ...]) -> Path:
+        return self.path / self.separator.join(["c", *(str(i) for i in index)])
+
+    def _ranges(self, box: Box) -> list[range]:
+        return [range(a // c, -(-b // c)) for (a, b), c in zip(box, self.chunks)]
+
+    def _full_box(self, box: Box) -> Box:
+        """``box`` with the axes it leaves out taken whole."""
+        return tuple(box) + tuple((0, n) for n in self.shape[len(box) :])
+
+    def _chunk(self, index: tuple[int, ...]) -> np.ndarray:
+        key = (str(self.path), index)
+        chunk = self.cache.get(key) if self.cache is not None else None
+        if chunk is not None:
+            return chunk
+        try:
+            raw = self._file(index).read_bytes()
+        except FileNotFoundError:
+            chunk = np.full(self.chunks, self.fill, dtype=self.dtype)
+        else:
+            if self._codec is not None:
+                raw = self._codec.decode(raw)  # the blosc frame names its own codec, shuffle and type size
+            chunk = np.frombuffer(raw, dtype=self.dtype).reshape(self.chunks)
+        if self.cache is not None:
+            self.cache.put(key, chunk)
+        return chunk
+
+    def read(self, *box: tuple[int, int]) -> np.ndarray:
+        """``array[a0:b0, a1:b1, ...]`` for ``box = ((a0, b0), (a1, b1), ...)`` (omitted axes whole); the box
+        must lie inside the array."""
+        full = self._full_box(box)
+        out = np.empty([b - a for a, b in full], dtype=self.dtype)
+        for index in itertools.product(*self._ranges(full)):
+            src, dst = [], []
+            for i, (a, b), c in zip(index, full, self.chunks):
+                lo, hi = max(a, i * c), min(b, (i + 1) * c)
+                src.append(slice(lo - i * c, hi - i * c))
+                dst.append(slice(lo - a, hi - a))
+            out[tuple(dst)] = self._chunk(index)[tuple(src)]
+        return out
+
+    def write(self, start: tuple[int, ...], data: np.ndarray) -> None:
+        """Write ``data`` with its first element at ``start`` (omitted axes from 0). The box must consist of
+        whole chunks, except where it ends at the array's edge; chunks of only the fill value lose their
+        file. Not atomic per chunk: callers that need it mark completion after writing (done markers)."""
+        full = self._full_box(tuple((a, a + n) for a, n in zip(start, data.shape)))
+        for (a, b), c, n in zip(full, self.chunks, self.shape):
+            if a % c or (b % c and b != n) or b > n:
+                raise ValueError(f"{self.path}: box {full} is not made of whole chunks {self.chunks} of {self.shape}")
+        data = np.asarray(data, dtype=self.dtype)
+        for index in itertools.product(*self._ranges(full)):
+            part = data[tuple(slice(i * c - a, (i + 1) * c - a) for i, (a, _), c in zip(index, full, self.chunks))]
+            file = self._file(index)
+            if _all_fill(part, self.fill):
+                file.unlink(missing_ok=True)
+                continue
+            if part.shape != self.chunks:  # an edge chunk: stored whole, padded with the fill value
+                padded = np.full(self.chunks, self.fill, dtype=self.dtype)
+                padded[tuple(slice(0, m) for m in part.shape)] = part
+                part = padded
+            raw = np.ascontiguousarray(part).tobytes()
+            if self._codec is not None:
+                raw = self._codec.encode(np.ascontiguousarray(part))
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_bytes(raw)
+            if self.cache is not None:
+                self.cache.put((str(self.path), index), np.array(part))
+
+
+def _all_fill(part: np.ndarray, fill: float) -> bool:
+    if isinstance(fill, float) and math.isnan(fill):
+        return bool(np.isnan(part).all())
+    return bool((part == fill).all())
+
+
+def _understood(meta: dict[str, Any]) -> bool:
+    codecs = meta.get("codecs", [])
+    names = [c.get("name") for c in codecs]
+    if names not in (["bytes"], ["bytes", "blosc"]):
+        return False
+    endian = codecs[0].get("configuration", {}).get("endian", "little")
+    blosc = codecs[1].get("configuration", {}) if len(codecs) == 2 else {}
+    encoding = meta.get("chunk_key_encoding", {})
+    grid = meta.get("chunk_grid", {})
+    chunks = grid.get("configuration", {}).get("chunk_shape", [])
+    return (
+        meta.get("zarr_format") == 3
+        and meta.get("node_type") == "array"
+        and meta.get("data_type") in DTYPES
+        and endian in ("little", None)
+        and blosc.get("shuffle", "noshuffle") in SHUFFLES
+        and grid.get("name") == "regular"
+        and encoding.get("name") == "default"
+        and encoding.get("configuration", {}).get("separator", "/") in ("/", ".")
+        and not meta.get("storage_transformers")
+        and len(chunks) == len(meta.get("shape", [])) >= 1
+        and (isinstance(meta.get("fill_value"), (int, float)) or meta.get("fill_value") in FILL_WORDS)
+    )
+
+
+def open_chunked(path: str | Path, cache: ChunkCache | None = None) -> ChunkedArray | None:
+    """The array at ``path`` (a folder with its ``zarr.json``) for direct chunk I/O, or None when it is not one
+    this module understands (see the module doc). ``cache``: decoded chunks to share between reads."""
+    try:
+        meta = json.loads((Path(path) / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or not _understood(meta):
+        return None
+    return ChunkedArray(Path(path), meta, cache)
