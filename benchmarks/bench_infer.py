@@ -45,6 +45,7 @@ def make_model(cfg: object, path: Path, n_areas: int, pixel_um: float) -> None:
     g = torch.Generator().manual_seed(0)
     for m in enc.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
+            assert m.running_mean is not None and m.running_var is not None
             m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     head = LinearClassifier(enc.out_dim, n_areas)
@@ -85,6 +86,8 @@ CASES = {
 #: they do on a real section; a 24 x 18 mm section (--section-mm 24 18) shows them at their worst.
 SECTION_UM = 4.0
 SECTION_MM = (64.0, 48.0)
+#: torch's default thread count: the cores this process may use.
+CORES = torch.get_num_threads()
 
 
 def section_config(args: argparse.Namespace, work: Path, *overrides: str) -> Config:
@@ -176,31 +179,36 @@ def run_case(name: str, args: argparse.Namespace, work: Path, device: torch.devi
     blocks = [(job, b) for job in jobs for b in job.grid.blocks()]
     with open_section(jobs[0].path) as r:
         read = [evaluator.read(r, job, b) for job, b in blocks]
-    tissue = [bool(mask.any()) for _, mask in read]
-    inputs = [torch.from_numpy(img).float().div(255.0)[None, None].to(device) for img, mask in read if mask.any()]
+    tissue = [x is not None for x, _ in read]
+    inputs = [x.to(device).float().div(255.0) if x.dtype == torch.uint8 else x for x, _ in read if x is not None]
 
     def pure() -> None:
         with torch.no_grad(), torch.autocast(device.type, dtype=evaluator.dtype, enabled=evaluator.dtype is not None):
             for xb in inputs:
                 torch.softmax(dense_classifier_logits(evaluator.net(xb).float(), clf.head.fc), dim=1).cpu()
 
-    # Interleaved, best of N each: the machine's load drifts during a run, and both sides see the same drift.
-    t_pure_runs, e2e = [], []
-    for rep in range(args.repeats):
-        t_pure_runs.append(timed(pure, 1))
-        shutil.rmtree(work / f"out-{rep}", ignore_errors=True)  # a kept --work folder: map everything again
-        t0 = time.perf_counter()
-        run_infer(cfg, DistEnv(), work / f"out-{rep}", device=device)
-        e2e.append(time.perf_counter() - t0)
-    t_pure, t_e2e = min(t_pure_runs), min(e2e)
     mpix = h * w / 1e6
     print(
         f"2. end to end: section {h}x{w} px ({mpix:.1f} MP), {len(blocks)} blocks of {chunk}^2 output px, "
-        f"{sum(tissue)} with tissue"
+        f"{sum(tissue)} with tissue; best of {args.repeats}, interleaved"
     )
-    print(f"   pure forward (trunk + classifier, blocks in memory) {t_pure:7.3f} s  {mpix / t_pure:7.2f} MP/s")
-    print(f"   cytonet infer (read, evaluate, write, markers)     {t_e2e:7.3f} s  {mpix / t_e2e:7.2f} MP/s")
-    print(f"   overhead {100 * (t_e2e / t_pure - 1):.1f}% (goal <= 15%)")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        # Interleaved, best of N each: the machine's load drifts during a run, and both sides see the same drift.
+        t_pure_runs, e2e = [], []
+        for rep in range(args.repeats):
+            t_pure_runs.append(timed(pure, 1))
+            shutil.rmtree(work / f"out-{rep}", ignore_errors=True)  # a kept --work folder: map everything again
+            t0 = time.perf_counter()
+            run_infer(cfg, DistEnv(), work / f"out-{rep}", device=device)
+            e2e.append(time.perf_counter() - t0)
+        t_pure, t_e2e = min(t_pure_runs), min(e2e)
+        left = CORES - threads
+        print(f"   model on {threads} thread(s), {left} core(s) left to reading and writing:")
+        print(f"     pure forward (trunk + classifier, blocks in memory) {t_pure:7.3f} s  {mpix / t_pure:7.2f} MP/s")
+        print(f"     cytonet infer (read, evaluate, write, markers)     {t_e2e:7.3f} s  {mpix / t_e2e:7.2f} MP/s")
+        print(f"     overhead {100 * (t_e2e / t_pure - 1):.1f}% (goal <= 15%)")
+    torch.set_num_threads(CORES)
 
 
 def main() -> None:
@@ -214,6 +222,13 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=0, help="output chunk (= block) edge in px; 0: the case's")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. infer.*")
     ap.add_argument("--work", type=Path, help="folder for the section and outputs (kept; the section is reused)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[CORES, CORES - 1] if CORES > 1 else [1],
+        help="model (torch) threads to measure part 2 with; default: all cores, and all but one",
+    )
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-infer-"))
     make_section(args, work)
