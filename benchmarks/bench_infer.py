@@ -6,17 +6,21 @@ non-trivial BatchNorm statistics: speed and exactness do not depend on training)
 1. Dense vs per-patch: the same tile evaluated by :class:`DenseEncoder` (trunk once, a trous after the split
    point) and by :class:`PerPatchEncoder` (one encoder call per grid point, batched) at a stride of about 1/16
    of the patch; prints both times, the speedup (goal >= 50x) and the largest feature difference.
-2. End to end: ``run_infer`` over the whole section (read, tissue mask, dense trunk, classifier, pyramid,
-   compressed OME-Zarr writes, done markers) against the pure forward pass (dense trunk + classifier) over
-   the same blocks already in memory; prints megapixels per second (section pixels) and the overhead (goal
-   <= 15%).
+2. End to end: ``run_infer`` over the whole section (plan, read, tissue mask, dense trunk, classifier,
+   pyramid, compressed OME-Zarr writes, done markers) against the pure forward pass (dense trunk +
+   classifier) over the same blocks already in memory as float tensors; prints megapixels per second
+   (section pixels) and the overhead (goal <= 15%). Best of --repeats, the two sides interleaved. Measured
+   twice: with all cores to the model (torch's default), where reading and writing take CPU time from the
+   model, and with one core left to them (--threads), the layout of a node where the model runs on an
+   accelerator and the cores are free for I/O.
 
-    python benchmarks/bench_infer.py                  # cases demo, medium, paper (~3 min on 2 cores)
-    python benchmarks/bench_infer.py --cases medium --repeats 5
-    python benchmarks/bench_infer.py --device cuda --precision bf16
+    python benchmarks/bench_infer.py                  # cases demo, medium, paper (~6 min on 2 cores)
+    python benchmarks/bench_infer.py --cases medium --repeats 5 --work /tmp/bench-infer
+    python benchmarks/bench_infer.py --device cuda --precision bf16 --threads 16
 
-Cases (encoder blocks / patch / stride): demo 3 / 121 px / 8 at 16 um (the CPU demo's model), medium 4 / 265 px
-/ 16, paper 6 / 1129 px / 64 (seed 002's encoder at about patch / 16).
+Cases (encoder blocks / patch / stride / model pixel): demo 3 / 121 px / 8 / 16 um (the CPU demo's model),
+medium 4 / 265 px / 16 / 8 um, paper 6 / 1129 px / 64 / 4 um (seed 002's encoder at about patch / 16), all on
+the same 4 um section, read from its image levels x4 and x2 and at full resolution.
 """
 
 from __future__ import annotations
