@@ -413,6 +413,10 @@ class InferConfig:
     encoder call per grid point (the reference, and the path for ResNets)."""
     batch_size: int = 64
     """Patches per forward pass in ``per_patch`` mode."""
+    io_threads: int = 0
+    """Reader threads and writer threads (each), and blocks read ahead: ``0`` picks 1 for a CPU model (whose
+    threads the cores are for) and up to 4, a quarter of the cores, for an accelerator, where one reader
+    cannot keep up with the model. HDF5 output always has one writer (one per file)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast dtype of the forward pass (fp16: CUDA only)."""
     tissue_max_intensity: int = 230
@@ -454,6 +458,7 @@ class InferConfig:
         )
         _check(block <= 8192, f"{prefix}.chunk_px", self.chunk_px, "chunk_px * shard_chunks <= 8192 output px")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, ">= 1")
+        _check(0 <= self.io_threads <= 64, f"{prefix}.io_threads", self.io_threads, "0-64 (0: automatic)")
         _check(
             0 < self.tissue_max_intensity <= 256,
             f"{prefix}.tissue_max_intensity",

@@ -311,6 +311,17 @@ def test_torchrun_two_ranks_match_one_process(root: Path) -> None:
     assert ranks == {0, 1}
 
 
+@pytest.mark.parametrize("fmt", ["ome-zarr", "hdf5"])
+def test_several_io_threads_give_the_same_output(root: Path, fmt: str) -> None:
+    """Three reader and three writer threads (blocks read three ahead, written out of order) write the same
+    bytes as one of each; HDF5 keeps one writer per file."""
+    one, three = root / f"out-io1-{fmt}", root / f"out-io3-{fmt}"
+    run(root, one, f"infer.format={fmt}", "infer.io_threads=1")
+    result = run(root, three, f"infer.format={fmt}", "infer.io_threads=3")
+    assert result.complete and result.written == 3 * 9  # type: ignore[attr-defined]
+    assert_same_outputs(one, three)
+
+
 @pytest.mark.parametrize("fmt", ["hdf5", "sharded"])
 def test_hdf5_and_sharded_zarr_equal_plain_zarr(root: Path, fmt: str) -> None:
     ref = root / "out-basic"

@@ -40,6 +40,7 @@ import json
 import math
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -354,6 +355,7 @@ class SectionReader:
         self._fast: dict[str, ChunkedArray | None] | None = None
         self._fast_pid: int | None = None
         self._cache: ChunkCache | None = None
+        self._lock = threading.Lock()  # several reader threads may share one reader (inference)
         try:
             attrs = self._read_attrs()
         finally:
@@ -362,6 +364,10 @@ class SectionReader:
 
     # -- handle management ------------------------------------------------------------------------------
     def _open(self) -> Any:
+        with self._lock:
+            return self._open_locked()
+
+    def _open_locked(self) -> Any:
         if self._handle is not None and self._pid == os.getpid():
             return self._handle
         try:
@@ -385,12 +391,13 @@ class SectionReader:
         """Array ``name`` of a zarr store for direct chunk reads (:mod:`cytonet.data.chunks`), else None."""
         if self.backend != "zarr":
             return None
-        if self._fast is None or self._cache is None or self._fast_pid != os.getpid():
-            # first use, or a forked process: it drops what the parent cached
-            self._fast, self._fast_pid, self._cache = {}, os.getpid(), ChunkCache(CHUNK_CACHE_BYTES)
-        if name not in self._fast:
-            self._fast[name] = open_chunked(self.path / name, self._cache)
-        return self._fast[name]
+        with self._lock:
+            if self._fast is None or self._cache is None or self._fast_pid != os.getpid():
+                # first use, or a forked process: it drops what the parent cached
+                self._fast, self._fast_pid, self._cache = {}, os.getpid(), ChunkCache(CHUNK_CACHE_BYTES)
+            if name not in self._fast:
+                self._fast[name] = open_chunked(self.path / name, self._cache)
+            return self._fast[name]
 
     def _read_attrs(self) -> dict[str, Any]:
         handle = self._open()
@@ -403,7 +410,12 @@ class SectionReader:
         state["_handle"] = None
         state["_pid"] = None
         state["_fast"] = state["_cache"] = None
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     # -- reading ----------------------------------------------------------------------------------------
     @property

@@ -415,6 +415,16 @@ def run_infer(
     return InferResult(out, [j.name for j in jobs], written, skipped, cleaned, all(complete.values()))
 
 
+def io_threads(cfg: Config, device: torch.device) -> int:
+    """Reader threads and writer threads of this worker (``infer.io_threads``; see there for 0)."""
+    if cfg.infer.io_threads:
+        return cfg.infer.io_threads
+    if device.type == "cpu":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores // 4))
+
+
 def _process(
     cfg: Config,
     clf: Classifier,
@@ -425,35 +435,51 @@ def _process(
 ) -> int:
     """Evaluate and write ``todo`` in order; returns the number of blocks written.
 
-    Three stages overlap (:class:`BlockEvaluator`): a reader thread reads the next block's read box and its
-    mask, the main thread runs the model on the current one (torch releases the GIL), a writer thread zeroes
-    the masked pixels of the previous one, builds its pyramid and labels, writes them and its done marker.
-    Everything but the model is off the main thread, so the model never waits for numpy work.
-    At most one write is in flight, so when a block's write starts every earlier block is written and marked.
-    HDF5 volumes are closed (and marked complete) once their last block is written.
+    Three stages overlap (:class:`BlockEvaluator`): reader threads read the next blocks' read boxes and masks
+    (``n`` blocks ahead with ``n`` = :func:`io_threads`), the main thread runs the model on the current one
+    (torch releases the GIL), writer threads zero the masked pixels of earlier ones, build their pyramids and
+    labels, write them and then their done markers. Everything but the model is off the main thread, so the
+    model never waits for numpy work. At most ``n`` writes are in flight (one for HDF5, whose volumes are
+    closed and marked complete once their last block is written), which bounds the memory in flight.
     """
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+    from threading import Lock
+
     fmt = cfg.infer.format
+    n_io = io_threads(cfg, evaluator.device)
+    n_write = 1 if fmt == "hdf5" else n_io
     crash = _crash_point()
     volumes: dict[str, writers.Volume] = {}
     readers: dict[str, SectionReader] = {}
     last_block = {job.name: i for i, (job, _) in enumerate(todo)}
     count = 0
+    lock = Lock()  # guards count, volumes and spent across writer threads
     spent = {"read": 0.0, "evaluate": 0.0, "write": 0.0, "wait": 0.0}  # seconds per stage (threads overlap)
 
     def read(reader: SectionReader, job: SectionJob, block: Block) -> tuple[torch.Tensor | None, np.ndarray]:
         t0 = time.perf_counter()
         data = evaluator.read(reader, job, block)
-        spent["read"] += time.perf_counter() - t0
+        with lock:
+            spent["read"] += time.perf_counter() - t0
         return data
 
-    def reader_of(job: SectionJob) -> SectionReader:
+    def reader_of(job: SectionJob, live: set[str]) -> SectionReader:
+        """The open reader of ``job``'s section. Blocks come section by section: the readers of sections with
+        no read in flight (not in ``live``) are closed, so that a worker mapping thousands of sections holds
+        a chunk cache or two, not thousands."""
+        for name in [n for n in readers if n not in live and n != job.name]:
+            readers.pop(name).close()
         if job.name not in readers:
-            # Blocks come section by section and every read of the previous section has finished: close its
-            # reader, so that a worker mapping thousands of sections holds one chunk cache, not thousands.
-            for name in list(readers):
-                readers.pop(name).close()
             readers[job.name] = open_section(job.path)
         return readers[job.name]
+
+    def volume_of(job: SectionJob) -> writers.Volume:
+        with lock:
+            if job.name not in volumes:
+                settings = infer_settings(cfg, clf, job)
+                volumes[job.name] = writers.open_volume(out, job.grid, settings, _attrs(cfg, clf, job, settings))
+            return volumes[job.name]
 
     def write(
         i: int, job: SectionJob, block: Block, probs: np.ndarray | None, mask: np.ndarray, seconds: float
@@ -461,59 +487,63 @@ def _process(
         nonlocal count
         t0 = time.perf_counter()
         result = evaluator.finish(probs, mask)
-        if job.name not in volumes:
-            settings = infer_settings(cfg, clf, job)
-            volumes[job.name] = writers.open_volume(out, job.grid, settings, _attrs(cfg, clf, job, settings))
-        if crash and count == crash[0] and crash[1] == "before":
+        volume = volume_of(job)
+        with lock:  # this is the (nth + 1)-th block this process writes, whichever thread writes it
+            nth, count = count, count + 1
+        if crash and nth == crash[0] and crash[1] == "before":
             os._exit(3)
-        volumes[job.name].write_block(block, result[0], result[1])
-        if crash and count == crash[0]:
+        volume.write_block(block, result[0], result[1])
+        if crash and nth == crash[0]:
             os._exit(3)
         info = {**who, "tissue_px": result[2], "seconds": round(seconds, 4)}
         writers.DoneMarkers(out, job.name).mark(block, info)
-        count += 1
-        spent["write"] += time.perf_counter() - t0
-        if last_block[job.name] == i and fmt == "hdf5":
-            volumes.pop(job.name).close()
+        if last_block[job.name] == i and fmt == "hdf5":  # one writer: every block of the section is written
+            with lock:
+                volumes.pop(job.name).close()
             write_json_atomic(writers.state_dir(out, job.name) / "complete.json", {"worker": who["worker"]})
+        with lock:
+            spent["write"] += time.perf_counter() - t0
 
-    from concurrent.futures import Future, ThreadPoolExecutor
-
+    reads: deque[tuple[str, Future[tuple[torch.Tensor | None, np.ndarray]]]] = deque()
+    writes: deque[Future[None]] = deque()
     try:
         with (
-            ThreadPoolExecutor(1, thread_name_prefix="infer-read") as rpool,
-            ThreadPoolExecutor(1, thread_name_prefix="infer-write") as wpool,
+            ThreadPoolExecutor(n_io, thread_name_prefix="infer-read") as rpool,
+            ThreadPoolExecutor(n_write, thread_name_prefix="infer-write") as wpool,
         ):
-            pending_read: Future[tuple[torch.Tensor | None, np.ndarray]] | None = None
-            pending_write: Future[None] | None = None
+            ahead = 0  # the next block to submit for reading: blocks i .. i + n_io are read or being read
             for i, (job, block) in enumerate(todo):
+                while ahead < len(todo) and ahead <= i + n_io:
+                    nj, nb = todo[ahead]
+                    live = {name for name, _ in reads}
+                    reads.append((nj.name, rpool.submit(read, reader_of(nj, live), nj, nb)))
+                    ahead += 1
                 t0 = time.perf_counter()
-                if pending_read is None:
-                    pending_read = rpool.submit(read, reader_of(job), job, block)
-                data = pending_read.result()
+                data = reads.popleft()[1].result()
                 spent["wait"] += time.perf_counter() - t0
-                pending_read = None
-                if i + 1 < len(todo):
-                    nj, nb = todo[i + 1]
-                    pending_read = rpool.submit(read, reader_of(nj), nj, nb)
                 t0 = time.perf_counter()
                 probs = evaluator.forward(data)
                 seconds = time.perf_counter() - t0
                 spent["evaluate"] += seconds
                 t0 = time.perf_counter()
-                if pending_write is not None:
-                    pending_write.result()  # re-raises a failed write; bounds the memory in flight
+                while len(writes) >= n_write:
+                    writes.popleft().result()  # re-raises a failed write; bounds the memory in flight
                 spent["wait"] += time.perf_counter() - t0
-                pending_write = wpool.submit(write, i, job, block, probs, data[1], seconds)
-            if pending_write is not None:
-                pending_write.result()
+                writes.append(wpool.submit(write, i, job, block, probs, data[1], seconds))
+            while writes:
+                writes.popleft().result()
     finally:
         for v in volumes.values():
             v.close()
         for r in readers.values():
             r.close()
     if count:
-        log.info("infer: stage seconds (overlapping): %s", ", ".join(f"{k} {v:.2f}" for k, v in spent.items()))
+        log.info(
+            "infer: %d reader and %d writer thread(s); stage seconds (overlapping): %s",
+            n_io,
+            n_write,
+            ", ".join(f"{k} {v:.2f}" for k, v in spent.items()),
+        )
     return count
 
 
