@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from ringdata import PIXEL_UM, image_pattern, make_sections, ring_layers
+from ringdata import PIXEL_UM, image_pattern, ring_layers
 
 from cytonet.config import Config, load_config
 from cytonet.data.extract import CRASH_ENV, run_extract
@@ -35,22 +35,6 @@ OVERRIDES = [
 
 def make_cfg(*extra: str) -> Config:
     return load_config(None, [*OVERRIDES, *extra])
-
-
-@pytest.fixture(scope="module")
-def sections(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("sections")
-    make_sections(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def reference(sections: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One-task, one-process extraction that the other runs are compared with."""
-    out = tmp_path_factory.mktemp("ref") / "patches"
-    result = run_extract(make_cfg(), out, sections_dir=sections)
-    assert result.manifest is not None and result.written == result.n_shards
-    return out
 
 
 def shard_contents(out: Path) -> dict[str, Any]:

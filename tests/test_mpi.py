@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from ringdata import make_sections
-from test_extract import assert_same_store, make_cfg, write_yaml
+from test_extract import assert_same_store, write_yaml
 
 from cytonet.data.extract import run_extract
 from cytonet.data.patches import MANIFEST
@@ -65,21 +65,6 @@ def mpiexec(n: int, *cmd: str, env: dict[str, str] | None = None) -> subprocess.
 
 # ----------------------------------------------------------------------------------------------------------
 # cytonet extract under mpiexec
-
-
-@pytest.fixture(scope="module")
-def sections(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("sections")
-    make_sections(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def reference(sections: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ref") / "patches"
-    result = run_extract(make_cfg(), out, sections_dir=sections)
-    assert result.manifest is not None
-    return out
 
 
 @pytest.mark.distributed
