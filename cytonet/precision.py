@@ -38,6 +38,15 @@ def check_precision(precision: Precision, device: torch.device) -> None:
         raise ConfigError(f"optim.precision={precision!r} is invalid: use fp32, bf16 or fp16")
 
 
+def ieee_fp32(device: torch.device) -> None:
+    """Make fp32 mean fp32 on ``device``: cuDNN runs fp32 convolutions in TF32 (a 10-bit mantissa) by default
+    on Ampere and later GPUs, which puts probabilities ~1e-3 off the fp32 result; inference promises 1e-4.
+    Process-wide (torch has no narrower switch); a no-op off CUDA."""
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def autocast_dtype(precision: Precision) -> torch.dtype | None:
     """The autocast dtype of ``precision`` (None for fp32)."""
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

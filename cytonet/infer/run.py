@@ -52,7 +52,7 @@ from cytonet.infer.dense import DenseEncoder, PerPatchEncoder, dense_classifier_
 from cytonet.models.base import Encoder
 from cytonet.models.build import MODEL_FILE, MODEL_FORMAT, build_encoder
 from cytonet.models.heads import LinearClassifier
-from cytonet.precision import autocast_dtype, check_precision
+from cytonet.precision import autocast_dtype, check_precision, ieee_fp32
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,8 @@ class BlockEvaluator:
         icfg = cfg.infer
         check_precision(icfg.precision, device)
         self.dtype = autocast_dtype(icfg.precision)
+        if self.dtype is None:
+            ieee_fp32(device)
         self.device = device
         net: nn.Module
         if icfg.mode == "dense":

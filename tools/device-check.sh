@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU checks, as one call of the device tool on a lent GPU machine (its image has torch, h5py, scipy,
+# scikit-learn, matplotlib, pyyaml and pytest; zarr and numcodecs travel as wheels):
+#
+#   here, once:   bash tools/device-check.sh --wheels       # downloads them into .whl (git-ignored)
+#   device tool:  run(command="bash tools/device-check.sh", carry=[".whl"], timeout_s=540)
+#
+# It runs the CUDA tests (tests/test_gpu.py, the GPU augmentation test) and bench_infer on the GPU with one
+# and with four I/O threads, and leaves the logs in $OUT (the device tool brings them back).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--wheels" ]; then
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    rm -rf .whl && mkdir -p .whl
+    plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+          --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64)
+    exec python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        "${plat[@]}" -d .whl zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.7.1
+fi
+
+OUT=${OUT:-/tmp/device-check}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1
+{ nvidia-smi -L; python3 -c 'import torch, zarr; print("torch", torch.__version__, "zarr", zarr.__version__)'; } \
+    | tee "$OUT/gpu.txt"
+
+python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py "tests/test_augment.py::test_gpu_matches_cpu" \
+    2>&1 | tee "$OUT/tests.log"
+status=${PIPESTATUS[0]}
+
+cores=$(nproc)
+for io in 1 4; do
+    timeout 180 python3 benchmarks/bench_infer.py --device cuda --threads "$cores" --repeats 3 \
+        --work /tmp/bench-infer --set "infer.io_threads=$io" 2>&1 | tee "$OUT/bench-infer-io$io.log"
+done
+exit "$status"
