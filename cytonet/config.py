@@ -36,6 +36,15 @@ def check_value(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 _check = check_value
 
+#: Factors a section store's image level may have (powers of two, like every image pyramid).
+IMAGE_LEVEL_FACTORS = (2, 4, 8, 16, 32, 64)
+
+
+def image_levels_valid(levels: tuple[int, ...] | list[int]) -> bool:
+    """Whether ``levels`` are increasing :data:`IMAGE_LEVEL_FACTORS` (the config and the section writer check
+    this one rule)."""
+    return all(f in IMAGE_LEVEL_FACTORS for f in levels) and list(levels) == sorted(set(levels))
+
 
 @dataclass
 class RunConfig:
@@ -139,12 +148,11 @@ class SectionStoreConfig:
 
     def validate(self, prefix: str) -> None:
         _check(16 <= self.chunk_px <= 8192, f"{prefix}.chunk_px", self.chunk_px, "use 16-8192 px")
-        levels = list(self.image_levels)
         _check(
-            all(f in (2, 4, 8, 16, 32, 64) for f in levels) and levels == sorted(set(levels)),
+            image_levels_valid(self.image_levels),
             f"{prefix}.image_levels",
-            levels,
-            "increasing powers of two among 2, 4, 8, 16, 32, 64 (or [])",
+            list(self.image_levels),
+            f"increasing factors among {list(IMAGE_LEVEL_FACTORS)} (or [])",
         )
 
 

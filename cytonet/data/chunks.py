@@ -155,9 +155,8 @@ class ChunkedArray:
                 padded = np.full(self.chunks, self.fill, dtype=self.dtype)
                 padded[tuple(slice(0, m) for m in part.shape)] = part
                 part = padded
-            raw = np.ascontiguousarray(part).tobytes()
-            if self._codec is not None:
-                raw = self._codec.encode(np.ascontiguousarray(part))
+            part = np.ascontiguousarray(part)
+            raw = self._codec.encode(part) if self._codec is not None else part.tobytes()
             file.parent.mkdir(parents=True, exist_ok=True)
             file.write_bytes(raw)
             if self.cache is not None:

@@ -49,6 +49,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cytonet import __version__
+from cytonet.config import IMAGE_LEVEL_FACTORS, image_levels_valid
 from cytonet.data.chunks import ChunkCache, ChunkedArray, open_chunked
 from cytonet.errors import InputError, OutputExistsError
 
@@ -64,8 +65,6 @@ LAYER_FILL: dict[str, float] = {"image": 0, "labels": 0, "depth": float("nan"), 
 CHUNK_CACHE_BYTES = 64 << 20
 #: Edge of the full-resolution tiles image levels are computed from (bounds the memory of writing them).
 LEVEL_TILE_PX = 1024
-#: Factors an image level may have (powers of two, like every image pyramid).
-LEVEL_FACTORS = (2, 4, 8, 16, 32, 64)
 SUFFIXES = {"zarr": ".zarr", "hdf5": ".h5"}
 BACKEND_OF_SUFFIX = {".zarr": "zarr", ".h5": "hdf5", ".hdf5": "hdf5"}
 
@@ -162,10 +161,13 @@ def level_shape(shape: tuple[int, int], factor: int) -> tuple[int, int]:
 
 
 def check_image_levels(levels: tuple[int, ...] | list[int], where: str) -> tuple[int, ...]:
-    """``levels`` as a tuple, or an InputError naming ``where`` unless they are increasing :data:`LEVEL_FACTORS`."""
+    """``levels`` as a tuple, or an InputError naming ``where`` unless they are increasing
+    :data:`~cytonet.config.IMAGE_LEVEL_FACTORS`."""
     out = tuple(int(f) for f in levels)
-    if any(f not in LEVEL_FACTORS for f in out) or list(out) != sorted(set(out)):
-        raise InputError(f"{where}: image levels {list(levels)} must be increasing factors among {list(LEVEL_FACTORS)}")
+    if not image_levels_valid(out):
+        raise InputError(
+            f"{where}: image levels {list(levels)} must be increasing factors among {list(IMAGE_LEVEL_FACTORS)}"
+        )
     return out
 
 

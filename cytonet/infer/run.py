@@ -264,12 +264,6 @@ class BlockEvaluator:
         levels = pyramid_mean(probs, self.levels)
         return levels, [self._argmax(p) for p in levels], int(mask.sum())
 
-    def __call__(
-        self, data: tuple[torch.Tensor | None, np.ndarray], job: SectionJob, block: Block
-    ) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-        """Stages 2 and 3 of one block read by :meth:`read`, in one go."""
-        return self.finish(self.forward(data), data[1])
-
     def _argmax(self, probs: np.ndarray) -> np.ndarray:
         lab = self.area_ids[np.argmax(probs, axis=0)]
         lab[probs.sum(axis=0) <= 0] = 0
