@@ -9,6 +9,7 @@ can be matched to the exact section pixels it came from.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,3 +70,29 @@ def make_sections(
                     w.write(layer, 0, 0, data)
             paths.append(path)
     return paths
+
+
+def training_data(root: Path, name: str = "base.yaml", **sections: dict[str, Any]) -> Path:
+    """Ring sections under ``root/sections``, a small training config ``root/<name>`` and its patch store
+    ``root/patches`` (extracted here); returns the config's path.
+
+    The config: 2-block encoder on 49 px patches, 16 (4) patches per area, 2 samples per class, no loader
+    workers; each keyword is a config section whose keys are set on top (``pretrain={"epochs": 2}``)."""
+    import yaml
+
+    from cytonet.config import load_config
+    from cytonet.data.extract import run_extract
+
+    make_sections(root / "sections")
+    cfg: dict[str, dict[str, Any]] = {
+        "run": {"root_dir": str(root)},
+        "extract": {"sections_dir": str(root / "sections"), "patches_per_area": 16, "eval_patches_per_area": 4},
+        "model": {"n_blocks": 2, "patch_size_px": 49},
+        "loader": {"workers": 0, "samples_per_class": 2},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = root / name
+    path.write_text(yaml.safe_dump(cfg))
+    run_extract(load_config(path), root / "patches")
+    return path

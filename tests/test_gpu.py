@@ -13,12 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from ringdata import make_sections
+from ringdata import make_sections, training_data
 from test_infer import base_config, read_volume, write_model
 
-from cytonet.config import load_config
-from cytonet.data.extract import run_extract
 from cytonet.distributed import DistEnv
 from cytonet.infer.run import run_infer
 
@@ -73,20 +70,15 @@ def test_cuda_model_at_twice_the_pixel_size_reads_the_level(tmp_path: Path) -> N
 
 def test_pretrain_on_cuda_with_nccl_and_fp16(tmp_path: Path) -> None:
     """One rank under torchrun with nccl, fp16 autocast and loss scaling: runs to the end with a finite loss."""
-    make_sections(tmp_path / "sections")
-    cfg = {
-        "run": {"root_dir": str(tmp_path)},
-        "extract": {"sections_dir": str(tmp_path / "sections"), "patches_per_area": 16, "eval_patches_per_area": 4},
-        "model": {"n_blocks": 2, "patch_size_px": 49},
-        "loader": {"workers": 1, "samples_per_class": 2},
-        "pretrain": {"epochs": 2, "global_batch_size": 8, "checkpoint_every_steps": 2, "log_every_steps": 1},
-        "optim": {"precision": "fp16"},
-        "dist": {"backend": "nccl", "timeout_s": 60.0},
-    }
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(cfg))
-    run_extract(load_config(tmp_path / "base.yaml"), tmp_path / "patches")
+    config = training_data(
+        tmp_path,
+        loader={"workers": 1},
+        pretrain={"epochs": 2, "global_batch_size": 8, "checkpoint_every_steps": 2, "log_every_steps": 1},
+        optim={"precision": "fp16"},
+        dist={"backend": "nccl", "timeout_s": 60.0},
+    )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "cytonet.cli"]
-    cmd += ["pretrain", str(tmp_path / "base.yaml"), "--out", str(tmp_path / "pretrain")]
+    cmd += ["pretrain", str(config), "--out", str(tmp_path / "pretrain")]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ}, timeout=600)
     log = p.stdout + p.stderr
     assert p.returncode == 0, log[-6000:]

@@ -13,11 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from ringdata import make_sections
+from ringdata import training_data
 
-from cytonet.config import load_config
-from cytonet.data.extract import run_extract
 from cytonet.train.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.distributed
@@ -30,17 +27,9 @@ def newest_step(run_dir: Path) -> int:
 
 
 def test_usr1_to_the_agent_checkpoints_all_ranks_and_exits_75(tmp_path: Path) -> None:
-    make_sections(tmp_path / "sections")
-    cfg = {
-        "run": {"root_dir": str(tmp_path)},
-        "extract": {"sections_dir": str(tmp_path / "sections"), "patches_per_area": 16, "eval_patches_per_area": 4},
-        "model": {"n_blocks": 2, "patch_size_px": 49},
-        "loader": {"workers": 0, "samples_per_class": 2},
-        "pretrain": {"epochs": 4, "global_batch_size": 8, "checkpoint_every_steps": 1},
-    }
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    run_extract(load_config(config), tmp_path / "patches")
+    config = training_data(
+        tmp_path, "c.yaml", pretrain={"epochs": 4, "global_batch_size": 8, "checkpoint_every_steps": 1}
+    )
 
     def command(out: str) -> list[str]:
         return [

@@ -19,10 +19,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from ringdata import make_sections
+from ringdata import make_sections, training_data
 from test_extract import assert_same_store, write_yaml
 
-from cytonet.data.extract import run_extract
 from cytonet.data.patches import MANIFEST
 from hpc.env import PORT_BASE, PORT_SPAN, LaunchEnvError, detect
 from hpc.mpi import launch_port, reachable_address, rendezvous
@@ -265,28 +264,16 @@ def test_mpiexec_pretrain_equals_torchrun_bitwise(tmp_path: Path) -> None:
     """The same 2-rank pretraining launched by mpiexec (rendezvous through hpc.launch.dist_env) and by torchrun
     ends in bitwise identical weights: the launcher changes nothing but how ranks find each other."""
     import torch
-    import yaml
 
-    from cytonet.config import load_config
     from cytonet.train.checkpoint import latest_checkpoint
 
-    make_sections(tmp_path / "sections")
-    cfg = {
-        "run": {"root_dir": str(tmp_path)},
-        "extract": {
-            "sections_dir": str(tmp_path / "sections"),
-            "patches_per_area": 16,
-            "eval_patches_per_area": 4,
-            "patches_per_shard": 16,
-        },
-        "model": {"n_blocks": 2, "patch_size_px": 49},
-        "loader": {"workers": 0, "samples_per_class": 2},
-        "pretrain": {"epochs": 2, "global_batch_size": 8, "checkpoint_every_steps": 4, "log_every_steps": 4},
-        "dist": {"timeout_s": 60.0},
-    }
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(cfg))
-    run_extract(load_config(tmp_path / "base.yaml"), tmp_path / "patches")
-    command = ["pretrain", str(tmp_path / "base.yaml")]
+    config = training_data(
+        tmp_path,
+        extract={"patches_per_shard": 16},
+        pretrain={"epochs": 2, "global_batch_size": 8, "checkpoint_every_steps": 4, "log_every_steps": 4},
+        dist={"timeout_s": 60.0},
+    )
+    command = ["pretrain", str(config)]
     # torchrun sets OMP_NUM_THREADS=1 per rank; give the MPI ranks the same, so both sum in the same order.
     p = mpiexec(2, str(BIN / "cytonet"), *command, "--out", str(tmp_path / "mpi"), env={"OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]

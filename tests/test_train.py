@@ -16,11 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from ringdata import make_sections
+from ringdata import training_data
 
 from cytonet.config import load_config
-from cytonet.data.extract import run_extract
 from cytonet.train.checkpoint import latest_checkpoint, list_checkpoints
 from cytonet.train.metrics import classification_metrics
 
@@ -39,24 +37,14 @@ def free_port() -> int:
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Ring sections of 3 brains and their patch store; returns the folder holding base.yaml."""
     root = tmp_path_factory.mktemp("train")
-    make_sections(root / "sections")
-    cfg = {
-        "run": {"root_dir": str(root)},
-        "extract": {
-            "sections_dir": str(root / "sections"),
-            "patches_per_area": 16,
-            "eval_patches_per_area": 4,
-            "patches_per_shard": 16,
-        },
-        "model": {"n_blocks": 2, "patch_size_px": 49},
-        "loader": {"workers": 0, "samples_per_class": 2},
-        "pretrain": {"epochs": 3, "global_batch_size": 8, "checkpoint_every_steps": 1, "log_every_steps": 4},
-        "probe": {"epochs": 2, "global_batch_size": 8},
-        "scratch": {"epochs": 2, "global_batch_size": 8},
-        "dist": {"timeout_s": 20.0},
-    }
-    (root / "base.yaml").write_text(yaml.safe_dump(cfg))
-    run_extract(load_config(root / "base.yaml"), root / "patches")
+    training_data(
+        root,
+        extract={"patches_per_shard": 16},
+        pretrain={"epochs": 3, "global_batch_size": 8, "checkpoint_every_steps": 1, "log_every_steps": 4},
+        probe={"epochs": 2, "global_batch_size": 8},
+        scratch={"epochs": 2, "global_batch_size": 8},
+        dist={"timeout_s": 20.0},
+    )
     return root
 
 
