@@ -45,6 +45,7 @@ from cytonet.data.sections import (
 )
 from cytonet.distributed import DistEnv
 from cytonet.errors import ConfigError, InputError
+from cytonet.hostmem import reuse_freed_memory
 from cytonet.infer import writers
 from cytonet.infer.blocks import Block, Grid, assign, pyramid_mean, section_grid, worker_of
 from cytonet.infer.cleanup import grid_positions, knn_cleanup, stack_cleanup
@@ -352,6 +353,8 @@ def run_infer(
 ) -> InferResult:
     """Map this worker's share of the sections; clean up what became complete. See the module doc."""
     icfg = cfg.infer
+    if cfg.run.reuse_host_memory:
+        reuse_freed_memory()  # before the reader and writer threads start: they share the heap (cytonet.hostmem)
     out = out or cfg.resolve_path(icfg.out_dir)
     worker, n_workers = worker_of(task_id, num_tasks, env.rank, env.world_size)
     if overwrite and n_workers > 1:

@@ -42,6 +42,7 @@ from cytonet.data.loader import PatchLoader, build_loader
 from cytonet.data.patches import PatchStore
 from cytonet.distributed import DistEnv
 from cytonet.errors import CytonetError
+from cytonet.hostmem import reuse_freed_memory
 from cytonet.losses.classification import CrossEntropyLoss
 from cytonet.losses.contrastive import build_loss
 from cytonet.models.build import MODEL_FILE, MODEL_FORMAT, build_classifier, build_contrastive_model
@@ -128,6 +129,8 @@ def run_stage(
     """
     tcfg = stage_config(cfg, kind)
     out = out or stage_dir(cfg, kind)
+    if cfg.run.reuse_host_memory:
+        reuse_freed_memory()  # before the process group's and the loader's threads start
     device = distributed.init_distributed(env, cfg.dist)
     try:
         if fresh:
