@@ -110,10 +110,13 @@ def section_config(args: argparse.Namespace, work: Path, *overrides: str) -> Con
 
 
 def make_section(args: argparse.Namespace, work: Path) -> Path:
-    """The synthetic section every case maps (generated once; kept when --work names a folder holding it)."""
-    cfg = section_config(args, work)
+    """The synthetic section every case maps (generated once; kept when --work names a folder holding it), with
+    the ``sections.*`` settings of --set (e.g. ``sections.compression=none``)."""
+    store_settings = sorted(s for s in args.set if s.startswith("sections."))
+    cfg = section_config(args, work, *store_settings)
     path = work / "sections" / "B00_s0000.zarr"
-    if path.exists() and open_section(path).meta.extra.get("bench") == [*args.section_mm, args.section_um]:
+    made_as = [*args.section_mm, args.section_um, *store_settings]
+    if path.exists() and open_section(path).meta.extra.get("bench") == made_as:
         return path
     t0 = time.perf_counter()
     generate_section(
@@ -122,9 +125,10 @@ def make_section(args: argparse.Namespace, work: Path) -> Path:
         0,
         path,
         chunk_px=cfg.sections.chunk_px,
+        compression=cfg.sections.compression,
         image_levels=cfg.sections.image_levels,
         overwrite=True,
-        extra_attrs={"bench": [*args.section_mm, args.section_um]},
+        extra_attrs={"bench": made_as},
     )
     print(f"generated {path} in {time.perf_counter() - t0:.0f} s")
     return path
@@ -199,19 +203,27 @@ def run_case(name: str, args: argparse.Namespace, work: Path, device: torch.devi
     for threads in args.threads:
         torch.set_num_threads(threads)
         # Interleaved, best of N each: the machine's load drifts during a run, and both sides see the same drift.
-        t_pure_runs, e2e = [], []
+        t_pure_runs, e2e, stages = [], [], []
         for rep in range(args.repeats):
             t_pure_runs.append(timed(pure, 1))
             shutil.rmtree(work / f"out-{rep}", ignore_errors=True)  # a kept --work folder: map everything again
             t0 = time.perf_counter()
-            run_infer(cfg, DistEnv(), work / f"out-{rep}", device=device)
+            result = run_infer(cfg, DistEnv(), work / f"out-{rep}", device=device)
             e2e.append(time.perf_counter() - t0)
+            stages.append(result.stage_seconds)
         t_pure, t_e2e = min(t_pure_runs), min(e2e)
+        spent = stages[e2e.index(t_e2e)]
         left = CORES - threads
         print(f"   model on {threads} thread(s), {left} core(s) left to reading and writing:")
         print(f"     pure forward (trunk + classifier, blocks in memory) {t_pure:7.3f} s  {mpix / t_pure:7.2f} MP/s")
         print(f"     cytonet infer (read, evaluate, write, markers)     {t_e2e:7.3f} s  {mpix / t_e2e:7.2f} MP/s")
         print(f"     overhead {100 * (t_e2e / t_pure - 1):.1f}% (goal <= 15%)")
+        print(
+            f"     where it goes: model {spent['evaluate']:.3f} s (pure {t_pure:.3f} s; the rest is the model slowed "
+            f"by the I/O threads), waits {spent['wait']:.3f} s, run set-up and the unoverlapped first read and "
+            f"last write {t_e2e - spent['evaluate'] - spent['wait']:.3f} s; the I/O threads spent "
+            f"{spent['read']:.3f} s reading and {spent['write']:.3f} s writing, overlapped"
+        )
     torch.set_num_threads(CORES)
 
 

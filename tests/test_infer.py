@@ -199,6 +199,8 @@ def test_grid_points_equal_per_patch_evaluation(root: Path) -> None:
     out = root / "out-basic"
     result = run(root, out)
     assert result.complete and result.written == 3 * 9  # 3 sections, 20 x 20 grid in 8 x 8 blocks
+    assert set(result.stage_seconds) == {"read", "evaluate", "write", "wait"}
+    assert all(result.stage_seconds[k] > 0 for k in ("read", "evaluate", "write"))
     cfg = base_config(root)
     clf = load_classifier(root / "probe")
     vol = out / "B00_s0001.ome.zarr"

@@ -280,6 +280,9 @@ class InferResult:
     cleaned: list[str]
     complete: bool
     """Every block of every section is done (by this worker or others)."""
+    stage_seconds: dict[str, float]
+    """Seconds this worker spent per stage: ``read``, ``evaluate`` (the model), ``write`` and ``wait`` (the
+    model's thread waiting for a read or a write slot). Stages run on their own threads, so they overlap."""
 
 
 def _crash_point() -> tuple[int, str] | None:
@@ -399,7 +402,7 @@ def run_infer(
         if icfg.format == "hdf5" and not any(j is job for j, _ in todo) and not complete_marker.is_file():
             write_json_atomic(complete_marker, {"worker": worker})  # a crash came between its last marker and this
     started = time.perf_counter()
-    written = _process(
+    written, spent = _process(
         cfg, clf, out, todo, evaluator, {"worker": worker, "n_workers": n_workers, "task_id": task_id, "rank": env.rank}
     )
     log.info(
@@ -411,7 +414,7 @@ def run_infer(
     )
     complete = {job.name: _complete(out, job, icfg.format) for job in jobs}  # one look at the markers
     cleaned = _cleanup_ready(cfg, out, jobs, clf, complete)
-    return InferResult(out, [j.name for j in jobs], written, skipped, cleaned, all(complete.values()))
+    return InferResult(out, [j.name for j in jobs], written, skipped, cleaned, all(complete.values()), spent)
 
 
 def io_threads(cfg: Config, device: torch.device) -> int:
@@ -431,8 +434,9 @@ def _process(
     todo: list[tuple[SectionJob, Block]],
     evaluator: BlockEvaluator,
     who: dict[str, int],
-) -> int:
-    """Evaluate and write ``todo`` in order; returns the number of blocks written.
+) -> tuple[int, dict[str, float]]:
+    """Evaluate and write ``todo`` in order; returns the number of blocks written and the seconds per stage
+    (:attr:`InferResult.stage_seconds`).
 
     Three stages overlap (:class:`BlockEvaluator`): reader threads read the next blocks' read boxes and masks
     (``n`` blocks ahead with ``n`` = :func:`io_threads`), the main thread runs the model on the current one
@@ -543,7 +547,7 @@ def _process(
             n_write,
             ", ".join(f"{k} {v:.2f}" for k, v in spent.items()),
         )
-    return count
+    return count, spent
 
 
 def _cleanup_ready(
