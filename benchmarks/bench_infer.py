@@ -167,7 +167,7 @@ def run_case(name: str, args: argparse.Namespace, work: Path, device: torch.devi
         x0 = max(0, (w // factor - tile_px) // 2)
         tile = r.read_image(factor, y0, y0 + tile_px, x0, x0 + tile_px)
     x = torch.from_numpy(tile).float().div(255.0)[None, None].to(device)
-    dense = DenseEncoder(enc, patch, stride).to(device).eval()
+    dense = DenseEncoder(enc, patch, stride, channels_last=cfg.infer.channels_last).to(device).eval()
     per_patch = PerPatchEncoder(enc, patch, stride, batch_size=16 if patch > 512 else 64).eval()
     with torch.no_grad():
         fd = dense(x)
@@ -220,8 +220,8 @@ def run_case(name: str, args: argparse.Namespace, work: Path, device: torch.devi
         print(f"     overhead {100 * (t_e2e / t_pure - 1):.1f}% (goal <= 15%)")
         print(
             f"     where it goes: model {spent['evaluate']:.3f} s (pure {t_pure:.3f} s; the rest is the model slowed "
-            f"by the I/O threads), waits {spent['wait']:.3f} s, run set-up and the unoverlapped first read and "
-            f"last write {t_e2e - spent['evaluate'] - spent['wait']:.3f} s; the I/O threads spent "
+            f"by the I/O threads), waits for reads (the first one included) and write slots {spent['wait']:.3f} s, "
+            f"run set-up and the last write {t_e2e - spent['evaluate'] - spent['wait']:.3f} s; the I/O threads spent "
             f"{spent['read']:.3f} s reading and {spent['write']:.3f} s writing, overlapped"
         )
     torch.set_num_threads(CORES)

@@ -135,16 +135,20 @@ def assert_same_outputs(a: Path, b: Path, atol: float = 0.0) -> None:
 # Dense evaluation
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize(
     ("n_blocks", "patch", "stride"), [(3, 121, 8), (3, 121, 16), (3, 121, 24), (3, 137, 4), (4, 265, 16), (2, 57, 3)]
 )
-def test_dense_equals_per_patch(n_blocks: int, patch: int, stride: int) -> None:
+def test_dense_equals_per_patch(n_blocks: int, patch: int, stride: int, channels_last: bool) -> None:
     torch.manual_seed(n_blocks + stride)
     enc = PaperEncoder(n_blocks).eval()
     randomise_batchnorm(enc, stride)
     x = torch.rand(2, 1, patch + 5 * stride + 1, patch + 3 * stride)
     with torch.no_grad():
-        dense = DenseEncoder(enc, patch, stride).eval()(x)
+        net = DenseEncoder(enc, patch, stride, channels_last=channels_last).eval()
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # folded
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in enc.modules())  # the encoder keeps its own
+        dense = net(x)
         ref = PerPatchEncoder(enc, patch, stride)(x)
         # and against the plain encoder on one cut-out patch
         i, j = 4, 2
@@ -152,6 +156,38 @@ def test_dense_equals_per_patch(n_blocks: int, patch: int, stride: int) -> None:
     assert dense.shape == ref.shape == (2, enc.out_dim, 6, 4)
     assert (dense - ref).abs().max().item() < 1e-4
     assert (dense[1, :, i, j] - single).abs().max().item() < 1e-4
+
+
+def test_fold_batchnorm_equals_eval_mode() -> None:
+    from torch import nn
+
+    from cytonet.infer.dense import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Sequential(nn.Conv2d(4, 3, 3, dilation=2), nn.BatchNorm2d(3)),  # nested, with a conv bias
+        nn.BatchNorm2d(3, track_running_stats=False),  # no running statistics: not an affine map, kept
+    )
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.running_var is not None:
+            assert m.running_mean is not None
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.2, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-1, 1)
+    net.eval()
+    x = torch.rand(2, 1, 20, 17)
+    with torch.no_grad():
+        ref = net(x)
+        fold_batchnorm(net)
+        out = net(x)
+    kinds = [type(m).__name__ for m in net.modules()]
+    assert kinds.count("BatchNorm2d") == 1 and kinds.count("Identity") == 2
+    assert (out - ref).abs().max().item() < 1e-5
+    assert not any(p.requires_grad for p in net[0].parameters())
 
 
 def test_dense_refuses_same_padding_and_resnets() -> None:

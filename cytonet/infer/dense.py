@@ -6,6 +6,9 @@ vector that the same patch evaluated alone would give (PLATFORM.md, "Dense infer
 stride s < T need the layers after the split point to keep the finer grid: the layer whose stride would
 overshoot s runs with a smaller stride, and every later layer is dilated by the factor dropped ("a trous").
 Max-pooling and 3x3 convolutions stay exact under this rewrite; BatchNorm (eval) and ReLU are pointwise.
+BatchNorm with running statistics is an affine map per channel, so :func:`fold_batchnorm` merges it into the
+convolution before it (weights scaled, a bias added): one pass over the activations less per layer, and no
+BatchNorm kernel to run in channels_last, whose fp32 CPU kernel is the inaccurate one (``model.channels_last``).
 
 - :class:`DenseEncoder` ``(B, 1, H, W) -> (B, D_e, h, w)``: output ``[:, :, i, j]`` equals
   ``encoder(x[:, :, i*s : i*s+P, j*s : j*s+P])`` (the pooled representation h of the patch of edge P whose
@@ -14,12 +17,14 @@ Max-pooling and 3x3 convolutions stay exact under this rewrite; BatchNorm (eval)
 - :class:`PerPatchEncoder` the same mapping by cutting every patch out and running the encoder on batches of
   patches: the reference for tests and benchmarks, and the fallback for encoders that are not sliding-window
   functions (ResNets, 'same' padding).
+- :func:`fold_batchnorm` merges every Conv2d -> BatchNorm2d pair of a module in place.
 - :func:`dense_classifier_logits` applies a linear classifier (B, D_e) -> (B, K) to a (B, D_e, h, w) map.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from typing import Any
 
@@ -52,12 +57,13 @@ def achievable_stride(encoder: PaperEncoder, stride_px: int) -> int:
 class DenseEncoder(nn.Module):
     """Sliding-window evaluation of a valid-padding :class:`PaperEncoder` at stride ``stride_px`` (see module doc).
 
-    The trunk is a deep copy of ``encoder.trunk`` with rewritten strides and dilations; its weights are copied,
-    so later changes to ``encoder`` are not seen. Use in eval mode (BatchNorm must use running statistics to be a
-    per-pixel map; in train mode the statistics of a tile differ from those of a patch).
+    The trunk is a deep copy of ``encoder.trunk`` with rewritten strides and dilations and its BatchNorm layers
+    folded into the convolutions (with their running statistics: the eval-mode encoder; in train mode the
+    statistics of a tile would differ from those of a patch anyway). Its weights are copied, so later changes
+    to ``encoder`` are not seen. ``channels_last``: the trunk's memory format (None: the encoder's).
     """
 
-    def __init__(self, encoder: Encoder, patch_size_px: int, stride_px: int) -> None:
+    def __init__(self, encoder: Encoder, patch_size_px: int, stride_px: int, channels_last: bool | None = None) -> None:
         super().__init__()
         if not isinstance(encoder, PaperEncoder):
             raise DenseError(
@@ -76,8 +82,10 @@ class DenseEncoder(nn.Module):
         self.stride_px = stride_px
         self.dense_stride = achievable_stride(encoder, stride_px)
         self.subsample = stride_px // self.dense_stride
-        self.channels_last = encoder.channels_last
+        self.channels_last = encoder.channels_last if channels_last is None else channels_last
         self.trunk = copy.deepcopy(encoder.trunk)
+        fold_batchnorm(self.trunk)
+        self.trunk.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)  # type: ignore[call-overload]
         budget, dilation = self.dense_stride, 1
         for m in self.trunk.modules():
             if isinstance(m, nn.Conv2d | nn.MaxPool2d):
@@ -116,6 +124,32 @@ class DenseEncoder(nn.Module):
             f = f[:, :, :: self.subsample, :: self.subsample]
         h, w = self.out_size(x.shape[-2]), self.out_size(x.shape[-1])
         return f[:, :, :h, :w]
+
+
+@torch.no_grad()
+def fold_batchnorm(module: nn.Module) -> None:
+    """Merge every ``Conv2d`` directly followed by a ``BatchNorm2d`` (inside an ``nn.Sequential``) into the
+    convolution, in place: with s = gamma / sqrt(running_var + eps), w' = w s and b' = (b - running_mean) s +
+    beta, computed in float64; the BatchNorm becomes ``nn.Identity``. The result is the eval-mode module to
+    float rounding. BatchNorms without running statistics are left as they are."""
+    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b in itertools.pairwise(names):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                continue
+            if bn.running_mean is None or bn.running_var is None:
+                continue
+            scale = (bn.weight.double() if bn.weight is not None else 1.0) / torch.sqrt(
+                bn.running_var.double() + bn.eps
+            )
+            shift = bn.bias.double() if bn.bias is not None else 0.0
+            bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+            weight = conv.weight.double() * scale.reshape(-1, *([1] * (conv.weight.dim() - 1)))
+            conv.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
+            conv.bias = nn.Parameter(((bias - bn.running_mean.double()) * scale + shift).to(conv.weight.dtype))
+            conv.bias.requires_grad_(False)
+            seq._modules[b] = nn.Identity()
 
 
 def _dilated_mean(f: torch.Tensor, k: int, d: int) -> torch.Tensor:

@@ -184,7 +184,7 @@ class BlockEvaluator:
         self.device = device
         net: nn.Module
         if icfg.mode == "dense":
-            net = DenseEncoder(clf.encoder, clf.patch_size_px, icfg.stride_px)
+            net = DenseEncoder(clf.encoder, clf.patch_size_px, icfg.stride_px, channels_last=icfg.channels_last)
         else:
             net = PerPatchEncoder(clf.encoder, clf.patch_size_px, icfg.stride_px, icfg.batch_size)
         self.net = net.to(device).eval()
@@ -304,6 +304,7 @@ def infer_settings(cfg: Config, clf: Classifier, job: SectionJob) -> dict[str, A
         "pyramid_levels": icfg.pyramid_levels,
         "mode": icfg.mode,
         "precision": icfg.precision,
+        "channels_last": icfg.channels_last,
         "tissue_max_intensity": icfg.tissue_max_intensity,
         "roi": icfg.roi,
         "centerline_tolerance": cfg.extract.centerline_tolerance if icfg.roi == "centerline" else None,
