@@ -231,6 +231,36 @@ def run(root: Path, out: Path, *overrides: str, **kw: object) -> object:
     return run_infer(cfg, DistEnv(), out, **kw)  # type: ignore[arg-type]
 
 
+def test_progress_counts_blocks_megapixels_and_time_left() -> None:
+    from cytonet.infer.progress import BlockProgress
+
+    now = [100.0]
+    p = BlockProgress(4, 8.0, bar=False, clock=lambda: now[0])
+    now[0] = 101.0
+    p.done(2.0)
+    now[0] = 102.0
+    p.done(2.0)
+    assert p.line() == "2/4 blocks (50%), 2.0 MP/s, about 2 s left"
+    now[0] = 400.0  # slower from here: 4 MP in 300 s
+    assert p.line() == "2/4 blocks (50%), 0.0 MP/s, about 5 min left"
+    p.done(4.0)
+    assert p.line().startswith("3/4 blocks (75%)") and "left" not in p.line()  # every megapixel is done
+
+
+def test_infer_logs_progress(root: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+    import re
+
+    from cytonet.infer import progress
+
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="cytonet.infer.run"):
+        run(root, root / "out-progress", "infer.cleanup=none")
+    done = [int(m.group(1)) for m in re.finditer(r"infer: (\d+)/27 blocks \(", caplog.text)]
+    assert done == list(range(1, 27))  # one line per block at EVERY_S=0, none after the last
+    assert re.search(r"wrote 27 blocks \([\d.]+ MP of sections, [\d.]+ MP/s\)", caplog.text)
+
+
 def test_grid_points_equal_per_patch_evaluation(root: Path) -> None:
     out = root / "out-basic"
     result = run(root, out)

@@ -5,8 +5,9 @@
 #   here, once:   bash tools/device-check.sh --wheels       # downloads them into .whl (git-ignored)
 #   device tool:  run(command="bash tools/device-check.sh", carry=[".whl"], timeout_s=540)
 #
-# It runs the CUDA tests (tests/test_gpu.py, the GPU augmentation test) and bench_infer on the GPU with one
-# and with four I/O threads, and leaves the logs in $OUT (the device tool brings them back).
+# It runs the CUDA tests (tests/test_gpu.py, the GPU augmentation test) and bench_infer on the GPU with one,
+# four and eight I/O threads (do the readers keep up with the GPU?), and leaves the logs in $OUT (the device
+# tool brings them back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,8 +33,8 @@ python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py "tests/test_augme
 status=${PIPESTATUS[0]}
 
 cores=$(nproc)
-for io in 1 4; do
-    timeout 180 python3 benchmarks/bench_infer.py --device cuda --threads "$cores" --repeats 3 \
+for io in 1 4 8; do
+    timeout 150 python3 benchmarks/bench_infer.py --device cuda --threads "$cores" --repeats 3 \
         --work /tmp/bench-infer --set "infer.io_threads=$io" 2>&1 | tee "$OUT/bench-infer-io$io.log"
 done
 exit "$status"

@@ -50,6 +50,7 @@ from cytonet.infer import writers
 from cytonet.infer.blocks import Block, Grid, assign, pyramid_mean, section_grid, worker_of
 from cytonet.infer.cleanup import grid_positions, knn_cleanup, stack_cleanup
 from cytonet.infer.dense import DenseEncoder, PerPatchEncoder, dense_classifier_logits
+from cytonet.infer.progress import BlockProgress
 from cytonet.models.base import Encoder
 from cytonet.models.build import MODEL_FILE, MODEL_FORMAT, build_encoder
 from cytonet.models.heads import LinearClassifier
@@ -403,19 +404,28 @@ def run_infer(
         if icfg.format == "hdf5" and not any(j is job for j, _ in todo) and not complete_marker.is_file():
             write_json_atomic(complete_marker, {"worker": worker})  # a crash came between its last marker and this
     started = time.perf_counter()
-    written, spent = _process(
+    written, spent, mpix = _process(
         cfg, clf, out, todo, evaluator, {"worker": worker, "n_workers": n_workers, "task_id": task_id, "rank": env.rank}
     )
+    seconds = time.perf_counter() - started
     log.info(
-        "infer: worker %d wrote %d blocks, skipped %d done, in %.1f s",
+        "infer: worker %d wrote %d blocks (%.0f MP of sections, %.1f MP/s), skipped %d done, in %.1f s",
         worker,
         written,
+        mpix,
+        mpix / seconds if seconds > 0 else 0.0,
         skipped,
-        time.perf_counter() - started,
+        seconds,
     )
     complete = {job.name: _complete(out, job, icfg.format) for job in jobs}  # one look at the markers
     cleaned = _cleanup_ready(cfg, out, jobs, clf, complete)
     return InferResult(out, [j.name for j in jobs], written, skipped, cleaned, all(complete.values()), spent)
+
+
+def _section_mpix(job: SectionJob, block: Block) -> float:
+    """Section megapixels under a block's write box (its share of the section's pixels)."""
+    edge = job.grid.stride * job.factor  # section pixels per output pixel, along each axis
+    return (block.y1 - block.y0) * (block.x1 - block.x0) * edge * edge / 1e6
 
 
 def io_threads(cfg: Config, device: torch.device) -> int:
@@ -435,9 +445,9 @@ def _process(
     todo: list[tuple[SectionJob, Block]],
     evaluator: BlockEvaluator,
     who: dict[str, int],
-) -> tuple[int, dict[str, float]]:
-    """Evaluate and write ``todo`` in order; returns the number of blocks written and the seconds per stage
-    (:attr:`InferResult.stage_seconds`).
+) -> tuple[int, dict[str, float], float]:
+    """Evaluate and write ``todo`` in order; returns the number of blocks written, the seconds per stage
+    (:attr:`InferResult.stage_seconds`) and the section megapixels the written blocks cover.
 
     Three stages overlap (:class:`BlockEvaluator`): reader threads read the next blocks' read boxes and masks
     (``n`` blocks ahead with ``n`` = :func:`io_threads`), the main thread runs the model on the current one
@@ -460,6 +470,9 @@ def _process(
     count = 0
     lock = Lock()  # guards count, volumes and spent across writer threads
     spent = {"read": 0.0, "evaluate": 0.0, "write": 0.0, "wait": 0.0}  # seconds per stage (threads overlap)
+    progress = BlockProgress(
+        len(todo), sum(_section_mpix(job, b) for job, b in todo), bar=None if who["rank"] == 0 else False
+    )
 
     def read(reader: SectionReader, job: SectionJob, block: Block) -> tuple[torch.Tensor | None, np.ndarray]:
         t0 = time.perf_counter()
@@ -501,6 +514,7 @@ def _process(
             os._exit(3)
         info = {**who, "tissue_px": result[2], "seconds": round(seconds, 4)}
         writers.DoneMarkers(out, job.name).mark(block, info)
+        progress.done(_section_mpix(job, block))
         if last_block[job.name] == i and fmt == "hdf5":  # one writer: every block of the section is written
             with lock:
                 volumes.pop(job.name).close()
@@ -537,6 +551,7 @@ def _process(
             while writes:
                 writes.popleft().result()
     finally:
+        progress.close()
         for v in volumes.values():
             v.close()
         for r in readers.values():
@@ -548,7 +563,7 @@ def _process(
             n_write,
             ", ".join(f"{k} {v:.2f}" for k, v in spent.items()),
         )
-    return count, spent
+    return count, spent, progress.mpix
 
 
 def _cleanup_ready(
