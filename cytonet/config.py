@@ -997,8 +997,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     try:
         return config_from_dict(data)
     except ConfigError as exc:
-        where = f" (in {path})" if path is not None else ""
-        raise ConfigError(f"{exc}{where}") from None
+        # Name where the bad value came from: an override on the command line, or the file.
+        text = str(exc)
+        keys = [item.split("=", 1)[0].strip() for item in overrides or []]
+        if any(text.startswith(f"{key}=") for key in keys):
+            where = " (set by a command-line override)"
+        else:
+            where = f" (in {path})" if path is not None else ""
+        raise ConfigError(f"{text}{where}") from None
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

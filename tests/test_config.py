@@ -117,6 +117,14 @@ def test_override_beats_file(tmp_path: Path) -> None:
     assert (cfg.synth.n_brains, cfg.synth.seed) == (2, 5)
 
 
+def test_bad_value_names_where_it_came_from(tmp_path: Path) -> None:
+    p = write(tmp_path, {"synth": {"n_brains": 0}})
+    with pytest.raises(ConfigError, match=r"synth.n_brains=0 .* \(in .*c.yaml\)"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"run.reuse_host_memory='maybe' .* \(set by a command-line override\)"):
+        load_config(p, ["synth.n_brains=2", "run.reuse_host_memory=maybe"])
+
+
 def test_not_a_mapping_and_missing_file(tmp_path: Path) -> None:
     p = tmp_path / "list.yaml"
     p.write_text("- 1\n- 2\n")
