@@ -427,8 +427,8 @@ class InferConfig:
     """Patches per forward pass in ``per_patch`` mode."""
     io_threads: int = 0
     """Reader threads and writer threads (each), and blocks read ahead: ``0`` picks 1 for a CPU model (whose
-    threads the cores are for) and up to 4, a quarter of the cores, for an accelerator, where one reader
-    cannot keep up with the model. HDF5 output always has one writer (one per file)."""
+    threads the cores are for) and, for an accelerator, this worker's share of the node's cores less two (at
+    most 32): decoding the input is what limits a GPU there. HDF5 output always has one writer (one per file)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast dtype of the forward pass (fp16: CUDA only)."""
     channels_last: bool = True

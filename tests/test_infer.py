@@ -523,3 +523,25 @@ def test_volume_lock_creates_once(tmp_path: Path) -> None:
     v1 = writers.open_volume(tmp_path, grid, spec, {"settings": spec})
     v2 = writers.open_volume(tmp_path, grid, spec, {"settings": spec})
     assert v1.path == v2.path and not list(tmp_path.glob(".*partial"))
+
+
+def test_automatic_io_threads_share_the_cores_on_an_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sizing rule of infer.io_threads=0 on nodes this machine is not (16 and 64 cores, bound or not)."""
+    import os
+
+    from cytonet.infer.run import io_threads
+
+    cfg = load_config(None, [])
+    cuda = torch.device("cuda")  # only the device type is read: no GPU needed
+    assert io_threads(cfg, torch.device("cpu")) == 1
+    assert io_threads(load_config(None, ["infer.io_threads=5"]), cuda) == 5
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert io_threads(cfg, cuda) == 14  # one GPU worker on a 16-core node
+    assert io_threads(cfg, cuda, local_world_size=4) == 2  # four unbound ranks share the node
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert io_threads(cfg, cuda, local_world_size=4) == 14  # a 64-core node bound to 16 cores per rank (srun)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert io_threads(cfg, cuda) == 32  # at most MAX_AUTO_IO_THREADS
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert io_threads(cfg, cuda) == 1

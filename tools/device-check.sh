@@ -6,8 +6,8 @@
 #   device tool:  run(command="bash tools/device-check.sh", carry=[".whl"], timeout_s=540)
 #
 # It runs the CUDA tests (tests/test_gpu.py, the GPU augmentation test) and bench_infer on the GPU with one,
-# four and eight I/O threads (do the readers keep up with the GPU?), and leaves the logs in $OUT (the device
-# tool brings them back).
+# four and the automatic number of I/O threads (do the readers keep up with the GPU?), and leaves the logs in
+# $OUT (the device tool brings them back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +33,7 @@ python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py "tests/test_augme
 status=${PIPESTATUS[0]}
 
 cores=$(nproc)
-for io in 1 4 8; do
+for io in 1 4 0; do  # 0: the automatic choice (the share of the cores less two)
     timeout 150 python3 benchmarks/bench_infer.py --device cuda --threads "$cores" --repeats 3 \
         --work /tmp/bench-infer --set "infer.io_threads=$io" 2>&1 | tee "$OUT/bench-infer-io$io.log"
 done

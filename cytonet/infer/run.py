@@ -405,7 +405,18 @@ def run_infer(
             write_json_atomic(complete_marker, {"worker": worker})  # a crash came between its last marker and this
     started = time.perf_counter()
     written, spent, mpix = _process(
-        cfg, clf, out, todo, evaluator, {"worker": worker, "n_workers": n_workers, "task_id": task_id, "rank": env.rank}
+        cfg,
+        clf,
+        out,
+        todo,
+        evaluator,
+        {
+            "worker": worker,
+            "n_workers": n_workers,
+            "task_id": task_id,
+            "rank": env.rank,
+            "local_world_size": env.local_world_size,
+        },
     )
     seconds = time.perf_counter() - started
     log.info(
@@ -428,14 +439,27 @@ def _section_mpix(job: SectionJob, block: Block) -> float:
     return (block.y1 - block.y0) * (block.x1 - block.x0) * edge * edge / 1e6
 
 
-def io_threads(cfg: Config, device: torch.device) -> int:
-    """Reader threads and writer threads of this worker (``infer.io_threads``; see there for 0)."""
+#: Most reader threads the automatic ``infer.io_threads`` gives a worker with an accelerator.
+MAX_AUTO_IO_THREADS = 32
+
+
+def io_threads(cfg: Config, device: torch.device, local_world_size: int = 1) -> int:
+    """Reader threads and writer threads of this worker (``infer.io_threads``; see there for 0).
+
+    On an accelerator, the automatic choice is this worker's share of the cores less two (the model's thread
+    and one for writing and the system): the cores it may run on, divided among the node's workers when its
+    affinity is the whole node (torchrun does not bind ranks; ``srun`` does). Reading is the bottleneck there:
+    one reader decodes and masks 0.1-0.5 GP/s of full-resolution image (bench_infer, 2 cores), while the paper
+    encoder needs about 1600 flop per section pixel, so a GPU sustaining 15 TFLOP/s maps about 10 GP/s."""
     if cfg.infer.io_threads:
         return cfg.infer.io_threads
     if device.type == "cpu":
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, cores // 4))
+    node = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else node
+    if cores >= node:  # not bound to a subset: the node's workers share its cores
+        cores //= max(1, local_world_size)
+    return max(1, min(MAX_AUTO_IO_THREADS, cores - 2))
 
 
 def _process(
@@ -461,7 +485,7 @@ def _process(
     from threading import Lock
 
     fmt = cfg.infer.format
-    n_io = io_threads(cfg, evaluator.device)
+    n_io = io_threads(cfg, evaluator.device, who["local_world_size"])
     n_write = 1 if fmt == "hdf5" else n_io
     crash = _crash_point()
     volumes: dict[str, writers.Volume] = {}
