@@ -58,7 +58,7 @@ class RunConfig:
     """Console log level on rank 0 (other ranks log warnings and errors only)."""
     reuse_host_memory: bool = True
     """Training and inference keep freed host memory for reuse (glibc malloc settings, see cytonet.hostmem)
-    instead of returning every large tensor's pages to the OS: CPU inference with the paper encoder runs 2.8x
+    instead of returning every large tensor's pages to the OS: the paper encoder's CPU forward pass runs 2.5x
     faster. The process then keeps its peak memory until it exits; false restores the C library's behaviour."""
 
     def validate(self, prefix: str) -> None:

@@ -4,15 +4,18 @@ glibc's malloc serves requests above its mmap threshold (128 KiB to 32 MiB, adap
 and returns them with ``munmap`` when freed. torch's CPU allocator has no cache of its own, so every large
 tensor (a convolution's output, a block's float input) is new memory, and the kernel zeroes each 4 KiB page on
 first touch. For whole-section inference with the paper encoder on CPU that page work cost more than the
-arithmetic: 47 s of system time in a 64 x 48 mm section, and a pure forward pass 2.8x slower than with the
-memory reused (``benchmarks/bench_infer.py``; training gains 5-15%). Allocators such as jemalloc or tcmalloc
+arithmetic: 47 s of system time in a 64 x 48 mm section, and a forward pass 2.5x slower than with the memory
+reused (``benchmarks/bench_dense_cpu.py``; training gains 5-15%). Allocators such as jemalloc or tcmalloc
 avoid it by caching; glibc does the same through ``mallopt``:
 
 - ``M_MMAP_THRESHOLD`` at its maximum: large requests come from the heap, whose freed space is reused;
 - ``M_TRIM_THRESHOLD`` at its maximum: freed space at the top of the heap is not returned to the OS;
-- ``M_TOP_PAD`` 64 MiB: the heap grows in steps of at least that, so fewer ``brk`` calls;
-- ``M_ARENA_MAX`` 1: threads (inference's reader and writer threads) allocate from the same heap; a thread's
-  own arena could not hold a request above 64 MiB and would fall back to ``mmap``.
+- ``M_TOP_PAD`` 64 MiB: the heap grows in steps of at least that, so fewer ``brk`` calls.
+
+Threads keep their own arenas. A thread's arena cannot hold a request above 64 MiB, which still gets a fresh
+``mmap`` (a paper-encoder block read by a reader thread), but forcing every thread onto the main heap
+(``M_ARENA_MAX`` 1) serialised their allocations: two reader threads then read 1.15x as fast as one instead
+of 1.8-2x, which a GPU node with many readers cannot afford.
 
 The cost: the process keeps its peak heap until it exits, instead of shrinking between blocks or epochs. Set
 ``run.reuse_host_memory=false`` where that matters more than speed. Other C libraries (musl, macOS) are left
@@ -32,14 +35,13 @@ import os
 log = logging.getLogger(__name__)
 
 # mallopt parameter numbers from glibc's <malloc.h>
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 #: The largest value mallopt takes (its value argument is a C int).
 INT_MAX = 2**31 - 1
 SETTINGS = (
     (M_MMAP_THRESHOLD, INT_MAX),
     (M_TRIM_THRESHOLD, INT_MAX),
     (M_TOP_PAD, 64 << 20),
-    (M_ARENA_MAX, 1),
 )
 
 _applied: bool | None = None

@@ -359,7 +359,7 @@ def run_infer(
     """Map this worker's share of the sections; clean up what became complete. See the module doc."""
     icfg = cfg.infer
     if cfg.run.reuse_host_memory:
-        reuse_freed_memory()  # before the reader and writer threads start: they share the heap (cytonet.hostmem)
+        reuse_freed_memory()  # before the reader and writer threads start (cytonet.hostmem)
     out = out or cfg.resolve_path(icfg.out_dir)
     worker, n_workers = worker_of(task_id, num_tasks, env.rank, env.world_size)
     if overwrite and n_workers > 1:
