@@ -89,9 +89,12 @@ class CytonetJob(submitit.helpers.Checkpointable):
         status = proc.returncode
         if status == 0:
             return shlex.join(cmd)
-        if status == self.requeue_exit_code and env.rank != 0:
+        if status in (self.requeue_exit_code, -signal.SIGTERM) and env.rank != 0:
             # Task 0 checkpoints and requeues the whole job, which ends this task; wait for that rather than
-            # report a failure the requeue would have to overwrite.
+            # report a failure the requeue would have to overwrite. SIGTERM is how SLURM ends the job's steps
+            # for that requeue: it can reach cytonet after its checkpoint, while it is still exiting (seen under
+            # load: killed 1.9 s after "checkpoint written"), and a failure reported then could be read as
+            # this task's result before the requeued run replaces it.
             time.sleep(CHECKPOINT_WAIT_S)
         raise JobFailedError(f"`{shlex.join(cmd)}` exited with status {status}")
 
