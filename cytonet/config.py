@@ -434,7 +434,7 @@ class InferConfig:
     channels_last: bool = True
     """Dense evaluation in the channels_last memory format (BatchNorm folded into the convolutions, so the
     inaccurate channels_last BatchNorm kernel of ``model.channels_last`` is not used): 1.6-2x faster in fp32
-    on CPU (benchmarks/bench_infer.py), and the layout tensor cores want; same results to about 1e-6."""
+    on CPU (benchmarks/bench_dense_cpu.py), and the layout tensor cores want; same results to about 1e-6."""
     tissue_max_intensity: int = 230
     """Tissue mask: an output pixel is tissue when the mean grey value of its footprint is below this
     (cell-body stains: tissue is darker than the slide); blocks without tissue are not evaluated."""

@@ -147,8 +147,8 @@ def fold_batchnorm(module: nn.Module) -> None:
             bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
             weight = conv.weight.double() * scale.reshape(-1, *([1] * (conv.weight.dim() - 1)))
             conv.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
-            conv.bias = nn.Parameter(((bias - bn.running_mean.double()) * scale + shift).to(conv.weight.dtype))
-            conv.bias.requires_grad_(False)
+            folded_bias = (bias - bn.running_mean.double()) * scale + shift
+            conv.bias = nn.Parameter(folded_bias.to(conv.weight.dtype), requires_grad=False)
             seq._modules[b] = nn.Identity()
 
 

@@ -69,8 +69,8 @@ class BlockProgress:
         """``12/48 blocks (25%), 35.2 MP/s, about 4 min left``."""
         now = self.clock() if now is None else now
         share = self.blocks / self.total_blocks if self.total_blocks else 1.0
-        text = f"{self.blocks}/{self.total_blocks} blocks ({100 * share:.0f}%), {self.rate(now):.1f} MP/s"
         rate = self.rate(now)
+        text = f"{self.blocks}/{self.total_blocks} blocks ({100 * share:.0f}%), {rate:.1f} MP/s"
         if rate > 0 and self.mpix < self.total_mpix:
             left = (self.total_mpix - self.mpix) / rate
             text += f", about {left / 60:.0f} min left" if left >= 90 else f", about {left:.0f} s left"

@@ -410,13 +410,8 @@ def run_infer(
         out,
         todo,
         evaluator,
-        {
-            "worker": worker,
-            "n_workers": n_workers,
-            "task_id": task_id,
-            "rank": env.rank,
-            "local_world_size": env.local_world_size,
-        },
+        {"worker": worker, "n_workers": n_workers, "task_id": task_id, "rank": env.rank},
+        io_threads(cfg, device, env.local_world_size),
     )
     seconds = time.perf_counter() - started
     log.info(
@@ -469,15 +464,16 @@ def _process(
     todo: list[tuple[SectionJob, Block]],
     evaluator: BlockEvaluator,
     who: dict[str, int],
+    n_io: int,
 ) -> tuple[int, dict[str, float], float]:
     """Evaluate and write ``todo`` in order; returns the number of blocks written, the seconds per stage
     (:attr:`InferResult.stage_seconds`) and the section megapixels the written blocks cover.
 
     Three stages overlap (:class:`BlockEvaluator`): reader threads read the next blocks' read boxes and masks
-    (``n`` blocks ahead with ``n`` = :func:`io_threads`), the main thread runs the model on the current one
+    (``n_io`` blocks ahead, ``n_io`` from :func:`io_threads`), the main thread runs the model on the current one
     (torch releases the GIL), writer threads zero the masked pixels of earlier ones, build their pyramids and
     labels, write them and then their done markers. Everything but the model is off the main thread, so the
-    model never waits for numpy work. At most ``n`` writes are in flight (one for HDF5, whose volumes are
+    model never waits for numpy work. At most ``n_io`` writes are in flight (one for HDF5, whose volumes are
     closed and marked complete once their last block is written), which bounds the memory in flight.
     """
     from collections import deque
@@ -485,7 +481,6 @@ def _process(
     from threading import Lock
 
     fmt = cfg.infer.format
-    n_io = io_threads(cfg, evaluator.device, who["local_world_size"])
     n_write = 1 if fmt == "hdf5" else n_io
     crash = _crash_point()
     volumes: dict[str, writers.Volume] = {}
