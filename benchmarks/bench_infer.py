@@ -12,9 +12,12 @@ non-trivial BatchNorm statistics: speed and exactness do not depend on training)
    (section pixels) and the overhead (goal <= 15%). Best of --repeats, the two sides interleaved. Measured
    twice: with all cores to the model (torch's default), where reading and writing take CPU time from the
    model, and with one core left to them (--threads), the layout of a node where the model runs on an
-   accelerator and the cores are free for I/O.
+   accelerator and the cores are free for I/O. And twice more: with one section per run, where the run's own
+   costs (loading the model, starting threads, the first read, the last write) count in full, and with four
+   (--sections), as when a worker maps its share of a brain's sections in one run (the copies are hard links
+   of the one section, under other section numbers).
 
-    python benchmarks/bench_infer.py                  # cases demo, medium, paper (~6 min on 2 cores)
+    python benchmarks/bench_infer.py                  # cases demo, medium, paper (~4 min on 2 cores)
     python benchmarks/bench_infer.py --cases medium --repeats 5 --work /tmp/bench-infer
     python benchmarks/bench_infer.py --device cuda --precision bf16 --threads 16
 
@@ -26,9 +29,12 @@ the same 4 um section, read from its image levels x4 and x2 and at full resoluti
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,7 +44,7 @@ from cytonet.data.sections import open_section
 from cytonet.data.synth import generate_section
 from cytonet.distributed import DistEnv
 from cytonet.infer.dense import DenseEncoder, PerPatchEncoder, dense_classifier_logits
-from cytonet.infer.run import BlockEvaluator, load_classifier, run_infer, select_sections
+from cytonet.infer.run import BlockEvaluator, Classifier, load_classifier, run_infer, select_sections
 from cytonet.models.build import MODEL_FILE, MODEL_FORMAT, build_encoder
 from cytonet.models.heads import LinearClassifier
 
@@ -109,37 +115,45 @@ def section_config(args: argparse.Namespace, work: Path, *overrides: str) -> Con
     )
 
 
-def make_section(args: argparse.Namespace, work: Path) -> Path:
+def make_sections(args: argparse.Namespace, work: Path) -> list[str]:
     """The synthetic section every case maps (generated once; kept when --work names a folder holding it), with
-    the ``sections.*`` settings of --set (e.g. ``sections.compression=none``)."""
+    the ``sections.*`` settings of --set (e.g. ``sections.compression=none``), and copies of it as further
+    sections of the brain (hard links, but for their metadata), for runs that map several; returns their names."""
     store_settings = sorted(s for s in args.set if s.startswith("sections."))
     cfg = section_config(args, work, *store_settings)
     path = work / "sections" / "B00_s0000.zarr"
     made_as = [*args.section_mm, args.section_um, *store_settings]
-    if path.exists() and open_section(path).meta.extra.get("bench") == made_as:
-        return path
-    t0 = time.perf_counter()
-    generate_section(
-        cfg.synth,
-        0,
-        0,
-        path,
-        chunk_px=cfg.sections.chunk_px,
-        compression=cfg.sections.compression,
-        image_levels=cfg.sections.image_levels,
-        overwrite=True,
-        extra_attrs={"bench": made_as},
-    )
-    print(f"generated {path} in {time.perf_counter() - t0:.0f} s")
-    return path
+    if not (path.exists() and open_section(path).meta.extra.get("bench") == made_as):
+        t0 = time.perf_counter()
+        generate_section(
+            cfg.synth,
+            0,
+            0,
+            path,
+            chunk_px=cfg.sections.chunk_px,
+            compression=cfg.sections.compression,
+            image_levels=cfg.sections.image_levels,
+            overwrite=True,
+            extra_attrs={"bench": made_as},
+        )
+        print(f"generated {path} in {time.perf_counter() - t0:.0f} s")
+    names = ["B00_s0000"]
+    for k in range(1, max(args.sections)):
+        copy = path.with_name(f"B00_s{k:04d}.zarr")
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(path, copy, copy_function=os.link)
+        meta = json.loads((copy / "zarr.json").read_text())
+        meta["attributes"]["section_index"] = k
+        (copy / "zarr.json").unlink()  # a link to the original's: replaced, not written through
+        (copy / "zarr.json").write_text(json.dumps(meta))
+        names.append(f"B00_s{k:04d}")
+    return names
 
 
-def run_case(name: str, args: argparse.Namespace, work: Path, device: torch.device) -> None:
+def run_case(name: str, args: argparse.Namespace, work: Path, device: torch.device, sections: list[str]) -> None:
     n_blocks, patch, stride, factor, tile_px, chunk = CASES[name]
     chunk = args.chunk or chunk
-    cfg = section_config(
-        args,
-        work,
+    case = [
         f"model.n_blocks={n_blocks}",
         f"model.patch_size_px={patch}",
         "infer.splits=[]",
@@ -150,7 +164,8 @@ def run_case(name: str, args: argparse.Namespace, work: Path, device: torch.devi
         f"infer.sections_dir={work / 'sections'}",
         "infer.cleanup=none",
         *args.set,
-    )
+    ]
+    cfg = section_config(args, work, *case, "infer.sections=[B00_s0000]")
     make_model(cfg, work / name / "probe", cfg.synth.n_areas, args.section_um * factor)
     work = work / name
     clf = load_classifier(work / "probe")
@@ -181,7 +196,7 @@ def run_case(name: str, args: argparse.Namespace, work: Path, device: torch.devi
     print(f"   dense     {t_dense:8.3f} s ({n_pts / t_dense:8.0f} points/s)")
     print(f"   speedup {t_patch / t_dense:.1f}x; largest feature difference {(fd - fp).abs().max().item():.2e}")
 
-    # 2. end to end vs the pure forward pass over the same blocks
+    # 2. end to end vs the pure forward pass over the same blocks (of the section and its copies)
     jobs = select_sections(cfg, clf)
     evaluator = BlockEvaluator(cfg, clf, device)
     blocks = [(job, b) for job in jobs for b in job.grid.blocks()]
@@ -190,22 +205,47 @@ def run_case(name: str, args: argparse.Namespace, work: Path, device: torch.devi
     tissue = [x is not None for x, _ in read]
     inputs = [x.to(device).float().div(255.0) if x.dtype == torch.uint8 else x for x, _ in read if x is not None]
 
-    def pure() -> None:
-        with torch.no_grad(), torch.autocast(device.type, dtype=evaluator.dtype, enabled=evaluator.dtype is not None):
-            for xb in inputs:
-                torch.softmax(dense_classifier_logits(evaluator.net(xb).float(), clf.head.fc), dim=1).cpu()
-
-    mpix = h * w / 1e6
     print(
-        f"2. end to end: section {h}x{w} px ({mpix:.1f} MP), {len(blocks)} blocks of {chunk}^2 output px, "
+        f"2. end to end: section {h}x{w} px ({h * w / 1e6:.1f} MP), {len(blocks)} blocks of {chunk}^2 output px, "
         f"{sum(tissue)} with tissue; best of {args.repeats}, interleaved"
     )
+    for n_sections in args.sections:
+        cfg = section_config(args, work.parent, *case, f"infer.sections=[{','.join(sections[:n_sections])}]")
+        end_to_end(cfg, args, work, device, n_sections, h * w / 1e6, lambda: pure(evaluator, clf, inputs))
+
+
+def pure(evaluator: BlockEvaluator, clf: Classifier, inputs: list[torch.Tensor]) -> None:
+    """The model alone: trunk, classifier and softmax of blocks in memory, results copied to the host."""
+    device = evaluator.device
+    with torch.no_grad(), torch.autocast(device.type, dtype=evaluator.dtype, enabled=evaluator.dtype is not None):
+        for xb in inputs:
+            torch.softmax(dense_classifier_logits(evaluator.net(xb).float(), clf.head.fc), dim=1).cpu()
+
+
+def end_to_end(
+    cfg: Config,
+    args: argparse.Namespace,
+    work: Path,
+    device: torch.device,
+    n_sections: int,
+    section_mpix: float,
+    pure_one: Callable[[], None],
+) -> None:
+    """``run_infer`` over ``n_sections`` copies of the section against ``pure_one`` (one section's blocks)
+    as often, for each of ``args.threads``."""
+    mpix = n_sections * section_mpix
+    print(f"   {n_sections} section(s) in one run ({mpix:.0f} MP):")
+
+    def pure_all() -> None:
+        for _ in range(n_sections):
+            pure_one()
+
     for threads in args.threads:
         torch.set_num_threads(threads)
         # Interleaved, best of N each: the machine's load drifts during a run, and both sides see the same drift.
         t_pure_runs, e2e, stages = [], [], []
         for rep in range(args.repeats):
-            t_pure_runs.append(timed(pure, 1))
+            t_pure_runs.append(timed(pure_all, 1))
             shutil.rmtree(work / f"out-{rep}", ignore_errors=True)  # a kept --work folder: map everything again
             t0 = time.perf_counter()
             result = run_infer(cfg, DistEnv(), work / f"out-{rep}", device=device)
@@ -214,12 +254,12 @@ def run_case(name: str, args: argparse.Namespace, work: Path, device: torch.devi
         t_pure, t_e2e = min(t_pure_runs), min(e2e)
         spent = stages[e2e.index(t_e2e)]
         left = CORES - threads
-        print(f"   model on {threads} thread(s), {left} core(s) left to reading and writing:")
-        print(f"     pure forward (trunk + classifier, blocks in memory) {t_pure:7.3f} s  {mpix / t_pure:7.2f} MP/s")
-        print(f"     cytonet infer (read, evaluate, write, markers)     {t_e2e:7.3f} s  {mpix / t_e2e:7.2f} MP/s")
-        print(f"     overhead {100 * (t_e2e / t_pure - 1):.1f}% (goal <= 15%)")
+        print(f"     model on {threads} thread(s), {left} core(s) left to reading and writing:")
+        print(f"       pure forward (trunk + classifier, blocks in memory) {t_pure:7.3f} s  {mpix / t_pure:7.2f} MP/s")
+        print(f"       cytonet infer (read, evaluate, write, markers)     {t_e2e:7.3f} s  {mpix / t_e2e:7.2f} MP/s")
+        print(f"       overhead {100 * (t_e2e / t_pure - 1):.1f}% (goal <= 15%)")
         print(
-            f"     where it goes: model {spent['evaluate']:.3f} s (pure {t_pure:.3f} s; the rest is the model slowed "
+            f"       where it goes: model {spent['evaluate']:.3f} s (pure {t_pure:.3f} s; the rest is the model slowed "
             f"by the I/O threads), waits for reads (the first one included) and write slots {spent['wait']:.3f} s, "
             f"run set-up and the last write {t_e2e - spent['evaluate'] - spent['wait']:.3f} s; the I/O threads spent "
             f"{spent['read']:.3f} s reading and {spent['write']:.3f} s writing, overlapped"
@@ -237,6 +277,14 @@ def main() -> None:
     ap.add_argument("--section-mm", type=float, nargs=2, default=SECTION_MM, metavar=("W", "H"), help="its extent")
     ap.add_argument("--chunk", type=int, default=0, help="output chunk (= block) edge in px; 0: the case's")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. infer.*")
+    ap.add_argument(
+        "--sections",
+        type=int,
+        nargs="+",
+        default=[1, 4],
+        help="sections per run to measure part 2 with (copies of the one section; a worker maps its share of a "
+        "brain's sections in one run, so the per-run costs spread over them); default: 1 and 4",
+    )
     ap.add_argument("--work", type=Path, help="folder for the section and outputs (kept; the section is reused)")
     ap.add_argument(
         "--threads",
@@ -247,9 +295,9 @@ def main() -> None:
     )
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-infer-"))
-    make_section(args, work)
+    sections = make_sections(args, work)
     for name in args.cases:
-        run_case(name, args, work, torch.device(args.device))
+        run_case(name, args, work, torch.device(args.device), sections)
     print(f"\n(outputs in {work})")
 
 

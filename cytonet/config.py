@@ -426,9 +426,10 @@ class InferConfig:
     batch_size: int = 64
     """Patches per forward pass in ``per_patch`` mode."""
     io_threads: int = 0
-    """Reader threads and writer threads (each), and blocks read ahead: ``0`` picks 1 for a CPU model (whose
-    threads the cores are for) and, for an accelerator, this worker's share of the node's cores less two (at
-    most 32): decoding the input is what limits a GPU there. HDF5 output always has one writer (one per file)."""
+    """Reader threads and writer threads (each), and blocks read ahead: ``0`` picks, from this worker's share
+    of the node's cores, a quarter (at least 1) for a CPU model, whose threads the other cores are for, and all
+    but two (at most 32) for an accelerator: decoding the input is what limits a GPU there. HDF5 output always
+    has one writer (one per file)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast dtype of the forward pass (fp16: CUDA only)."""
     channels_last: bool = True
@@ -912,9 +913,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} at {key}")  # a bug in this module, not user input
 
 
+_FIELDS: dict[type, tuple[dict[str, Any], list[str]]] = {}
+
+
+def _fields(cls: type) -> tuple[dict[str, Any], list[str]]:
+    """Resolved annotations and field names of a config dataclass, resolved once per class (resolving them was
+    most of the time of building a config: a model file's config is built in every `cytonet infer`)."""
+    if cls not in _FIELDS:
+        _FIELDS[cls] = typing.get_type_hints(cls), [f.name for f in dataclasses.fields(cls)]
+    return _FIELDS[cls]
+
+
 def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    hints, names = _fields(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in names:

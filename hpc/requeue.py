@@ -56,13 +56,12 @@ def run(command: list[str], exit_code: int = 75, env: LaunchEnv | None = None) -
     if target is None:
         log.warning("exit status %d asks for a requeue, but this is not a SLURM job: rerun to resume", status)
         return status
+    # Said before asking: a granted requeue ends this batch script at once (SIGTERM to the step), often before
+    # anything after `scontrol requeue` would run.
+    log.warning("exit status %d: requeueing job %s; it resumes from its checkpoint when it runs again", status, target)
     r = subprocess.run(["scontrol", "requeue", target], capture_output=True, text=True, check=False)
     if r.returncode != 0:
         log.error("`scontrol requeue %s` failed (%d): %s; resubmit to resume", target, r.returncode, r.stderr.strip())
-    else:
-        log.warning(
-            "exit status %d: job %s requeued; it resumes from its checkpoint when it runs again", status, target
-        )
     return status
 
 

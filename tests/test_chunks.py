@@ -44,6 +44,14 @@ def test_reads_equal_zarr(
     boxes += [(*sorted(rng.integers(0, 71, 2)), *sorted(rng.integers(0, 46, 2))) for _ in range(20)]
     for y0, y1, x0, x1 in boxes:
         np.testing.assert_array_equal(fast.read((y0, y1), (x0, x1)), ref[y0:y1, x0:x1], err_msg=str((y0, y1, x0, x1)))
+        # decoded into a view of a larger array: the rest of it untouched
+        big = np.full((y1 - y0 + 4, x1 - x0 + 6, *trailing), 99, dtype=dtype)
+        view = big[2 : 2 + y1 - y0, 3 : 3 + x1 - x0]
+        assert fast.read((y0, y1), (x0, x1), out=view) is view
+        np.testing.assert_array_equal(view, ref[y0:y1, x0:x1])
+        assert (big[:2] == 99).all() and (big[:, :3] == 99).all() and (big[2 + y1 - y0 :] == 99).all()
+    with pytest.raises(ValueError, match=r"a: out is .* the box is"):
+        fast.read((0, 4), (0, 4), out=np.empty((4, 5, *trailing), dtype=dtype))
 
 
 def test_cache_decodes_each_chunk_once_and_stays_bounded(tmp_path: Path) -> None:
@@ -58,6 +66,14 @@ def test_cache_decodes_each_chunk_once_and_stays_bounded(tmp_path: Path) -> None
     fast.read((16, 32), (0, 48))  # three more chunks push the first three out
     assert cache.nbytes <= cache.max_bytes
     np.testing.assert_array_equal(fast.read((0, 16), (16, 32)), 0)  # gone from disk and cache: the fill value
+    cache = ChunkCache(1 << 20)
+    empty = open_chunked(tmp_path / "a", cache)
+    assert empty is not None
+    for f in (tmp_path / "a/c").rglob("*"):
+        if f.is_file():
+            f.unlink()
+    np.testing.assert_array_equal(empty.read((0, 64), (0, 64)), 0)
+    assert cache.nbytes <= 16, "chunks without a file are cached as their fill value, not as full chunks"
 
 
 def test_arrays_it_does_not_understand_are_left_to_zarr(tmp_path: Path) -> None:

@@ -384,10 +384,12 @@ def test_several_io_threads_give_the_same_output(root: Path, fmt: str) -> None:
     """Three reader and three writer threads (blocks read three ahead, written out of order) write the same
     bytes as one of each; HDF5 keeps one writer per file."""
     one, three = root / f"out-io1-{fmt}", root / f"out-io3-{fmt}"
+    switch_interval = sys.getswitchinterval()
     run(root, one, f"infer.format={fmt}", "infer.io_threads=1")
     result = run(root, three, f"infer.format={fmt}", "infer.io_threads=3")
     assert result.complete and result.written == 3 * 9  # type: ignore[attr-defined]
     assert_same_outputs(one, three)
+    assert sys.getswitchinterval() == switch_interval  # shortened while the threads ran, then restored
 
 
 @pytest.mark.parametrize("fmt", ["hdf5", "sharded"])
@@ -525,20 +527,25 @@ def test_volume_lock_creates_once(tmp_path: Path) -> None:
     assert v1.path == v2.path and not list(tmp_path.glob(".*partial"))
 
 
-def test_automatic_io_threads_share_the_cores_on_an_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_automatic_io_threads_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     """The sizing rule of infer.io_threads=0 on nodes this machine is not (16 and 64 cores, bound or not)."""
     import os
 
     from cytonet.infer.run import io_threads
 
     cfg = load_config(None, [])
-    cuda = torch.device("cuda")  # only the device type is read: no GPU needed
-    assert io_threads(cfg, torch.device("cpu")) == 1
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # only the device type is read: no GPU needed
     assert io_threads(load_config(None, ["infer.io_threads=5"]), cuda) == 5
+    assert io_threads(load_config(None, ["infer.io_threads=5"]), cpu) == 5
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert io_threads(cfg, cpu) == 1  # a laptop, or this machine
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert io_threads(cfg, cuda) == 14  # one GPU worker on a 16-core node
+    assert io_threads(cfg, cpu) == 4  # one CPU worker: a quarter of the cores read, the model has the rest
     assert io_threads(cfg, cuda, local_world_size=4) == 2  # four unbound ranks share the node
+    assert io_threads(cfg, cpu, local_world_size=4) == 1
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert io_threads(cfg, cuda, local_world_size=4) == 14  # a 64-core node bound to 16 cores per rank (srun)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)

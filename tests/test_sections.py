@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cytonet import __version__
+from cytonet.data import sections
 from cytonet.data.sections import (
     FORMAT_VERSION,
     SUFFIXES,
@@ -358,9 +359,13 @@ def test_block_mean_rounds_half_up_like_the_float_mean(factor: int) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_image_levels_equal_averaging_the_full_resolution(tmp_path: Path, backend: str) -> None:
+def test_image_levels_equal_averaging_the_full_resolution(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A stored level gives the same pixels as block-averaging the full resolution, for boxes inside, across
-    and past the section's edge (100 x 70 px: no level divides it, so partial edge pixels are exercised)."""
+    and past the section's edge (100 x 70 px: no level divides it, so partial edge pixels are exercised), and
+    reading in strips on several threads gives them too."""
+    monkeypatch.setattr(sections, "READ_STRIP_MIN_ROWS", 2)  # strips in boxes this small
     data = {"image": make_layers()["image"]}
     meta = make_meta()
     path = store_path(tmp_path, backend)
@@ -386,6 +391,13 @@ def test_image_levels_equal_averaging_the_full_resolution(tmp_path: Path, backen
                 ref = np.floor(full.reshape(y1 - y0, f, x1 - x0, f).mean(axis=(1, 3)) + 0.5).astype(np.uint8)
                 np.testing.assert_array_equal(r.read_image(f, y0, y1, x0, x1), ref, err_msg=f"f={f} {y0, y1, x0, x1}")
                 np.testing.assert_array_equal(p.read_image(f, y0, y1, x0, x1), ref)
+                for reader in (r, p):
+                    np.testing.assert_array_equal(reader.read_image(f, y0, y1, x0, x1, threads=3), ref)
+                    buf = np.full((y1 - y0, x1 - x0), 7, dtype=np.uint8)
+                    assert reader.read_image(f, y0, y1, x0, x1, threads=2, out=buf) is buf
+                    np.testing.assert_array_equal(buf, ref)
+        with pytest.raises(ValueError, match=r"out is uint8 \(3, 4\), the box is uint8 \(3, 5\)"):
+            r.read_image(1, 0, 3, 0, 5, out=np.empty((3, 4), np.uint8))
 
 
 def test_image_levels_must_be_powers_of_two(tmp_path: Path) -> None:

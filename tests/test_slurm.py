@@ -135,7 +135,7 @@ def test_preemption_checkpoints_requeues_and_ends_with_uninterrupted_weights(dat
     assert log.count("exiting with 75 for requeue") == 2, log[-3000:]  # both ranks, at the same step
     # slurmstepd's "DUE TO JOB REQUEUE" line appears only when the requeue overtakes the batch script's exit
     # (a race); hpc.requeue's own line and sacct's restart count above say the same without one.
-    assert f"exit status 75: job {jobs['preempted']} requeued" in log and "resumed from ckpt-" in log, log[-3000:]
+    assert f"exit status 75: requeueing job {jobs['preempted']}" in log and "resumed from ckpt-" in log, log[-3000:]
     assert_bitwise_equal(encoder(data / "preempted"), encoder(data / "pretrain"))
 
 

@@ -106,6 +106,8 @@ class ChunkedArray:
         return tuple(box) + tuple((0, n) for n in self.shape[len(box) :])
 
     def _chunk(self, index: tuple[int, ...]) -> np.ndarray:
+        """The decoded chunk, or a 0-d array of the fill value when it has no file (cached as such: a
+        section's many empty chunks cost the cache nothing and are never materialised)."""
         key = (str(self.path), index)
         chunk = self.cache.get(key) if self.cache is not None else None
         if chunk is not None:
@@ -113,7 +115,7 @@ class ChunkedArray:
         try:
             raw = self._file(index).read_bytes()
         except FileNotFoundError:
-            chunk = np.full(self.chunks, self.fill, dtype=self.dtype)
+            chunk = np.full((), self.fill, dtype=self.dtype)
         else:
             if self._codec is not None:
                 raw = self._codec.decode(raw)  # the blosc frame names its own codec, shuffle and type size
@@ -122,18 +124,24 @@ class ChunkedArray:
             self.cache.put(key, chunk)
         return chunk
 
-    def read(self, *box: tuple[int, int]) -> np.ndarray:
+    def read(self, *box: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
         """``array[a0:b0, a1:b1, ...]`` for ``box = ((a0, b0), (a1, b1), ...)`` (omitted axes whole); the box
-        must lie inside the array."""
+        must lie inside the array. ``out``: an array (or a view) of the box's shape and the array's dtype to
+        decode into, instead of a new one; it is returned."""
         full = self._full_box(box)
-        out = np.empty([b - a for a, b in full], dtype=self.dtype)
+        shape = tuple(b - a for a, b in full)
+        if out is None:
+            out = np.empty(shape, dtype=self.dtype)
+        elif out.shape != shape or out.dtype != self.dtype:
+            raise ValueError(f"{self.path}: out is {out.dtype} {out.shape}, the box is {self.dtype} {shape}")
         for index in itertools.product(*self._ranges(full)):
             src, dst = [], []
             for i, (a, b), c in zip(index, full, self.chunks):
                 lo, hi = max(a, i * c), min(b, (i + 1) * c)
                 src.append(slice(lo - i * c, hi - i * c))
                 dst.append(slice(lo - a, hi - a))
-            out[tuple(dst)] = self._chunk(index)[tuple(src)]
+            chunk = self._chunk(index)
+            out[tuple(dst)] = chunk if chunk.ndim == 0 else chunk[tuple(src)]
         return out
 
     def write(self, start: tuple[int, ...], data: np.ndarray) -> None:

@@ -36,6 +36,7 @@ a DataLoader forks and still opens its own handle in each worker.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -63,6 +64,8 @@ LAYER_DTYPES: dict[str, np.dtype[Any]] = {
 LAYER_FILL: dict[str, float] = {"image": 0, "labels": 0, "depth": float("nan"), "coords": float("nan")}
 #: Decoded chunks a zarr section reader keeps (neighbouring reads share the chunks of their overlap).
 CHUNK_CACHE_BYTES = 64 << 20
+#: Fewest rows of a strip :meth:`SectionReader.read_image` gives a thread of its own.
+READ_STRIP_MIN_ROWS = 256
 #: Edge of the full-resolution tiles image levels are computed from (bounds the memory of writing them).
 LEVEL_TILE_PX = 1024
 SUFFIXES = {"zarr": ".zarr", "hdf5": ".h5"}
@@ -448,12 +451,16 @@ class SectionReader:
             raise ValueError(f"{self.path}: box y[{y0}:{y1}] x[{x0}:{x1}] is outside the section ({h} x {w})")
         return self._read_array(layer, y0, y1, x0, x1)
 
-    def _read_array(self, name: str, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    def _read_array(self, name: str, y0: int, y1: int, x0: int, x1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """``name[y0:y1, x0:x1]`` (inside the array), into ``out`` when given (a view of the box's shape)."""
         fast = self._chunked(name)
         try:
             if fast is not None:
-                return fast.read((y0, y1), (x0, x1))
-            return np.asarray(self.array(name)[y0:y1, x0:x1])
+                return fast.read((y0, y1), (x0, x1), out=out)
+            if out is None:
+                return np.asarray(self.array(name)[y0:y1, x0:x1])
+            out[...] = self.array(name)[y0:y1, x0:x1]
+            return out
         except (OSError, ValueError, RuntimeError) as exc:
             raise InputError(f"{self.path}: reading {name}[{y0}:{y1}, {x0}:{x1}] failed: {exc}") from None
 
@@ -462,16 +469,34 @@ class SectionReader:
         return self._read_padded(layer, self.shape, layer, y0, y1, x0, x1)
 
     def _read_padded(
-        self, name: str, shape: tuple[int, int], layer: str, y0: int, y1: int, x0: int, x1: int
+        self,
+        name: str,
+        shape: tuple[int, int],
+        layer: str,
+        y0: int,
+        y1: int,
+        x0: int,
+        x1: int,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Box of array ``name`` (2D extent ``shape``, dtype and fill of ``layer``), padded past its edge."""
+        """Box of array ``name`` (2D extent ``shape``, dtype and fill of ``layer``), padded past its edge;
+        decoded into ``out`` when given. Only the padding is filled: the inside is written once."""
         h, w = shape
         if y0 >= 0 and x0 >= 0 and y1 <= h and x1 <= w:
-            return self._read_array(name, y0, y1, x0, x1)  # inside: no padded copy
-        out = np.full(_layer_shape(layer, (y1 - y0, x1 - x0)), LAYER_FILL[layer], dtype=LAYER_DTYPES[layer])
+            return self._read_array(name, y0, y1, x0, x1, out)  # inside: no padded copy
+        if out is None:
+            out = np.empty(_layer_shape(layer, (y1 - y0, x1 - x0)), dtype=LAYER_DTYPES[layer])
+        fill = LAYER_FILL[layer]
         cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
-        if cy0 < cy1 and cx0 < cx1:
-            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = self._read_array(name, cy0, cy1, cx0, cx1)
+        if not (cy0 < cy1 and cx0 < cx1):
+            out[...] = fill
+            return out
+        iy0, iy1, ix0, ix1 = cy0 - y0, cy1 - y0, cx0 - x0, cx1 - x0
+        out[:iy0] = fill
+        out[iy1:] = fill
+        out[iy0:iy1, :ix0] = fill
+        out[iy0:iy1, ix1:] = fill
+        self._read_array(name, cy0, cy1, cx0, cx1, out[iy0:iy1, ix0:ix1])
         return out
 
     @property
@@ -479,15 +504,47 @@ class SectionReader:
         """Factors of the image levels this store holds."""
         return self.meta.image_levels
 
-    def read_image(self, factor: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    def read_image(
+        self, factor: int, y0: int, y1: int, x0: int, x1: int, threads: int = 1, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Pixels [y0, y1) x [x0, x1) of the image at ``factor`` times its pixel size (pixel m = means of
         section pixels [m f, (m+1) f), rounded as :func:`block_mean_uint8`; zero past the edge): from the
-        stored level when there is one, else by averaging the full resolution. Same values either way."""
+        stored level when there is one, else by averaging the full resolution. Same values either way.
+
+        ``threads`` > 1 reads that many horizontal strips of the box side by side (decoding releases the GIL):
+        for one large read whose caller has nothing else for its cores to do, such as the first block of an
+        inference run, which everything else waits for. ``out``: a uint8 array of the box's shape to read into
+        (such as page-locked memory for a copy to an accelerator); it is returned."""
+        if out is None:
+            out = np.empty((y1 - y0, x1 - x0), dtype=np.uint8)
+        elif out.shape != (y1 - y0, x1 - x0) or out.dtype != np.uint8:
+            raise ValueError(f"{self.path}: out is {out.dtype} {out.shape}, the box is uint8 {(y1 - y0, x1 - x0)}")
+        n = max(1, min(threads, (y1 - y0) // READ_STRIP_MIN_ROWS))
+        if n == 1:
+            return self._read_image_into(factor, y0, x0, x1, out)
+        from concurrent.futures import ThreadPoolExecutor
+
+        cuts = [y0 + (y1 - y0) * k // n for k in range(n + 1)]
+        with ThreadPoolExecutor(n, thread_name_prefix="section-read") as pool:
+            parts = [
+                pool.submit(self._read_image_into, factor, a, x0, x1, out[a - y0 : b - y0])
+                for a, b in itertools.pairwise(cuts)
+            ]
+            for part in parts:
+                part.result()
+        return out
+
+    def _read_image_into(self, factor: int, y0: int, x0: int, x1: int, out: np.ndarray) -> np.ndarray:
+        """:meth:`read_image` of the rows ``y0 .. y0 + len(out)`` into ``out``."""
+        y1 = y0 + out.shape[0]
+        if factor == 1:
+            return self._read_padded("image", self.shape, "image", y0, y1, x0, x1, out)
         if factor in self.meta.image_levels:
             name = level_name(factor)
-            return self._read_padded(name, level_shape(self.shape, factor), "image", y0, y1, x0, x1)
+            return self._read_padded(name, level_shape(self.shape, factor), "image", y0, y1, x0, x1, out)
         img = self.read_padded("image", y0 * factor, y1 * factor, x0 * factor, x1 * factor)
-        return block_mean_uint8(img, factor)
+        out[...] = block_mean_uint8(img, factor)
+        return out
 
     def iter_rows(self, layer: str, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (y0, block) for consecutive horizontal bands of ``rows`` rows (bounded memory)."""

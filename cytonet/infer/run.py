@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,25 +209,31 @@ class BlockEvaluator:
         cx = np.clip(grid.model_shape[1] - (block.x0 + np.arange(nx)) * s, 0, s)
         return sums < self.tissue_max * np.outer(cy, cx)
 
-    def read(self, reader: SectionReader, job: SectionJob, block: Block) -> tuple[torch.Tensor | None, np.ndarray]:
+    def read(
+        self, reader: SectionReader, job: SectionJob, block: Block, threads: int = 1
+    ) -> tuple[torch.Tensor | None, np.ndarray]:
         """The model's input for the block's read box (None when nothing in it is to be predicted) and the
         (h, w) mask of the output pixels to predict: tissue and, unless ``infer.roi=tissue``, the region of
-        interest at their patch centres (see ``InferConfig.roi``). Stage 1 of 3 (the reader thread).
+        interest at their patch centres (see ``InferConfig.roi``). Stage 1 of 3 (the reader thread; ``threads``
+        decode strips of the box side by side).
 
         The input is the read box at the model's pixel size, as float32 in [0, 1] for a CPU model (converted
-        here, off the model's thread) and as uint8 in pinned memory for an accelerator (a quarter of the bytes
-        to copy; converted on the device)."""
+        here, off the model's thread) and as uint8 for an accelerator (a quarter of the bytes to
+        copy; converted on the device), decoded straight into page-locked memory for a CUDA device."""
         box = job.grid.read_box(block)
-        img = reader.read_image(job.factor, *box)
+        shape = (box[1] - box[0], box[3] - box[2])
+        pinned = self.device.type == "cuda" and torch.cuda.is_available()
+        buf = torch.empty(shape, dtype=torch.uint8, pin_memory=True) if pinned else None
+        img = reader.read_image(job.factor, *box, threads=threads, out=None if buf is None else buf.numpy())
         mask = self.tissue(img, job.grid, block, box)
         if mask.any() and self.roi != "tissue":
             mask &= self._roi(reader, job, block)
         if not mask.any():
             return None, mask
-        x = torch.from_numpy(img)[None, None]
+        x = (torch.from_numpy(img) if buf is None else buf)[None, None]
         if self.device.type == "cpu":
             return x.float().div_(255.0), mask
-        return (x.pin_memory() if torch.cuda.is_available() else x), mask
+        return x, mask
 
     def _roi(self, reader: SectionReader, job: SectionJob, block: Block) -> np.ndarray:
         """(h, w) bool: the output pixels whose patch centre is in the region of interest."""
@@ -434,6 +441,16 @@ def _section_mpix(job: SectionJob, block: Block) -> float:
     return (block.y1 - block.y0) * (block.x1 - block.x0) * edge * edge / 1e6
 
 
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+#: Python thread switch interval while inference runs (seconds; CPython's default is 0.005). The model's
+#: thread needs the GIL between any two torch calls; with reader and writer threads running Python code, it
+#: would wait up to a whole interval each time. bench_infer, 2 cores, one model thread: the model ran 12% (demo)
+#: and 7% (medium) slower than alone at the default, 6% and 4% at 0.2 ms.
+SWITCH_INTERVAL_S = 0.0002
 #: Most reader threads the automatic ``infer.io_threads`` gives a worker with an accelerator.
 MAX_AUTO_IO_THREADS = 32
 
@@ -441,19 +458,25 @@ MAX_AUTO_IO_THREADS = 32
 def io_threads(cfg: Config, device: torch.device, local_world_size: int = 1) -> int:
     """Reader threads and writer threads of this worker (``infer.io_threads``; see there for 0).
 
-    On an accelerator, the automatic choice is this worker's share of the cores less two (the model's thread
-    and one for writing and the system): the cores it may run on, divided among the node's workers when its
-    affinity is the whole node (torchrun does not bind ranks; ``srun`` does). Reading is the bottleneck there:
-    one reader decodes and masks 0.1-0.5 GP/s of full-resolution image (bench_infer, 2 cores), while the paper
-    encoder needs about 1600 flop per section pixel, so a GPU sustaining 15 TFLOP/s maps about 10 GP/s."""
+    The automatic choice starts from this worker's share of the cores: the cores it may run on, divided among
+    the node's workers when its affinity is the whole node (torchrun does not bind ranks; ``srun`` does).
+
+    - On an accelerator: that share less two (the model's thread, and one for the system), at most 32. Reading
+      is the bottleneck there: one reader decodes and masks 0.1-0.5 GP/s of full-resolution image
+      (bench_infer, 2 cores), while the paper encoder needs about 1600 flop per section pixel, so a GPU
+      sustaining 15 TFLOP/s maps about 10 GP/s.
+    - On the CPU: a quarter of the share (at least one). The model's threads take the cores; one reader (and
+      one writer) keeps about three of them busy: in bench_infer, reading, masking and writing take 0.3
+      (paper encoder) to 0.7 (demo encoder) of the model's own time on one core. A single reader would leave
+      most of a 64-core node waiting."""
     if cfg.infer.io_threads:
         return cfg.infer.io_threads
-    if device.type == "cpu":
-        return 1
     node = os.cpu_count() or 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else node
+    cores = usable_cores()
     if cores >= node:  # not bound to a subset: the node's workers share its cores
         cores //= max(1, local_world_size)
+    if device.type == "cpu":
+        return max(1, min(MAX_AUTO_IO_THREADS, cores // 4))
     return max(1, min(MAX_AUTO_IO_THREADS, cores - 2))
 
 
@@ -493,9 +516,11 @@ def _process(
         len(todo), sum(_section_mpix(job, b) for job, b in todo), bar=None if who["rank"] == 0 else False
     )
 
-    def read(reader: SectionReader, job: SectionJob, block: Block) -> tuple[torch.Tensor | None, np.ndarray]:
+    def read(
+        reader: SectionReader, job: SectionJob, block: Block, threads: int = 1
+    ) -> tuple[torch.Tensor | None, np.ndarray]:
         t0 = time.perf_counter()
-        data = evaluator.read(reader, job, block)
+        data = evaluator.read(reader, job, block, threads)
         with lock:
             spent["read"] += time.perf_counter() - t0
         return data
@@ -543,21 +568,35 @@ def _process(
 
     reads: deque[tuple[str, Future[tuple[torch.Tensor | None, np.ndarray]]]] = deque()
     writes: deque[Future[None]] = deque()
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
         with (
             ThreadPoolExecutor(n_io, thread_name_prefix="infer-read") as rpool,
             ThreadPoolExecutor(n_write, thread_name_prefix="infer-write") as wpool,
         ):
-            ahead = 0  # the next block to submit for reading: blocks i .. i + n_io are read or being read
-            for i, (job, block) in enumerate(todo):
+            ahead = 1  # the next block to submit for reading: blocks i .. i + n_io are read or being read
+
+            def read_ahead(i: int) -> None:
+                nonlocal ahead
                 while ahead < len(todo) and ahead <= i + n_io:
                     nj, nb = todo[ahead]
                     live = {name for name, _ in reads}
                     reads.append((nj.name, rpool.submit(read, reader_of(nj, live), nj, nb)))
                     ahead += 1
+
+            for i, (job, block) in enumerate(todo):
                 t0 = time.perf_counter()
-                data = reads.popleft()[1].result()
-                spent["wait"] += time.perf_counter() - t0
+                if i == 0:
+                    # Everything waits for the first block: it is read on all of this worker's cores, and the
+                    # reads ahead start after it (the paper encoder's 9257^2 px read box: 0.3 s on one core).
+                    data = read(reader_of(job, set()), job, block, usable_cores())
+                    spent["wait"] += time.perf_counter() - t0
+                    read_ahead(i)
+                else:
+                    read_ahead(i)
+                    data = reads.popleft()[1].result()
+                    spent["wait"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 probs = evaluator.forward(data)
                 seconds = time.perf_counter() - t0
@@ -570,6 +609,7 @@ def _process(
             while writes:
                 writes.popleft().result()
     finally:
+        sys.setswitchinterval(switch_interval)
         progress.close()
         for v in volumes.values():
             v.close()
