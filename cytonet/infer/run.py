@@ -492,8 +492,9 @@ def _process(
     """Evaluate and write ``todo`` in order; returns the number of blocks written, the seconds per stage
     (:attr:`InferResult.stage_seconds`) and the section megapixels the written blocks cover.
 
-    Three stages overlap (:class:`BlockEvaluator`): reader threads read the next blocks' read boxes and masks
-    (``n_io`` blocks ahead, ``n_io`` from :func:`io_threads`), the main thread runs the model on the current one
+    Three stages overlap (:class:`BlockEvaluator`): ``n_io`` reader threads (:func:`io_threads`) read the next
+    ``n_io + 1`` blocks' read boxes and masks (the first block on all cores, before the others), the main thread
+    runs the model on the current one
     (torch releases the GIL), writer threads zero the masked pixels of earlier ones, build their pyramids and
     labels, write them and then their done markers. Everything but the model is off the main thread, so the
     model never waits for numpy work. At most ``n_io`` writes are in flight (one for HDF5, whose volumes are
@@ -575,11 +576,14 @@ def _process(
             ThreadPoolExecutor(n_io, thread_name_prefix="infer-read") as rpool,
             ThreadPoolExecutor(n_write, thread_name_prefix="infer-write") as wpool,
         ):
-            ahead = 1  # the next block to submit for reading: blocks i .. i + n_io are read or being read
+            # The next block to submit for reading: while block i is evaluated, blocks i + 1 .. i + n_io + 1 are
+            # read or queued, so a reader that finishes finds the next block waiting instead of idling until the
+            # model moves on (block sizes vary: a small block's forward pass hides less than a large read).
+            ahead = 1
 
             def read_ahead(i: int) -> None:
                 nonlocal ahead
-                while ahead < len(todo) and ahead <= i + n_io:
+                while ahead < len(todo) and ahead <= i + n_io + 1:
                     nj, nb = todo[ahead]
                     live = {name for name, _ in reads}
                     reads.append((nj.name, rpool.submit(read, reader_of(nj, live), nj, nb)))
