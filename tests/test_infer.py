@@ -22,7 +22,7 @@ from cytonet.infer import writers
 from cytonet.infer.blocks import Grid, assign, pyramid_mean
 from cytonet.infer.cleanup import grid_positions, knn_cleanup, seed_mask, stack_cleanup
 from cytonet.infer.dense import DenseEncoder, PerPatchEncoder
-from cytonet.infer.run import load_classifier, run_infer
+from cytonet.infer.run import load_classifier, run_infer, select_sections
 from cytonet.models.build import MODEL_FILE, MODEL_FORMAT, build_encoder
 from cytonet.models.heads import LinearClassifier
 from cytonet.models.paper_encoder import PaperEncoder
@@ -430,6 +430,39 @@ def test_settings_mismatch_and_bad_model_are_refused(root: Path, tmp_path: Path)
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 1 and "/nonexistent/model.pt does not exist" in r.stderr
+
+
+def test_named_sections_open_only_their_stores(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """infer.sections opens the stores with those file names, not every store beside them; a store under
+    another file name is still found (by opening the rest), and two stores of one section are refused."""
+    import shutil
+
+    from cytonet.infer import run as infer_run
+
+    shutil.copytree(root / "sections", tmp_path / "sections")
+    opened: list[str] = []
+    real_open = infer_run.open_section
+
+    def counting_open(path: Path) -> object:
+        opened.append(Path(path).name)
+        return real_open(path)
+
+    monkeypatch.setattr(infer_run, "open_section", counting_open)
+    clf = load_classifier(root / "probe")
+
+    def select(*overrides: str) -> list[str]:
+        opened.clear()
+        cfg = base_config(tmp_path, f"infer.sections_dir={tmp_path / 'sections'}", *overrides)
+        return [job.name for job in select_sections(cfg, clf)]
+
+    assert select("infer.sections=[B00_s0001]") == ["B00_s0001"] and opened == ["B00_s0001.zarr"]
+    assert select() == ["B00_s0000", "B00_s0001", "B01_s0000"] and len(opened) == 3
+    stores = {p.name: p for p in (tmp_path / "sections").rglob("*.zarr")}
+    stores["B00_s0001.zarr"].rename(stores["B00_s0001.zarr"].with_name("renamed.zarr"))
+    assert select("infer.sections=[B00_s0001]") == ["B00_s0001"] and len(opened) == 3
+    shutil.copytree(stores["B01_s0000.zarr"], stores["B01_s0000.zarr"].with_name("copy.zarr"))
+    with pytest.raises(InputError, match=r"two section stores hold section B01_s0000: .*B01_s0000\.zarr and .*copy"):
+        select("infer.sections=[B00_s0001]")
 
 
 def test_image_levels_give_the_same_maps_without_reading_the_full_resolution(tmp_path: Path) -> None:

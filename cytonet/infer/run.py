@@ -132,6 +132,29 @@ def _section_name(reader: SectionReader) -> str:
     return f"{m.brain}_s{m.section_index:04d}"  # the name patch extraction gives sections
 
 
+def _open_sections(paths: list[Path], wanted: set[str]) -> dict[str, tuple[Path, SectionReader]]:
+    """The stores at ``paths`` by section name. With ``wanted`` names, the stores whose file names are those
+    names (as cytonet names stores) are opened first and the others only if one is missing: a worker of an
+    array job mapping a few sections of a brain then opens those, not the thousands of stores beside them
+    (every open reads metadata, a burden on a cluster's shared file system when hundreds of tasks start)."""
+    found: dict[str, tuple[Path, SectionReader]] = {}
+
+    def open_all(group: list[Path]) -> None:
+        for path in group:
+            r = open_section(path)
+            name = _section_name(r)
+            if name in found and found[name][0] != path:
+                raise InputError(f"two section stores hold section {name}: {found[name][0]} and {path}")
+            found[name] = (path, r)
+
+    first = [p for p in paths if p.name.rsplit(".", 1)[0] in wanted]
+    open_all(first)
+    if not wanted or not wanted <= found.keys():
+        opened = set(first)
+        open_all([p for p in paths if p not in opened])
+    return found
+
+
 def select_sections(cfg: Config, clf: Classifier) -> list[SectionJob]:
     """The sections to map, sorted by name, with their output grids."""
     icfg = cfg.infer
@@ -139,10 +162,12 @@ def select_sections(cfg: Config, clf: Classifier) -> list[SectionJob]:
     paths = list_sections(root)
     if not paths:
         raise InputError(f"no section stores (.zarr / .h5) below {root} (infer.sections_dir)")
-    found: dict[str, tuple[Path, SectionReader]] = {}
-    for p in paths:
-        r = open_section(p)
-        found[_section_name(r)] = (p, r)
+    wanted: set[str] = set()
+    if icfg.sections:
+        wanted = set(icfg.sections)
+    elif icfg.splits and clf.sections:
+        wanted = {s["name"] for s in clf.sections if s.get("split") in icfg.splits}
+    found = _open_sections(paths, wanted)
     if icfg.sections:
         missing = [s for s in icfg.sections if s not in found]
         if missing:
