@@ -24,10 +24,12 @@ is installed) and ``DONE``.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -138,6 +140,14 @@ def run_stage(
                 _clear_run(out)
             distributed.barrier()
         return _run(cfg, env, kind, tcfg, out, device, resume)
+    except BaseException as exc:
+        # Free the stage's model (DDP holds the process group), loader and buffers now, while the group is up:
+        # the exception's traceback would keep them alive past destroy_process_group, and gloo threads torn
+        # down in interpreter finalization can abort the process (SIGABRT instead of the requeue status, seen
+        # once after a preemption of a 2-rank run).
+        traceback.clear_frames(exc.__traceback__)
+        gc.collect()
+        raise
     finally:
         distributed.destroy_distributed()
 
