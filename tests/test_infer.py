@@ -381,7 +381,7 @@ def test_torchrun_two_ranks_match_one_process(root: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["ome-zarr", "hdf5"])
 def test_several_io_threads_give_the_same_output(root: Path, fmt: str) -> None:
-    """Three reader and three writer threads (blocks read three ahead, written out of order) write the same
+    """Three reader and three writer threads (blocks read four ahead, written out of order) write the same
     bytes as one of each; HDF5 keeps one writer per file."""
     one, three = root / f"out-io1-{fmt}", root / f"out-io3-{fmt}"
     switch_interval = sys.getswitchinterval()

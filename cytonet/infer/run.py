@@ -143,11 +143,11 @@ def _open_sections(paths: list[Path], wanted: set[str]) -> dict[str, tuple[Path,
         for path in group:
             r = open_section(path)
             name = _section_name(r)
-            if name in found and found[name][0] != path:
+            if name in found:
                 raise InputError(f"two section stores hold section {name}: {found[name][0]} and {path}")
             found[name] = (path, r)
 
-    first = [p for p in paths if p.name.rsplit(".", 1)[0] in wanted]
+    first = [p for p in paths if p.stem in wanted]
     open_all(first)
     if not wanted or not wanted <= found.keys():
         opened = set(first)
@@ -174,8 +174,7 @@ def select_sections(cfg: Config, clf: Classifier) -> list[SectionJob]:
             raise InputError(f"infer.sections names {missing}, not found below {root}; found: {sorted(found)}")
         names = list(icfg.sections)
     elif icfg.splits and clf.sections:
-        split_of = {s["name"]: s.get("split") for s in clf.sections}
-        names = [n for n in found if split_of.get(n) in icfg.splits]
+        names = [n for n in found if n in wanted]
         if not names:
             raise InputError(
                 f"no section below {root} is in the splits {icfg.splits} recorded in {clf.path}; "
@@ -620,12 +619,10 @@ def _process(
                     # Everything waits for the first block: it is read on all of this worker's cores, and the
                     # reads ahead start after it (the paper encoder's 9257^2 px read box: 0.3 s on one core).
                     data = read(reader_of(job, set()), job, block, usable_cores())
-                    spent["wait"] += time.perf_counter() - t0
-                    read_ahead(i)
-                else:
-                    read_ahead(i)
+                read_ahead(i)
+                if i > 0:
                     data = reads.popleft()[1].result()
-                    spent["wait"] += time.perf_counter() - t0
+                spent["wait"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 probs = evaluator.forward(data)
                 seconds = time.perf_counter() - t0
