@@ -60,13 +60,26 @@ def slurm_cluster() -> Iterator[str]:
     subprocess.run(["bash", str(HARNESS / "down.sh")], env=env, capture_output=True, text=True, timeout=300)
 
 
-def job_state(job_id: str) -> str:
-    """The job's state from sacct (``COMPLETED``, ``FAILED``, ``CANCELLED`` ...), or ``""`` before it is known."""
-    r = subprocess.run(
-        ["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True, check=False
-    )
-    states = r.stdout.split()
-    return states[0] if states else ""
+# States sacct shows while the job is not over (or before slurmdbd has recorded its end).
+_ACTIVE = {"", "PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED"}
+
+
+def job_state(job_id: str, timeout: float = 60.0) -> str:
+    """The job's final state from sacct (``COMPLETED``, ``FAILED``, ``CANCELLED`` ...).
+
+    slurmctld sends a job's end to slurmdbd asynchronously, so sacct can still say ``RUNNING`` for a moment after
+    the job has left squeue (seen in CI after a requeue). This polls until sacct shows a state that is over, and
+    returns the last state seen (e.g. ``RUNNING``, which then fails the caller's assertion) after ``timeout``."""
+    end = time.monotonic() + timeout
+    while True:
+        r = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True, check=False
+        )
+        states = r.stdout.split()
+        state = states[0] if states else ""
+        if state not in _ACTIVE or time.monotonic() > end:
+            return state
+        time.sleep(0.5)
 
 
 def queued(job_id: str) -> bool:
