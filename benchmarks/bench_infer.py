@@ -47,7 +47,7 @@ from cytonet.data.sections import open_section
 from cytonet.data.synth import generate_section
 from cytonet.distributed import DistEnv
 from cytonet.infer.dense import DenseEncoder, PerPatchEncoder, dense_classifier_logits
-from cytonet.infer.run import BlockEvaluator, Classifier, load_classifier, run_infer, select_sections
+from cytonet.infer.run import BlockEvaluator, BlockReader, Classifier, load_classifier, run_infer, select_sections
 from cytonet.models.build import MODEL_FILE, MODEL_FORMAT, build_encoder
 from cytonet.models.heads import LinearClassifier
 
@@ -203,8 +203,9 @@ def run_case(name: str, args: argparse.Namespace, work: Path, device: torch.devi
     jobs = select_sections(cfg, clf)
     evaluator = BlockEvaluator(cfg, clf, device)
     blocks = [(job, b) for job in jobs for b in job.grid.blocks()]
+    stage1 = BlockReader(cfg, device)
     with open_section(jobs[0].path) as r:
-        read = [evaluator.read(r, job, b) for job, b in blocks]
+        read = [stage1.read(r, job, b) for job, b in blocks]
     tissue = [x is not None for x, _ in read]
     inputs = [x.to(device).float().div(255.0) if x.dtype == torch.uint8 else x for x, _ in read if x is not None]
 

@@ -12,8 +12,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from cytonet.config import load_config
+from cytonet.hostmem import BufferPool
 
 SCRIPT = """
 import resource, sys, torch
@@ -63,3 +65,33 @@ def test_freed_memory_is_reused_only_with_the_settings() -> None:
 def test_setting_is_on_by_default_and_can_be_turned_off() -> None:
     assert load_config(None, []).run.reuse_host_memory is True
     assert load_config(None, ["run.reuse_host_memory=false"]).run.reuse_host_memory is False
+
+
+def test_buffer_pool_reuses_the_smallest_fit_and_keeps_at_most_keep() -> None:
+    pool = BufferPool(2, torch.float32)
+    a = pool.take((10, 10))
+    ptr_a = a.data_ptr()
+    pool.give(a)
+    b = pool.take((5, 4))  # fits in a's buffer: the same memory, shaped as asked
+    assert b.data_ptr() == ptr_a and b.shape == (5, 4) and b.is_contiguous()
+    c = pool.take((20, 20))  # nothing free fits: new memory
+    assert c.data_ptr() != ptr_a
+    pool.give(b)
+    pool.give(c)
+    assert pool.take((3, 3)).data_ptr() == ptr_a  # the smallest that fits, not the largest
+    d, e, f = pool.take((30,)), pool.take((40,)), pool.take((50,))
+    for t in (d, e, f):
+        pool.give(t)
+    kept = sorted(int(t.numel()) for t in pool._free)
+    assert kept == [50, 400]  # d had the 400 buffer, e and f new ones: the largest two are kept
+
+
+def test_buffer_pool_ignores_tensors_it_did_not_lend() -> None:
+    pool = BufferPool(4, torch.uint8)
+    pool.give(torch.empty(100, dtype=torch.uint8))
+    x = pool.take((8,))
+    pool.give(x)
+    pool.give(x)  # twice: the second is ignored, so the buffer is never lent to two takers
+    assert len(pool._free) == 1
+    assert pool.take((8,)).data_ptr() == x.data_ptr()
+    assert pool.take((8,)).data_ptr() != x.data_ptr()

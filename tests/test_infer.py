@@ -19,10 +19,10 @@ from cytonet.data.sections import SectionMeta, create_section, open_section
 from cytonet.distributed import DistEnv
 from cytonet.errors import InputError
 from cytonet.infer import writers
-from cytonet.infer.blocks import Grid, assign, pyramid_mean
+from cytonet.infer.blocks import Block, Grid, assign, pyramid_mean
 from cytonet.infer.cleanup import grid_positions, knn_cleanup, seed_mask, stack_cleanup
 from cytonet.infer.dense import DenseEncoder, PerPatchEncoder
-from cytonet.infer.run import load_classifier, run_infer, select_sections
+from cytonet.infer.run import BlockReader, _smallest_first, load_classifier, run_infer, select_sections
 from cytonet.models.build import MODEL_FILE, MODEL_FORMAT, build_encoder
 from cytonet.models.heads import LinearClassifier
 from cytonet.models.paper_encoder import PaperEncoder
@@ -410,6 +410,39 @@ def test_hdf5_and_sharded_zarr_equal_plain_zarr(root: Path, fmt: str) -> None:
         a, b = read_volume(ref / "B00_s0000.ome.zarr"), read_volume(out / "B00_s0000.ome.zarr")
         for key in a:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_reads_into_reused_memory_equal_fresh_conversions(root: Path) -> None:
+    """BlockReader converts into buffers given back by earlier blocks (larger or smaller read boxes): the input
+    is the box's bytes / 255 exactly, as a fresh conversion gives it."""
+    cfg = base_config(root)
+    job = select_sections(cfg, load_classifier(root / "probe"))[0]
+    stage1 = BlockReader(cfg, torch.device("cpu"), 2)
+    blocks = list(job.grid.blocks())
+    boxes = {job.grid.read_box(b) for b in blocks}
+    assert len({(y1 - y0, x1 - x0) for y0, y1, x0, x1 in boxes}) > 1  # the edge blocks are smaller
+    with open_section(job.path) as reader:
+        for block in [*blocks, *reversed(blocks)]:
+            x, mask = stage1.read(reader, job, block)
+            assert x is not None and mask.any()
+            fresh = torch.from_numpy(reader.read_image(job.factor, *job.grid.read_box(block))).float() / 255.0
+            assert torch.equal(x[0, 0], fresh)
+            stage1.give_back(x)
+
+
+def test_smallest_read_box_of_the_first_section_goes_first(root: Path) -> None:
+    jobs = select_sections(base_config(root), load_classifier(root / "probe"))
+    todo = [(job, b) for job in jobs for b in job.grid.blocks()]
+
+    def area(item: tuple[object, Block]) -> int:
+        y0, y1, x0, x1 = jobs[0].grid.read_box(item[1])
+        return (y1 - y0) * (x1 - x0)
+
+    ordered = _smallest_first(todo)
+    assert ordered[0][0] is jobs[0] and area(ordered[0]) == min(area(t) for t in todo if t[0] is jobs[0])
+    assert area(ordered[0]) < area(todo[0])
+    assert ordered[1:] == [t for t in todo if t is not ordered[0]]  # the rest in its order
+    assert _smallest_first([]) == []
 
 
 def test_settings_mismatch_and_bad_model_are_refused(root: Path, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from cytonet.data.sections import (
 )
 from cytonet.distributed import DistEnv
 from cytonet.errors import ConfigError, InputError
-from cytonet.hostmem import reuse_freed_memory
+from cytonet.hostmem import BufferPool, reuse_freed_memory
 from cytonet.infer import writers
 from cytonet.infer.blocks import Block, Grid, assign, pyramid_mean, section_grid, worker_of
 from cytonet.infer.cleanup import grid_positions, knn_cleanup, stack_cleanup
@@ -198,28 +199,19 @@ def select_sections(cfg: Config, clf: Classifier) -> list[SectionJob]:
     return jobs
 
 
-class BlockEvaluator:
-    """Probabilities and labels of one block (see module doc)."""
+class BlockReader:
+    """Stage 1 of 3 (the reader threads): a block's model input and the mask of its output pixels to predict.
+    Needs no model, so the first block is read while the model is set up (:class:`BlockEvaluator`)."""
 
-    def __init__(self, cfg: Config, clf: Classifier, device: torch.device) -> None:
-        icfg = cfg.infer
-        check_precision(icfg.precision, device)
-        self.dtype = autocast_dtype(icfg.precision)
-        if self.dtype is None:
-            ieee_fp32(device)
+    def __init__(self, cfg: Config, device: torch.device, in_flight: int = 1) -> None:
         self.device = device
-        net: nn.Module
-        if icfg.mode == "dense":
-            net = DenseEncoder(clf.encoder, clf.patch_size_px, icfg.stride_px, channels_last=icfg.channels_last)
-        else:
-            net = PerPatchEncoder(clf.encoder, clf.patch_size_px, icfg.stride_px, icfg.batch_size)
-        self.net = net.to(device).eval()
-        self.head = clf.head.to(device).eval()
-        self.area_ids = np.asarray(clf.area_ids, dtype=np.uint16)
-        self.tissue_max = icfg.tissue_max_intensity
-        self.roi = icfg.roi
+        self.tissue_max = cfg.infer.tissue_max_intensity
+        self.roi = cfg.infer.roi
         self.band = cfg.extract.centerline_tolerance
-        self.levels = icfg.pyramid_levels
+        # For a CPU model: the decoded bytes (one per reader at a time) and the float inputs (``in_flight``:
+        # read or queued, and the one the model is on, which :meth:`give_back` returns) in reused memory.
+        self._bytes = BufferPool(in_flight, torch.uint8)
+        self._floats = BufferPool(in_flight, torch.float32)
 
     def tissue(self, img: np.ndarray, grid: Grid, block: Block, box: tuple[int, int, int, int]) -> np.ndarray:
         """(h, w) bool: output pixels whose footprint (its part inside the section) has a mean grey value below
@@ -238,26 +230,40 @@ class BlockEvaluator:
     ) -> tuple[torch.Tensor | None, np.ndarray]:
         """The model's input for the block's read box (None when nothing in it is to be predicted) and the
         (h, w) mask of the output pixels to predict: tissue and, unless ``infer.roi=tissue``, the region of
-        interest at their patch centres (see ``InferConfig.roi``). Stage 1 of 3 (the reader thread; ``threads``
-        decode strips of the box side by side).
+        interest at their patch centres (see ``InferConfig.roi``). ``threads`` decode strips of the box side by
+        side.
 
         The input is the read box at the model's pixel size, as float32 in [0, 1] for a CPU model (converted
-        here, off the model's thread) and as uint8 for an accelerator (a quarter of the bytes to
-        copy; converted on the device), decoded straight into page-locked memory for a CUDA device."""
+        here, off the model's thread, in memory reused from block to block: :meth:`give_back`) and as uint8
+        for an accelerator (a quarter of the bytes to copy; converted on the device), decoded straight into
+        page-locked memory for a CUDA device."""
         box = job.grid.read_box(block)
         shape = (box[1] - box[0], box[3] - box[2])
-        pinned = self.device.type == "cuda" and torch.cuda.is_available()
-        buf = torch.empty(shape, dtype=torch.uint8, pin_memory=True) if pinned else None
-        img = reader.read_image(job.factor, *box, threads=threads, out=None if buf is None else buf.numpy())
-        mask = self.tissue(img, job.grid, block, box)
-        if mask.any() and self.roi != "tissue":
-            mask &= self._roi(reader, job, block)
-        if not mask.any():
-            return None, mask
-        x = (torch.from_numpy(img) if buf is None else buf)[None, None]
-        if self.device.type == "cpu":
-            return x.float().div_(255.0), mask
-        return x, mask
+        cpu = self.device.type == "cpu"
+        if cpu:
+            buf = self._bytes.take(shape)
+        else:
+            pin = self.device.type == "cuda" and torch.cuda.is_available()
+            buf = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
+        try:
+            img = reader.read_image(job.factor, *box, threads=threads, out=buf.numpy())
+            mask = self.tissue(img, job.grid, block, box)
+            if mask.any() and self.roi != "tissue":
+                mask &= self._roi(reader, job, block)
+            if not mask.any():
+                return None, mask
+            if not cpu:
+                return buf[None, None], mask
+            x = self._floats.take((1, 1, *shape))
+            x.copy_(buf).div_(255.0)  # = buf.float() / 255, without a fresh 4-byte copy of the box
+            return x, mask
+        finally:
+            self._bytes.give(buf)
+
+    def give_back(self, x: torch.Tensor | None) -> None:
+        """Return an input from :meth:`read` once the model is done with it, for the reads to come to reuse."""
+        if x is not None:
+            self._floats.give(x)
 
     def _roi(self, reader: SectionReader, job: SectionJob, block: Block) -> np.ndarray:
         """(h, w) bool: the output pixels whose patch centre is in the region of interest."""
@@ -273,10 +279,31 @@ class BlockEvaluator:
         with np.errstate(invalid="ignore"):
             return np.abs(at - 0.5) <= self.band  # NaN (outside the cortex) compares False
 
+
+class BlockEvaluator:
+    """Stages 2 and 3 of 3: probabilities and labels of a block read by :class:`BlockReader` (see module doc)."""
+
+    def __init__(self, cfg: Config, clf: Classifier, device: torch.device) -> None:
+        icfg = cfg.infer
+        check_precision(icfg.precision, device)
+        self.dtype = autocast_dtype(icfg.precision)
+        if self.dtype is None:
+            ieee_fp32(device)
+        self.device = device
+        net: nn.Module
+        if icfg.mode == "dense":
+            net = DenseEncoder(clf.encoder, clf.patch_size_px, icfg.stride_px, channels_last=icfg.channels_last)
+        else:
+            net = PerPatchEncoder(clf.encoder, clf.patch_size_px, icfg.stride_px, icfg.batch_size)
+        self.net = net.to(device).eval()
+        self.head = clf.head.to(device).eval()
+        self.area_ids = np.asarray(clf.area_ids, dtype=np.uint16)
+        self.levels = icfg.pyramid_levels
+
     @torch.no_grad()
     def forward(self, data: tuple[torch.Tensor | None, np.ndarray]) -> np.ndarray | None:
-        """(K, h, w) float32 probabilities of a block read by :meth:`read`, None when its mask is empty. Stage 2
-        of 3 (the main thread: the only one that runs the model)."""
+        """(K, h, w) float32 probabilities of a block read by :meth:`BlockReader.read`, None when its mask is
+        empty. Stage 2 of 3 (the main thread: the only one that runs the model)."""
         x = data[0]
         if x is None:
             return None
@@ -407,7 +434,6 @@ def run_infer(
         for job in jobs:
             writers.remove_outputs(out, job.name)
     device = device or torch.device("cpu")
-    evaluator = BlockEvaluator(cfg, clf, device)
 
     units: list[tuple[SectionJob, list[Block]]]
     if icfg.format == "hdf5":
@@ -434,15 +460,17 @@ def run_infer(
         complete_marker = writers.state_dir(out, job.name) / "complete.json"
         if icfg.format == "hdf5" and not any(j is job for j, _ in todo) and not complete_marker.is_file():
             write_json_atomic(complete_marker, {"worker": worker})  # a crash came between its last marker and this
+    n_io = io_threads(cfg, device, env.local_world_size)
     started = time.perf_counter()
     written, spent, mpix = _process(
         cfg,
         clf,
         out,
-        todo,
-        evaluator,
+        _smallest_first(todo),
+        BlockReader(cfg, device, n_io + 2),
+        lambda: BlockEvaluator(cfg, clf, device),
         {"worker": worker, "n_workers": n_workers, "task_id": task_id, "rank": env.rank},
-        io_threads(cfg, device, env.local_world_size),
+        n_io,
     )
     seconds = time.perf_counter() - started
     log.info(
@@ -457,6 +485,23 @@ def run_infer(
     complete = {job.name: _complete(out, job, icfg.format) for job in jobs}  # one look at the markers
     cleaned = _cleanup_ready(cfg, out, jobs, clf, complete)
     return InferResult(out, [j.name for j in jobs], written, skipped, cleaned, all(complete.values()), spent)
+
+
+def _smallest_first(todo: list[tuple[SectionJob, Block]]) -> list[tuple[SectionJob, Block]]:
+    """``todo`` with the block of its first section whose read box is smallest moved to the front. Every
+    block waits for the first read, which nothing overlaps, so it is best made small: the edge blocks of a
+    section are partial (the paper encoder's 2 x 2 blocks of bench_infer's section: the corner block reads
+    half the pixels of the first). The rest keeps its order; a section's blocks stay together."""
+    if not todo:
+        return todo
+    first = todo[0][0]
+
+    def area(i: int) -> int:
+        y0, y1, x0, x1 = todo[i][0].grid.read_box(todo[i][1])
+        return (y1 - y0) * (x1 - x0)
+
+    k = min((i for i, (job, _) in enumerate(todo) if job is first), key=area)
+    return [todo[k], *todo[:k], *todo[k + 1 :]]
 
 
 def _section_mpix(job: SectionJob, block: Block) -> float:
@@ -509,16 +554,18 @@ def _process(
     clf: Classifier,
     out: Path,
     todo: list[tuple[SectionJob, Block]],
-    evaluator: BlockEvaluator,
+    stage1: BlockReader,
+    make_evaluator: Callable[[], BlockEvaluator],
     who: dict[str, int],
     n_io: int,
 ) -> tuple[int, dict[str, float], float]:
     """Evaluate and write ``todo`` in order; returns the number of blocks written, the seconds per stage
     (:attr:`InferResult.stage_seconds`) and the section megapixels the written blocks cover.
 
-    Three stages overlap (:class:`BlockEvaluator`): ``n_io`` reader threads (:func:`io_threads`) read the next
-    ``n_io + 1`` blocks' read boxes and masks (the first block on all cores, before the others), the main thread
-    runs the model on the current one
+    Three stages overlap (:class:`BlockReader`, :class:`BlockEvaluator`): ``n_io`` reader threads
+    (:func:`io_threads`) read the next ``n_io + 1`` blocks' read boxes and masks (the first block on all cores,
+    before the others, while the main thread sets up the model with ``make_evaluator``: device, BatchNorm
+    folding), the main thread runs the model on the current one
     (torch releases the GIL), writer threads zero the masked pixels of earlier ones, build their pyramids and
     labels, write them and then their done markers. Everything but the model is off the main thread, so the
     model never waits for numpy work. At most ``n_io`` writes are in flight (one for HDF5, whose volumes are
@@ -545,7 +592,7 @@ def _process(
         reader: SectionReader, job: SectionJob, block: Block, threads: int = 1
     ) -> tuple[torch.Tensor | None, np.ndarray]:
         t0 = time.perf_counter()
-        data = evaluator.read(reader, job, block, threads)
+        data = stage1.read(reader, job, block, threads)
         with lock:
             spent["read"] += time.perf_counter() - t0
         return data
@@ -613,18 +660,24 @@ def _process(
                     reads.append((nj.name, rpool.submit(read, reader_of(nj, live), nj, nb)))
                     ahead += 1
 
+            if todo:
+                # Everything waits for the first block: it is read on all of this worker's cores while this
+                # thread sets up the model, and the reads ahead start after it (the paper encoder's 9257^2 px
+                # read box: 0.3 s on one core).
+                job, block = todo[0]
+                reads.append((job.name, rpool.submit(read, reader_of(job, set()), job, block, usable_cores())))
+                evaluator = make_evaluator()
             for i, (job, block) in enumerate(todo):
                 t0 = time.perf_counter()
                 if i == 0:
-                    # Everything waits for the first block: it is read on all of this worker's cores, and the
-                    # reads ahead start after it (the paper encoder's 9257^2 px read box: 0.3 s on one core).
-                    data = read(reader_of(job, set()), job, block, usable_cores())
+                    data = reads.popleft()[1].result()
                 read_ahead(i)
                 if i > 0:
                     data = reads.popleft()[1].result()
                 spent["wait"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 probs = evaluator.forward(data)
+                stage1.give_back(data[0])
                 seconds = time.perf_counter() - t0
                 spent["evaluate"] += seconds
                 t0 = time.perf_counter()
