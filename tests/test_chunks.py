@@ -76,6 +76,29 @@ def test_cache_decodes_each_chunk_once_and_stays_bounded(tmp_path: Path) -> None
     assert cache.nbytes <= 16, "chunks without a file are cached as their fill value, not as full chunks"
 
 
+def test_points_equal_the_box_and_leave_the_cache_alone(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    data = rng.random((70, 45)).astype(np.float32)
+    arr = make(tmp_path / "a", data, (16, 16), compressors=BLOSC, fill_value=float("nan"))
+    arr[16:32, :] = float("nan")  # a row of chunks without files
+    ref = arr[...]
+    cache = ChunkCache(1 << 20)
+    fast = open_chunked(tmp_path / "a", cache)
+    assert fast is not None
+    grids = [
+        (np.arange(70), np.arange(45)),
+        (np.array([0, 15, 16, 40, 69]), np.array([44])),
+        (np.arange(2, 70, 16), np.arange(5, 45, 32)),  # one point per chunk, some chunks skipped
+        *[(np.sort(rng.choice(70, 6, replace=False)), np.sort(rng.choice(45, 4, replace=False))) for _ in range(10)],
+        (np.array([], dtype=np.int64), np.arange(3)),
+    ]
+    for ys, xs in grids:
+        np.testing.assert_array_equal(fast.points(ys, xs), ref[np.ix_(ys, xs)], err_msg=f"{ys} {xs}")
+    assert cache.nbytes == 0  # sparse points must not push out the chunks that box reads share
+    with pytest.raises(ValueError, match="points outside"):
+        fast.points(np.array([3, 70]), np.array([0]))
+
+
 def test_arrays_it_does_not_understand_are_left_to_zarr(tmp_path: Path) -> None:
     data = np.ones((32, 32), np.uint8)
     make(tmp_path / "gzip", data, (16, 16), compressors=GzipCodec())

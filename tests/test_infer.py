@@ -534,6 +534,22 @@ def test_blocks_without_tissue_are_skipped_and_background(tmp_path: Path) -> Non
     assert sorted(tissue) == [0, 0, 0, 64, 64, 64] or 0 in tissue
 
 
+def test_truth_at_grid_reads_the_labels_at_patch_centres(root: Path) -> None:
+    from cytonet.infer.evaluate import truth_at_grid
+    from cytonet.infer.run import SectionJob
+
+    path = str(root / "sections/B01/B01_s0000.zarr")
+    grid = Grid("B01_s0000", (170, 170), 8, 121, 8)  # a grid reaching past the 160 px section: truth 0 there
+    truth = truth_at_grid(path, SectionJob("B01_s0000", path, "B01", 0.0, 1, grid))
+    centres = grid.centre_section_px(0, grid.shape[0], 1)
+    assert truth.shape == (22, 22) and centres[-1] >= 160
+    with open_section(path) as r:
+        labels = r.read("labels")
+    inside = centres < 160
+    np.testing.assert_array_equal(truth[np.ix_(inside, inside)], labels[np.ix_(centres[inside], centres[inside])])
+    assert (truth[~inside] == 0).all() and (truth[:, ~inside] == 0).all() and (truth > 0).any()
+
+
 def test_roi_cortex_predicts_only_inside_the_labelled_cortex(root: Path) -> None:
     out = root / "out-roi"
     run(root, out, "infer.roi=cortex", "infer.cleanup=none")

@@ -138,6 +138,31 @@ def test_padded_reads(tmp_path: Path, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_point_reads_equal_padded_box_reads(tmp_path: Path, backend: str) -> None:
+    data = make_layers()
+    path = write_store(store_path(tmp_path, backend), data)
+    h, w = SHAPE
+    rng = np.random.default_rng(3)
+    grids = [
+        (np.arange(-20, h + 20, 7), np.arange(-5, w + 30, 3)),  # past every edge, several points per chunk
+        (np.arange(3, h, CHUNK), np.arange(1, w, 2 * CHUNK)),  # one point per chunk or fewer
+        (np.sort(rng.choice(h, 9, replace=False)), np.sort(rng.choice(w, 5, replace=False))),
+        (np.array([h + 3, h + 9]), np.arange(0, w, 5)),  # all outside
+        (np.array([], dtype=np.int64), np.arange(0, w, 5)),
+    ]
+    with open_section(path) as r:
+        for layer in data:
+            for ys, xs in grids:
+                lo_y, lo_x = min([0, *ys]), min([0, *xs])
+                hi_y, hi_x = max([h, *(ys + 1)]), max([w, *(xs + 1)])
+                box = r.read_padded(layer, lo_y, hi_y, lo_x, hi_x)
+                expected = box[np.ix_(ys - lo_y, xs - lo_x)]
+                got = r.read_points(layer, ys, xs)
+                assert got.dtype == expected.dtype
+                np.testing.assert_array_equal(got, expected, err_msg=f"{layer} {ys} {xs}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_metadata_attributes(tmp_path: Path, backend: str) -> None:
     meta = make_meta()
     path = write_store(store_path(tmp_path, backend), make_layers(), meta)

@@ -16,7 +16,8 @@ cytonet are such arrays. As in zarr, a chunk that holds only the fill value has 
 file gives the fill value, and writing such a chunk removes its file.
 
 Entry point: :func:`open_chunked` -> :class:`ChunkedArray` with :meth:`~ChunkedArray.read` (any box inside
-the array) and :meth:`~ChunkedArray.write` (boxes made of whole chunks, or ending at the array's edge).
+the array), :meth:`~ChunkedArray.points` (a grid of sparse points) and :meth:`~ChunkedArray.write` (boxes made
+of whole chunks, or ending at the array's edge).
 """
 
 from __future__ import annotations
@@ -105,11 +106,13 @@ class ChunkedArray:
         """``box`` with the axes it leaves out taken whole."""
         return tuple(box) + tuple((0, n) for n in self.shape[len(box) :])
 
-    def _chunk(self, index: tuple[int, ...]) -> np.ndarray:
+    def _chunk(self, index: tuple[int, ...], cached: bool = True) -> np.ndarray:
         """The decoded chunk, or a 0-d array of the fill value when it has no file (cached as such: a
-        section's many empty chunks cost the cache nothing and are never materialised)."""
+        section's many empty chunks cost the cache nothing and are never materialised). ``cached=False``
+        neither looks in the cache nor adds to it."""
         key = (str(self.path), index)
-        chunk = self.cache.get(key) if self.cache is not None else None
+        cache = self.cache if cached else None
+        chunk = cache.get(key) if cache is not None else None
         if chunk is not None:
             return chunk
         try:
@@ -120,8 +123,8 @@ class ChunkedArray:
             if self._codec is not None:
                 raw = self._codec.decode(raw)  # the blosc frame names its own codec, shuffle and type size
             chunk = np.frombuffer(raw, dtype=self.dtype).reshape(self.chunks)
-        if self.cache is not None:
-            self.cache.put(key, chunk)
+        if cache is not None:
+            cache.put(key, chunk)
         return chunk
 
     def read(self, *box: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
@@ -142,6 +145,37 @@ class ChunkedArray:
                 dst.append(slice(lo - a, hi - a))
             chunk = self._chunk(index)
             out[tuple(dst)] = chunk if chunk.ndim == 0 else chunk[tuple(src)]
+        return out
+
+    def points(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """``array[np.ix_(ys, xs)]`` of a 2D array: the values at the rows ``ys`` and columns ``xs`` (increasing
+        indices inside the array), e.g. a section layer at the patch centres of an output grid.
+
+        Each chunk holding points is decoded once into its own buffer and only the points are copied out,
+        without the cache: a box around sparse points (inference's region of interest: one point per 32
+        section px or more) would write every decoded value into one large array and push the image chunks
+        that neighbouring reads share out of the cache. On a 192 MP section's depth layer: 0.11 s of CPU
+        against 0.2-1.2 s for the box."""
+        ys, xs = np.asarray(ys, dtype=np.int64), np.asarray(xs, dtype=np.int64)
+        if len(self.shape) != 2:
+            raise ValueError(f"{self.path}: points needs a 2D array, this one is {self.shape}")
+        out = np.empty((len(ys), len(xs)), dtype=self.dtype)
+        if not (len(ys) and len(xs)):
+            return out
+        if ys[0] < 0 or xs[0] < 0 or ys[-1] >= self.shape[0] or xs[-1] >= self.shape[1]:
+            raise ValueError(f"{self.path}: points outside the array's {self.shape}")
+        cy, cx = self.chunks
+        row_edges = np.searchsorted(ys, np.arange(ys[0] // cy, ys[-1] // cy + 2) * cy)
+        col_edges = np.searchsorted(xs, np.arange(xs[0] // cx, xs[-1] // cx + 2) * cx)
+        for i, (r0, r1) in enumerate(itertools.pairwise(row_edges)):
+            iy = int(ys[0] // cy) + i
+            for j, (c0, c1) in enumerate(itertools.pairwise(col_edges)):
+                if r0 == r1 or c0 == c1:
+                    continue
+                ix = int(xs[0] // cx) + j
+                chunk = self._chunk((iy, ix), cached=False)
+                at = np.ix_(ys[r0:r1] - iy * cy, xs[c0:c1] - ix * cx)
+                out[r0:r1, c0:c1] = chunk if chunk.ndim == 0 else chunk[at]
         return out
 
     def write(self, start: tuple[int, ...], data: np.ndarray) -> None:

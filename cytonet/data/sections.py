@@ -471,6 +471,30 @@ class SectionReader:
         except (OSError, ValueError, RuntimeError) as exc:
             raise InputError(f"{self.path}: reading {name}[{y0}:{y1}, {x0}:{x1}] failed: {exc}") from None
 
+    def read_points(self, layer: str, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """``layer`` at the section pixels of rows ``ys`` x columns ``xs`` (increasing; they may lie past the
+        section's edge, where the value is the layer's fill): shape ``(len(ys), len(xs))`` (+ ``(3,)`` for
+        coords). Sparse points of a zarr store are read chunk by chunk (:meth:`ChunkedArray.points`), which
+        costs a fraction of reading the box around them; others read the box and pick the points."""
+        ys, xs = np.asarray(ys, dtype=np.int64), np.asarray(xs, dtype=np.int64)
+        out = np.full(_layer_shape(layer, (len(ys), len(xs))), LAYER_FILL[layer], dtype=LAYER_DTYPES[layer])
+        (r0, r1), (c0, c1) = np.searchsorted(ys, [0, self.shape[0]]), np.searchsorted(xs, [0, self.shape[1]])
+        if r0 == r1 or c0 == c1:
+            return out
+        iy, ix = ys[r0:r1], xs[c0:c1]
+        y0, y1, x0, x1 = int(iy[0]), int(iy[-1]) + 1, int(ix[0]), int(ix[-1]) + 1
+        fast = self._chunked(layer)
+        if fast is None or len(fast.shape) != 2:
+            out[r0:r1, c0:c1] = self._read_array(layer, y0, y1, x0, x1)[np.ix_(iy - y0, ix - x0)]
+            return out
+        try:
+            out[r0:r1, c0:c1] = fast.points(iy, ix)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise InputError(
+                f"{self.path}: reading {layer} at points in [{y0}:{y1}, {x0}:{x1}] failed: {exc}"
+            ) from None
+        return out
+
     def read_padded(self, layer: str, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Read a box that may extend past the section; the outside is the layer's fill value."""
         return self._read_padded(layer, self.shape, layer, y0, y1, x0, x1)

@@ -44,12 +44,7 @@ def truth_at_grid(path: str, job: SectionJob) -> np.ndarray:
     with open_section(path) as r:
         if not r.has("labels"):
             raise ValueError(f"{path} has no labels layer to evaluate against")
-        labels = r.read("labels")
-    h, w = labels.shape
-    out = np.zeros(g.shape, dtype=labels.dtype)
-    iy, ix = ys < h, xs < w
-    out[np.ix_(iy, ix)] = labels[np.ix_(ys[iy], xs[ix])]
-    return out
+        return r.read_points("labels", ys, xs)  # the labels' fill value, 0, past the section's edge
 
 
 def _open(cfg: Config, clf: Classifier, out: Path, job: SectionJob) -> writers.Volume:
@@ -112,8 +107,8 @@ def write_overlay(cfg: Config, out: Path, sections: list[str], png: Path) -> Pat
         with open_section(job.path) as r:
             ys = g.centre_section_px(0, g.shape[0], job.factor)
             xs = g.centre_section_px(0, g.shape[1], job.factor)
-            full = r.read("image")
-            img = full[np.ix_(np.minimum(ys, full.shape[0] - 1), np.minimum(xs, full.shape[1] - 1))]
+            h, w = r.shape
+            img = r.read_points("image", np.minimum(ys, h - 1), np.minimum(xs, w - 1))
         truth = truth_at_grid(job.path, job)
         vol = _open(cfg, clf, out, job)
         try:

@@ -272,8 +272,7 @@ class BlockReader:
             raise InputError(f"{reader.path} has no {layer} layer: infer.roi={self.roi} needs one (or use roi=tissue)")
         ys = job.grid.centre_section_px(block.y0, block.y1, job.factor)
         xs = job.grid.centre_section_px(block.x0, block.x1, job.factor)
-        values = reader.read_padded(layer, int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1)
-        at = np.asarray(values)[np.ix_(ys - ys[0], xs - xs[0])]
+        at = reader.read_points(layer, ys, xs)
         if self.roi == "cortex":
             return at >= FIRST_AREA_ID
         with np.errstate(invalid="ignore"):
