@@ -439,3 +439,63 @@ def test_block_sums_equal_the_wide_sum(factor: int) -> None:
     img[:factor, :factor] = 255
     ref = img[: 2 * factor].reshape(2, factor, 3, factor).sum(axis=(1, 3), dtype=np.uint64)
     np.testing.assert_array_equal(block_sums(img, factor), ref)
+
+
+def _overwrite_array(path: Path, backend: str, name: str, value: float | None) -> None:
+    """Set every element of array ``name`` of a closed store to ``value``, or remove the array (None)."""
+    if backend == "zarr":
+        import shutil
+
+        import zarr
+
+        if value is None:
+            shutil.rmtree(path / name)
+        else:
+            zarr.open_array(str(path / name), mode="r+")[...] = value
+        return
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        if value is None:
+            del f[name]
+        else:
+            f[name][...] = value
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampled_levels_serve_the_labels_and_depth_at_level_centres(tmp_path: Path, backend: str) -> None:
+    """labels_x<f> and depth_x<f> hold the full resolution at m f + f // 2 (the fill past the edge), and
+    read_points of points at those pixels reads them, not the full resolution: with the full-resolution
+    layers wiped, such points still read right, other points read the wiped values; a store without the
+    sampled levels (written before them) reads the full resolution."""
+    data = make_layers()
+    path = store_path(tmp_path, backend)
+    with create_section(path, make_meta(), layers=LAYERS, chunk_px=CHUNK, image_levels=(2, 4, 16)) as w:
+        for layer, arr in data.items():
+            w.write(layer, 0, 0, arr)
+    h, w_ = SHAPE
+    with open_section(path) as r:
+        for layer in ("labels", "depth"):
+            for f in (2, 4, 16):
+                level = np.asarray(r.array(f"{layer}_x{f}")[...])
+                assert level.shape == (-(-h // f), -(-w_ // f))
+                ys, xs = np.arange(level.shape[0]) * f + f // 2, np.arange(level.shape[1]) * f + f // 2
+                ref = r.read_padded(layer, 0, ys[-1] + 1, 0, xs[-1] + 1)[np.ix_(ys, xs)]
+                np.testing.assert_array_equal(level, ref, err_msg=f"{layer}_x{f}")
+    fills = {"labels": 0, "depth": float("nan")}
+    for layer, fill in fills.items():
+        _overwrite_array(path, backend, layer, fill)
+    centres = np.arange(-3, 40) * 4 + 2  # the x4 centres, some past the edges
+    rows, cols = centres[(centres > -8) & (centres < h + 9)], centres[(centres > -8) & (centres < w_ + 9)]
+    with open_section(path) as r:
+        for layer, fill in fills.items():
+            padded = np.pad(data[layer], ((8, 9), (8, 9)), constant_values=fill)
+            np.testing.assert_array_equal(r.read_points(layer, rows, cols), padded[np.ix_(rows + 8, cols + 8)])
+            off = r.read_points(layer, rows[rows >= 0] + 1, cols[cols >= 0])  # not centres: the wiped layer
+            np.testing.assert_array_equal(off, np.full_like(off, fill))
+    for layer in fills:
+        for f in (2, 4, 16):
+            _overwrite_array(path, backend, f"{layer}_x{f}", None)
+    with open_section(path) as r:  # no sampled levels: the full resolution, wiped
+        got = r.read_points("depth", rows[rows >= 0], cols[cols >= 0])
+        assert np.isnan(got).all()

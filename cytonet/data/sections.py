@@ -19,6 +19,11 @@ Image levels: a store may also hold downsampled copies of the image, ``image_x<f
 as :func:`block_mean_uint8`, with zeros past the section's edge (so the level has ceil(H / f) rows). They are
 exactly what averaging the full resolution gives, so :meth:`SectionReader.read_image` reads a coarse pixel
 size from its level when there is one, f^2 times fewer bytes, and averages the full resolution otherwise.
+With each image level the store holds the labels and depth layers sampled at the level's pixel centres,
+``labels_x<f>`` and ``depth_x<f>``: pixel m is the layer's section pixel m f + f // 2 (the fill value past
+the edge). Inference looks these layers up at exactly those pixels (the centre of a patch centred on a model
+pixel), so :meth:`SectionReader.read_points` serves such points from the sampled level, f^2 times fewer bytes
+to decode; stores without them (written before they existed) read the full resolution.
 
 Layout on disk: a zarr v3 group ``<name>.zarr/`` with one array per layer, or one HDF5 file ``<name>.h5``
 with one dataset per layer; metadata (:class:`SectionMeta`) as attributes of the group / file root.
@@ -160,9 +165,13 @@ def _layer_shape(layer: str, shape: tuple[int, int]) -> tuple[int, ...]:
     return (*shape, 3) if layer == "coords" else shape
 
 
-def level_name(factor: int) -> str:
-    """Array name of the image level with ``factor``."""
-    return f"image_x{factor}"
+#: The layers stored sampled at every image level's pixel centres (see the module doc).
+SAMPLED_LAYERS = ("labels", "depth")
+
+
+def level_name(factor: int, layer: str = "image") -> str:
+    """Array name of ``layer``'s level with ``factor``: the image's mean, or a sampled layer's centres."""
+    return f"{layer}_x{factor}"
 
 
 def level_shape(shape: tuple[int, int], factor: int) -> tuple[int, int]:
@@ -240,7 +249,9 @@ class SectionWriter:
         ]  # fmt: skip
         for f in self.meta.image_levels:
             shape = level_shape(self.meta.shape, f)
-            specs.append((level_name(f), shape, _layer_chunks("image", shape, chunk_px), LAYER_DTYPES["image"], 0))
+            for layer in ("image", *(n for n in SAMPLED_LAYERS if n in self.layers)):
+                chunks = _layer_chunks(layer, shape, chunk_px)
+                specs.append((level_name(f, layer), shape, chunks, LAYER_DTYPES[layer], LAYER_FILL[layer]))
         return specs
 
     def _open_zarr(self, chunk_px: int, compression: str) -> None:
@@ -278,26 +289,30 @@ class SectionWriter:
             self._file.attrs[key] = json.dumps(value)
 
     def _write_levels(self) -> None:
-        """Fill the image levels from the written image, tile by tile: one read of the full resolution serves
-        every level. A tile is a whole number of pixels of the coarsest level, at most LEVEL_TILE_PX px
-        wide (1 MB) unless that level's pixels are wider, so memory stays small at any section size."""
+        """Fill the image levels and the sampled layers' levels from the written layers, tile by tile: one
+        read of the full resolution serves every level. A tile is a whole number of pixels of the coarsest
+        level, at most LEVEL_TILE_PX px wide (1 MB of image) unless that level's pixels are wider, so memory
+        stays small at any section size."""
         if not self.meta.image_levels:
             return
         h, w = self.meta.shape
         top = self.meta.image_levels[-1]
         tile = top * max(1, min(self.chunk_px, LEVEL_TILE_PX // top))
-        image = self._arrays["image"]
-        for y0 in range(0, h, tile):
-            for x0 in range(0, w, tile):
-                part = np.asarray(image[y0 : min(y0 + tile, h), x0 : min(x0 + tile, w)])
-                ph, pw = -(-part.shape[0] // top) * top, -(-part.shape[1] // top) * top
-                if part.shape != (ph, pw):  # the section's edge: zeros outside, as reading past the edge gives
-                    part = np.pad(part, ((0, ph - part.shape[0]), (0, pw - part.shape[1])))
-                for f in self.meta.image_levels:
-                    lh, lw = level_shape(self.meta.shape, f)
-                    ly, lx = y0 // f, x0 // f
-                    ny, nx = min(ph // f, lh - ly), min(pw // f, lw - lx)
-                    self._arrays[level_name(f)][ly : ly + ny, lx : lx + nx] = block_mean_uint8(part, f)[:ny, :nx]
+        for layer in ("image", *(n for n in SAMPLED_LAYERS if n in self.layers)):
+            full = self._arrays[layer]
+            for y0 in range(0, h, tile):
+                for x0 in range(0, w, tile):
+                    part = np.asarray(full[y0 : min(y0 + tile, h), x0 : min(x0 + tile, w)])
+                    ph, pw = -(-part.shape[0] // top) * top, -(-part.shape[1] // top) * top
+                    if part.shape != (ph, pw):  # the section's edge: what reading past the edge gives
+                        pad = ((0, ph - part.shape[0]), (0, pw - part.shape[1]))
+                        part = np.pad(part, pad, constant_values=LAYER_FILL[layer])
+                    for f in self.meta.image_levels:
+                        lh, lw = level_shape(self.meta.shape, f)
+                        ly, lx = y0 // f, x0 // f
+                        ny, nx = min(ph // f, lh - ly), min(pw // f, lw - lx)
+                        level = block_mean_uint8(part, f) if layer == "image" else part[f // 2 :: f, f // 2 :: f]
+                        self._arrays[level_name(f, layer)][ly : ly + ny, lx : lx + nx] = level[:ny, :nx]
 
     def write(self, layer: str, y0: int, x0: int, data: np.ndarray) -> None:
         """Write ``data`` (h x w, or h x w x 3 for coords) with its top-left corner at (y0, x0)."""
@@ -368,6 +383,7 @@ class SectionReader:
         self._fast_pid: int | None = None
         self._cache: ChunkCache | None = None
         self._lock = threading.Lock()  # several reader threads may share one reader (inference)
+        self._names: dict[str, bool] = {}  # array name -> in the store (:meth:`_holds`)
         try:
             attrs = self._read_attrs()
         finally:
@@ -477,23 +493,43 @@ class SectionReader:
         coords). Sparse points of a zarr store are read chunk by chunk (:meth:`ChunkedArray.points`), which
         costs a fraction of reading the box around them; others read the box and pick the points."""
         ys, xs = np.asarray(ys, dtype=np.int64), np.asarray(xs, dtype=np.int64)
+        name, shape = layer, self.shape
+        f = self._sampled_level(layer, ys, xs)
+        if f > 1:  # every point is a pixel centre of the level: read it there
+            name, shape, ys, xs = level_name(f, layer), level_shape(self.shape, f), ys // f, xs // f
         out = np.full(_layer_shape(layer, (len(ys), len(xs))), LAYER_FILL[layer], dtype=LAYER_DTYPES[layer])
-        (r0, r1), (c0, c1) = np.searchsorted(ys, [0, self.shape[0]]), np.searchsorted(xs, [0, self.shape[1]])
+        (r0, r1), (c0, c1) = np.searchsorted(ys, [0, shape[0]]), np.searchsorted(xs, [0, shape[1]])
         if r0 == r1 or c0 == c1:
             return out
         iy, ix = ys[r0:r1], xs[c0:c1]
         y0, y1, x0, x1 = int(iy[0]), int(iy[-1]) + 1, int(ix[0]), int(ix[-1]) + 1
-        fast = self._chunked(layer)
+        fast = self._chunked(name)
         if fast is None or len(fast.shape) != 2:
-            out[r0:r1, c0:c1] = self._read_array(layer, y0, y1, x0, x1)[np.ix_(iy - y0, ix - x0)]
+            out[r0:r1, c0:c1] = self._read_array(name, y0, y1, x0, x1)[np.ix_(iy - y0, ix - x0)]
             return out
         try:
             out[r0:r1, c0:c1] = fast.points(iy, ix)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise InputError(
-                f"{self.path}: reading {layer} at points in [{y0}:{y1}, {x0}:{x1}] failed: {exc}"
-            ) from None
+            raise InputError(f"{self.path}: reading {name} at points in [{y0}:{y1}, {x0}:{x1}] failed: {exc}") from None
         return out
+
+    def _sampled_level(self, layer: str, ys: np.ndarray, xs: np.ndarray) -> int:
+        """The largest factor f of a stored sampled level of ``layer`` at whose pixel centres (m f + f // 2)
+        all the points lie, else 1 (the full resolution)."""
+        if layer not in SAMPLED_LAYERS or not (len(ys) and len(xs)):
+            return 1
+        for f in sorted(self.meta.image_levels, reverse=True):
+            if (ys % f == f // 2).all() and (xs % f == f // 2).all() and self._holds(level_name(f, layer)):
+                return f
+        return 1
+
+    def _holds(self, name: str) -> bool:
+        """Whether the store has array ``name`` (stores written before the sampled levels lack them)."""
+        handle = self._open()
+        with self._lock:
+            if name not in self._names:
+                self._names[name] = name in handle
+            return self._names[name]
 
     def read_padded(self, layer: str, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Read a box that may extend past the section; the outside is the layer's fill value."""
