@@ -6,7 +6,8 @@ non-trivial BatchNorm statistics: speed and exactness do not depend on training)
 1. Dense vs per-patch: the same tile evaluated by :class:`DenseEncoder` (trunk once, a trous after the split
    point) and by :class:`PerPatchEncoder` (one encoder call per grid point, batched) at a stride of about 1/16
    of the patch; prints both times, the speedup (goal >= 50x) and the largest feature difference.
-2. End to end: ``run_infer`` over the whole section (plan, read, tissue mask, dense trunk, classifier,
+2. End to end: ``run_infer`` over the whole section (plan, read, tissue mask and region of interest (the
+   demo's ``infer.roi=centerline``; ``--set infer.roi=tissue`` leaves it out), dense trunk, classifier,
    pyramid, compressed OME-Zarr writes, done markers) against the pure forward pass (dense trunk +
    classifier) over the same blocks already in memory as float tensors; prints megapixels per second
    (section pixels) and the overhead (goal <= 15%). Best of --repeats, the two sides interleaved; and, as
@@ -166,6 +167,7 @@ def run_case(name: str, args: argparse.Namespace, work: Path, device: torch.devi
         f"infer.model_from={name}/probe",
         f"infer.sections_dir={work / 'sections'}",
         "infer.cleanup=none",
+        "infer.roi=centerline",  # as the demo maps: the cortex's centre band, looked up in the depth layer
         *args.set,
     ]
     cfg = section_config(args, work, *case, "infer.sections=[B00_s0000]")
