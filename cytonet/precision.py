@@ -23,19 +23,17 @@ from cytonet.errors import ConfigError
 Precision = Literal["fp32", "bf16", "fp16"]
 
 
-def check_precision(precision: Precision, device: torch.device) -> None:
-    """Raise :class:`ConfigError` when ``precision`` cannot run on ``device`` (fp16 needs CUDA)."""
+def check_precision(precision: Precision, device: torch.device, key: str = "optim.precision") -> None:
+    """Raise :class:`ConfigError` when ``precision`` cannot run on ``device`` (fp16 needs CUDA); the message
+    names the setting ``key``."""
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError(
-            f"optim.precision='fp16' is invalid on {device.type}: fp16 autocast with loss scaling needs CUDA; "
-            f"use bf16 or fp32"
+            f"{key}='fp16' is invalid on {device.type}: fp16 autocast with loss scaling needs CUDA; use bf16 or fp32"
         )
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(
-            "optim.precision='bf16' is invalid on this GPU: it has no bf16 support (pre-Ampere); use fp16 or fp32"
-        )
+        raise ConfigError(f"{key}='bf16' is invalid on this GPU: it has no bf16 support (pre-Ampere); use fp16 or fp32")
     if precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"optim.precision={precision!r} is invalid: use fp32, bf16 or fp16")
+        raise ConfigError(f"{key}={precision!r} is invalid: use fp32, bf16 or fp16")
 
 
 def ieee_fp32(device: torch.device) -> None:

@@ -17,7 +17,7 @@ from cytonet.config import Config, config_to_dict, load_config, save_config
 from cytonet.data.chunks import open_chunked
 from cytonet.data.sections import SectionMeta, create_section, open_section
 from cytonet.distributed import DistEnv
-from cytonet.errors import InputError
+from cytonet.errors import ConfigError, InputError
 from cytonet.infer import writers
 from cytonet.infer.blocks import Block, Grid, assign, pyramid_mean
 from cytonet.infer.cleanup import grid_positions, knn_cleanup, seed_mask, stack_cleanup
@@ -463,6 +463,10 @@ def test_settings_mismatch_and_bad_model_are_refused(root: Path, tmp_path: Path)
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert r.returncode == 1 and "/nonexistent/model.pt does not exist" in r.stderr
+    # fp16 needs CUDA: refused before --overwrite removes anything
+    with pytest.raises(ConfigError, match=r"infer\.precision='fp16' is invalid on cpu"):
+        run(root, out, "infer.precision=fp16", overwrite=True)
+    np.testing.assert_array_equal(before["0"], read_volume(out / "B00_s0000.ome.zarr")["0"])
 
 
 def test_named_sections_open_only_their_stores(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -284,7 +284,7 @@ class BlockEvaluator:
 
     def __init__(self, cfg: Config, clf: Classifier, device: torch.device) -> None:
         icfg = cfg.infer
-        check_precision(icfg.precision, device)
+        check_precision(icfg.precision, device, "infer.precision")
         self.dtype = autocast_dtype(icfg.precision)
         if self.dtype is None:
             ieee_fp32(device)
@@ -424,6 +424,8 @@ def run_infer(
             "--overwrite with several workers (ranks or array tasks) would let one worker delete another's output; "
             "remove the output folder first, or run once with one process and --overwrite"
         )
+    device = device or torch.device("cpu")
+    check_precision(icfg.precision, device, "infer.precision")  # before --overwrite removes anything
     clf = load_classifier(cfg.resolve_path(icfg.model_from))
     jobs = select_sections(cfg, clf)
     out.mkdir(parents=True, exist_ok=True)
@@ -432,7 +434,6 @@ def run_infer(
     if overwrite:
         for job in jobs:
             writers.remove_outputs(out, job.name)
-    device = device or torch.device("cpu")
 
     units: list[tuple[SectionJob, list[Block]]]
     if icfg.format == "hdf5":
