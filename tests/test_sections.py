@@ -391,6 +391,7 @@ def test_image_levels_equal_averaging_the_full_resolution(
     and past the section's edge (100 x 70 px: no level divides it, so partial edge pixels are exercised), and
     reading in strips on several threads gives them too."""
     monkeypatch.setattr(sections, "READ_STRIP_MIN_ROWS", 2)  # strips in boxes this small
+    monkeypatch.setattr(sections, "READ_STRIP_MIN_PX", 2)
     data = {"image": make_layers()["image"]}
     meta = make_meta()
     path = store_path(tmp_path, backend)

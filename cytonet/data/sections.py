@@ -76,8 +76,10 @@ IMAGE_BLOSC: tuple[Literal["zstd"], int, str] = ("zstd", 1, "noshuffle")
 LAYER_BLOSC: tuple[Literal["zstd"], int, str] = ("zstd", 3, "shuffle")
 #: Decoded chunks a zarr section reader keeps (neighbouring reads share the chunks of their overlap).
 CHUNK_CACHE_BYTES = 64 << 20
-#: Fewest rows of a strip :meth:`SectionReader.read_image` gives a thread of its own.
+#: Fewest rows, and pixels, of a strip :meth:`SectionReader.read_image` gives a thread of its own (a 1 MP box,
+#: the demo model's smallest block, read no faster on two threads than on one: the threads' start-up ate it).
 READ_STRIP_MIN_ROWS = 256
+READ_STRIP_MIN_PX = 2 << 20
 #: Edge of the full-resolution tiles image levels are computed from (bounds the memory of writing them).
 LEVEL_TILE_PX = 1024
 SUFFIXES = {"zarr": ".zarr", "hdf5": ".h5"}
@@ -452,11 +454,10 @@ class SectionReader:
 
     @property
     def layers(self) -> tuple[str, ...]:
-        handle = self._open()
-        return tuple(name for name in LAYER_DTYPES if name in handle)
+        return tuple(name for name in LAYER_DTYPES if self._holds(name))
 
     def has(self, layer: str) -> bool:
-        return layer in self.layers
+        return self._holds(layer)
 
     def array(self, layer: str) -> Any:
         """The backend array object of ``layer`` (zarr.Array or h5py.Dataset), sliceable like numpy."""
@@ -524,11 +525,15 @@ class SectionReader:
         return 1
 
     def _holds(self, name: str) -> bool:
-        """Whether the store has array ``name`` (stores written before the sampled levels lack them)."""
-        handle = self._open()
+        """Whether the store has array ``name`` (stores written before the sampled levels lack them; layers
+        are optional). Looked up once per reader; for a zarr store, as the array's metadata file (a zarr group
+        answers through its event loop, 0.5 ms a name, which the first block of an inference run waits for)."""
         with self._lock:
             if name not in self._names:
-                self._names[name] = name in handle
+                if self.backend == "zarr" and (self.path / name / "zarr.json").is_file():
+                    self._names[name] = True
+                else:  # other zarr formats, HDF5
+                    self._names[name] = name in self._open_locked()
             return self._names[name]
 
     def read_padded(self, layer: str, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -586,7 +591,7 @@ class SectionReader:
             out = np.empty((y1 - y0, x1 - x0), dtype=np.uint8)
         elif out.shape != (y1 - y0, x1 - x0) or out.dtype != np.uint8:
             raise ValueError(f"{self.path}: out is {out.dtype} {out.shape}, the box is uint8 {(y1 - y0, x1 - x0)}")
-        n = max(1, min(threads, (y1 - y0) // READ_STRIP_MIN_ROWS))
+        n = max(1, min(threads, (y1 - y0) // READ_STRIP_MIN_ROWS, (y1 - y0) * (x1 - x0) // READ_STRIP_MIN_PX))
         if n == 1:
             return self._read_image_into(factor, y0, x0, x1, out)
         from concurrent.futures import ThreadPoolExecutor
