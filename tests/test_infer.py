@@ -445,6 +445,84 @@ def test_smallest_read_box_of_the_first_section_goes_first(root: Path) -> None:
     assert _smallest_first([]) == []
 
 
+def test_empty_blocks_free_their_read_and_write_slots(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one reader and one writer: while the model is on a block, the readers go past the empty blocks
+    after it (they hold no input) to the next block with tissue; and the model goes past empty blocks while
+    a write of probabilities is still in flight (theirs hold none). Before, both waited: a run of empty
+    blocks left the readers idle, and every block waited for the write slot."""
+    from threading import Event
+
+    from cytonet.infer.run import BlockEvaluator, _process
+
+    cfg = base_config(
+        root, "infer.io_threads=1", "infer.chunk_px=4", "infer.roi=centerline"
+    )  # blocks off the band are empty
+    clf = load_classifier(root / "probe")
+    job = select_sections(cfg, clf)[0]
+    probe = BlockReader(cfg, torch.device("cpu"))
+    with open_section(job.path) as reader:
+        empty = {b.id: probe.read(reader, job, b)[0] is None for b in job.grid.blocks()}
+    full = [b for b in job.grid.blocks() if not empty[b.id]]
+    gap = [b for b in job.grid.blocks() if empty[b.id]][:4]
+    assert len(full) >= 2 and len(gap) == 4
+    todo = [(job, full[0]), *((job, b) for b in gap), (job, full[1])]  # tissue, 4 empty, tissue
+    first, last = full[0].id, full[1].id
+
+    read_done = {b.id: Event() for _, b in todo}
+
+    class Reader(BlockReader):
+        def read(self, *args: object, **kw: object) -> tuple[torch.Tensor | None, np.ndarray]:
+            out = super().read(*args, **kw)  # type: ignore[arg-type]
+            read_done[args[2].id].set()  # type: ignore[attr-defined]
+            return out
+
+    model_on: dict[int, Event] = {b.id: Event() for _, b in todo}
+
+    class Evaluator(BlockEvaluator):
+        def forward(self, data: tuple[torch.Tensor | None, np.ndarray]) -> np.ndarray | None:
+            n = sum(e.is_set() for e in model_on.values())
+            block = todo[n][1]
+            model_on[block.id].set()
+            if block.id == first:  # the last block is read while the model is still on the first
+                assert read_done[last].wait(30), "the reads stopped at the empty blocks"
+            return super().forward(data)
+
+    release = Event()
+    write_block = writers.ZarrVolume.write_block
+
+    def slow_write(self: writers.ZarrVolume, block: Block, *a: object) -> None:
+        if block.id == first:  # the first block's write lasts until the model is on the last block
+            assert release.wait(30), "the model waited for a write slot at an empty block"
+        write_block(self, block, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writers.ZarrVolume, "write_block", slow_write)
+    original = Evaluator.forward
+
+    def forward(self: Evaluator, data: tuple[torch.Tensor | None, np.ndarray]) -> np.ndarray | None:
+        out = original(self, data)
+        if model_on[last].is_set():
+            release.set()
+        return out
+
+    monkeypatch.setattr(Evaluator, "forward", forward)
+    who = {"worker": 0, "n_workers": 1, "task_id": 0, "rank": 0}
+    written, _, _ = _process(
+        cfg,
+        clf,
+        tmp_path,
+        todo,
+        Reader(cfg, torch.device("cpu"), 3),
+        lambda: Evaluator(cfg, clf, torch.device("cpu")),
+        who,
+        1,
+    )
+    assert written == len(todo) and release.is_set()
+    markers = writers.DoneMarkers(tmp_path, job.name)
+    assert all(markers.is_done(b) for _, b in todo)
+
+
 def test_settings_mismatch_and_bad_model_are_refused(root: Path, tmp_path: Path) -> None:
     out = root / "out-basic"
     if not out.exists():

@@ -25,7 +25,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -549,6 +550,11 @@ def io_threads(cfg: Config, device: torch.device, local_world_size: int = 1) -> 
     return max(1, min(MAX_AUTO_IO_THREADS, cores - 2))
 
 
+def _in_flight(writes: Iterable[tuple[Future[None], bool]]) -> int:
+    """The writes of probabilities (the second item of each pair) not yet ended."""
+    return sum(holds and not future.done() for future, holds in writes)
+
+
 def _process(
     cfg: Config,
     clf: Classifier,
@@ -563,17 +569,19 @@ def _process(
     (:attr:`InferResult.stage_seconds`) and the section megapixels the written blocks cover.
 
     Three stages overlap (:class:`BlockReader`, :class:`BlockEvaluator`): ``n_io`` reader threads
-    (:func:`io_threads`) read the next ``n_io + 1`` blocks' read boxes and masks (the first block on all cores,
+    (:func:`io_threads`) read the read boxes and masks of the next ``n_io + 1`` blocks, not counting those found
+    empty (the first block on all cores,
     before the others, while the main thread sets up the model with ``make_evaluator``: device, BatchNorm
     folding), the main thread runs the model on the current one
     (torch releases the GIL), writer threads zero the masked pixels of earlier ones, build their pyramids and
     labels, write them and then their done markers. Everything but the model is off the main thread, so the
-    model never waits for numpy work. At most ``n_io`` writes are in flight (one for HDF5, whose volumes are
-    closed and marked complete once their last block is written), which bounds the memory in flight.
+    model never waits for numpy work. At most ``n_io`` writes of probabilities are in flight (one for HDF5,
+    whose volumes are closed and marked complete once their last block is written), which bounds the memory in
+    flight; empty blocks' writes queue behind them without holding up the model.
     """
     from collections import deque
-    from concurrent.futures import Future, ThreadPoolExecutor
-    from threading import Lock
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Lock, RLock
 
     fmt = cfg.infer.format
     n_write = 1 if fmt == "hdf5" else n_io
@@ -639,7 +647,7 @@ def _process(
             spent["write"] += time.perf_counter() - t0
 
     reads: deque[tuple[str, Future[tuple[torch.Tensor | None, np.ndarray]]]] = deque()
-    writes: deque[Future[None]] = deque()
+    writes: deque[tuple[Future[None], bool]] = deque()  # and whether it holds probabilities
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
@@ -647,46 +655,71 @@ def _process(
             ThreadPoolExecutor(n_io, thread_name_prefix="infer-read") as rpool,
             ThreadPoolExecutor(n_write, thread_name_prefix="infer-write") as wpool,
         ):
-            # The next block to submit for reading: while block i is evaluated, blocks i + 1 .. i + n_io + 1 are
-            # read or queued, so a reader that finishes finds the next block waiting instead of idling until the
-            # model moves on (block sizes vary: a small block's forward pass hides less than a large read).
-            ahead = 1
+            # Reads ahead: while block i is evaluated, the next n_io + 1 blocks that may hold tissue are read or
+            # queued, so a reader that finishes finds the next block waiting instead of idling until the model
+            # moves on (block sizes vary: a small block's forward pass hides less than a large read). A block
+            # found empty holds no input, so its slot goes at once, from the reader's thread, to the next block:
+            # otherwise a run of empty blocks (the background around a section) leaves the readers idle and the
+            # model waiting for the block after it. Guarded by `window`: the main thread pops and the readers'
+            # callbacks submit.
+            window = RLock()
+            ahead = 1  # the next block of todo to submit
+            filling = False  # a read_ahead call is submitting (a read that ends at once calls back re-entrantly)
+            stopped = False  # no more reads: the loop ended or failed
 
-            def read_ahead(i: int) -> None:
-                nonlocal ahead
-                while ahead < len(todo) and ahead <= i + n_io + 1:
-                    nj, nb = todo[ahead]
-                    live = {name for name, _ in reads}
-                    reads.append((nj.name, rpool.submit(read, reader_of(nj, live), nj, nb)))
-                    ahead += 1
+            def empty(future: Future[tuple[torch.Tensor | None, np.ndarray]]) -> bool:
+                return future.done() and future.exception() is None and future.result()[0] is None
 
-            if todo:
-                # Everything waits for the first block: it is read on all of this worker's cores while this
-                # thread sets up the model, and the reads ahead start after it (the paper encoder's 9257^2 px
-                # read box: 0.3 s on one core).
-                job, block = todo[0]
-                reads.append((job.name, rpool.submit(read, reader_of(job, set()), job, block, usable_cores())))
-                evaluator = make_evaluator()
-            for i, (job, block) in enumerate(todo):
-                t0 = time.perf_counter()
-                if i == 0:
-                    data = reads.popleft()[1].result()
-                read_ahead(i)
-                if i > 0:
-                    data = reads.popleft()[1].result()
-                spent["wait"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                probs = evaluator.forward(data)
-                stage1.give_back(data[0])
-                seconds = time.perf_counter() - t0
-                spent["evaluate"] += seconds
-                t0 = time.perf_counter()
-                while len(writes) >= n_write:
-                    writes.popleft().result()  # re-raises a failed write; bounds the memory in flight
-                spent["wait"] += time.perf_counter() - t0
-                writes.append(wpool.submit(write, i, job, block, probs, data[1], seconds))
-            while writes:
-                writes.popleft().result()
+            def read_ahead(_: Future[tuple[torch.Tensor | None, np.ndarray]] | None = None) -> None:
+                nonlocal ahead, filling
+                with window:
+                    if filling:
+                        return
+                    filling = True
+                    try:
+                        while not stopped and ahead < len(todo) and sum(not empty(f) for _, f in reads) <= n_io:
+                            nj, nb = todo[ahead]
+                            live = {name for name, _ in reads}
+                            future = rpool.submit(read, reader_of(nj, live), nj, nb)
+                            reads.append((nj.name, future))
+                            ahead += 1
+                            future.add_done_callback(read_ahead)
+                    finally:
+                        filling = False
+
+            try:
+                if todo:
+                    # Everything waits for the first block: it is read on all of this worker's cores while this
+                    # thread sets up the model, and the reads ahead start after it (the paper encoder's 9257^2 px
+                    # read box: 0.3 s on one core).
+                    job, block = todo[0]
+                    reads.append((job.name, rpool.submit(read, reader_of(job, set()), job, block, usable_cores())))
+                    evaluator = make_evaluator()
+                for i, (job, block) in enumerate(todo):
+                    t0 = time.perf_counter()
+                    with window:
+                        _, future = reads.popleft()
+                    data = future.result()
+                    read_ahead()
+                    spent["wait"] += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    probs = evaluator.forward(data)
+                    stage1.give_back(data[0])
+                    seconds = time.perf_counter() - t0
+                    spent["evaluate"] += seconds
+                    t0 = time.perf_counter()
+                    # At most n_write writes of probabilities in flight (the memory they hold); an empty block's
+                    # write holds none, so the model goes on without waiting for a slot.
+                    holds = probs is not None
+                    while writes and (writes[0][0].done() or (holds and _in_flight(writes) >= n_write)):
+                        writes.popleft()[0].result()  # re-raises a failed write
+                    spent["wait"] += time.perf_counter() - t0
+                    writes.append((wpool.submit(write, i, job, block, probs, data[1], seconds), holds))
+                while writes:
+                    writes.popleft()[0].result()
+            finally:
+                with window:
+                    stopped = True  # a read ending during the shutdown submits nothing
     finally:
         sys.setswitchinterval(switch_interval)
         progress.close()
