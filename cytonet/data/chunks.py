@@ -95,6 +95,7 @@ class ChunkedArray:
                 blocksize=int(blosc.get("blocksize", 0)),
             )
         self.cache = cache
+        self._made: set[Path] = set()  # chunk folders known to exist (a mkdir per chunk written is a syscall)
 
     def _file(self, index: tuple[int, ...]) -> Path:
         return self.path / self.separator.join(["c", *(str(i) for i in index)])
@@ -199,7 +200,9 @@ class ChunkedArray:
                 part = padded
             part = np.ascontiguousarray(part)
             raw = self._codec.encode(part) if self._codec is not None else part.tobytes()
-            file.parent.mkdir(parents=True, exist_ok=True)
+            if file.parent not in self._made:
+                file.parent.mkdir(parents=True, exist_ok=True)
+                self._made.add(file.parent)
             file.write_bytes(raw)
             if self.cache is not None:
                 self.cache.put((str(self.path), index), np.array(part))
