@@ -372,6 +372,22 @@ def test_corrupt_hdf5_store_is_an_input_error(tmp_path: Path) -> None:
         open_section(path)
 
 
+@pytest.mark.parametrize("damage", ["garbage", "array", "empty"])
+def test_damaged_zarr_group_metadata_is_an_input_error(tmp_path: Path, damage: str) -> None:
+    """Readers take a zarr store's attributes from its zarr.json; a damaged one goes through zarr and fails
+    with the store named, as before."""
+    path = write_store(store_path(tmp_path, "zarr"), make_layers((40, 30)))
+    doc = path / "zarr.json"
+    if damage == "garbage":
+        doc.write_text("{not json")
+    elif damage == "array":  # the image array's metadata in the group's place
+        doc.write_text((path / "image" / "zarr.json").read_text())
+    else:
+        doc.unlink()
+    with pytest.raises(InputError, match=rf"{path.name}"):
+        open_section(path)
+
+
 @pytest.mark.parametrize("factor", [1, 2, 3, 4, 5, 16, 260])
 def test_block_mean_rounds_half_up_like_the_float_mean(factor: int) -> None:
     from cytonet.data.sections import block_mean_uint8
