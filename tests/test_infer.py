@@ -392,6 +392,55 @@ def test_several_io_threads_give_the_same_output(root: Path, fmt: str) -> None:
     assert sys.getswitchinterval() == switch_interval  # shortened while the threads ran, then restored
 
 
+def test_readers_run_ahead_across_sections_and_close_none_under_a_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three readers, small blocks most of which are off the region of interest (so the readers' callbacks
+    submit most reads, running ahead into the next sections), HDF5 section stores: the same bytes as one
+    reader, and no section reader is closed while a read of it is going on (a reader is closed once no read
+    of its section is going on, not once the model has taken its last read)."""
+    from threading import Lock
+
+    from cytonet.data.sections import SectionReader
+
+    make_sections(tmp_path / "sections", {"B00": 3}, backend="hdf5")
+    busy: dict[int, int] = {}  # id of a section reader -> reads of it going on
+    closed_busy: list[str] = []
+    guard = Lock()
+
+    read = BlockReader.read
+
+    def counted_read(self: BlockReader, reader: SectionReader, *a: object) -> object:
+        with guard:
+            busy[id(reader)] = busy.get(id(reader), 0) + 1
+        try:
+            return read(self, reader, *a)  # type: ignore[arg-type]
+        finally:
+            with guard:
+                busy[id(reader)] -= 1
+
+    close = SectionReader.close
+
+    def checked_close(self: SectionReader) -> None:
+        with guard:
+            if busy.get(id(self), 0):
+                closed_busy.append(self.path.name)
+        close(self)
+
+    monkeypatch.setattr(BlockReader, "read", counted_read)
+    monkeypatch.setattr(SectionReader, "close", checked_close)
+    overrides = ("infer.chunk_px=4", "infer.roi=centerline")
+    write_model(base_config(tmp_path, *overrides), tmp_path / "probe")
+    outs = []
+    for n_io in (1, 3):
+        out = tmp_path / f"out-io{n_io}"
+        result = run_infer(base_config(tmp_path, *overrides, f"infer.io_threads={n_io}"), DistEnv(), out)
+        assert result.complete and result.written == 3 * 25
+        outs.append(out)
+    assert_same_outputs(*outs)
+    assert closed_busy == []
+
+
 @pytest.mark.parametrize("fmt", ["hdf5", "sharded"])
 def test_hdf5_and_sharded_zarr_equal_plain_zarr(root: Path, fmt: str) -> None:
     ref = root / "out-basic"

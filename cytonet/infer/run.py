@@ -579,7 +579,7 @@ def _process(
     whose volumes are closed and marked complete once their last block is written), which bounds the memory in
     flight; empty blocks' writes queue behind them without holding up the model.
     """
-    from collections import deque
+    from collections import Counter, deque
     from concurrent.futures import ThreadPoolExecutor
     from threading import Lock, RLock
 
@@ -596,24 +596,33 @@ def _process(
         len(todo), sum(_section_mpix(job, b) for job, b in todo), bar=None if who["rank"] == 0 else False
     )
 
+    # The read window (see the main loop below): the main thread pops finished reads, the readers' callbacks
+    # submit new ones, and both open and close section readers.
+    window = RLock()
+    reading: Counter[str] = Counter()  # section -> reads submitted and not yet ended
+
     def read(
         reader: SectionReader, job: SectionJob, block: Block, threads: int = 1
     ) -> tuple[torch.Tensor | None, np.ndarray]:
         t0 = time.perf_counter()
-        data = stage1.read(reader, job, block, threads)
-        with lock:
-            spent["read"] += time.perf_counter() - t0
-        return data
+        try:
+            return stage1.read(reader, job, block, threads)
+        finally:
+            with lock:
+                spent["read"] += time.perf_counter() - t0
+            with window:
+                reading[job.name] -= 1
 
-    def reader_of(job: SectionJob, live: set[str]) -> SectionReader:
-        """The open reader of ``job``'s section. Blocks come section by section: the readers of sections with
-        no read in flight (not in ``live``) are closed, so that a worker mapping thousands of sections holds
-        a chunk cache or two, not thousands."""
-        for name in [n for n in readers if n not in live and n != job.name]:
+    def submit_read(job: SectionJob, block: Block, threads: int = 1) -> Future[tuple[torch.Tensor | None, np.ndarray]]:
+        """Start reading a block (holding ``window``). Blocks come section by section: the readers of sections
+        with no read going on are closed, so that a worker mapping thousands of sections holds a chunk cache or
+        two, not thousands."""
+        for name in [n for n in readers if reading[n] <= 0 and n != job.name]:
             readers.pop(name).close()
         if job.name not in readers:
             readers[job.name] = open_section(job.path)
-        return readers[job.name]
+        reading[job.name] += 1
+        return rpool.submit(read, readers[job.name], job, block, threads)
 
     def volume_of(job: SectionJob) -> writers.Volume:
         with lock:
@@ -646,7 +655,7 @@ def _process(
         with lock:
             spent["write"] += time.perf_counter() - t0
 
-    reads: deque[tuple[str, Future[tuple[torch.Tensor | None, np.ndarray]]]] = deque()
+    reads: deque[Future[tuple[torch.Tensor | None, np.ndarray]]] = deque()  # submitted, not yet taken
     writes: deque[tuple[Future[None], bool]] = deque()  # and whether it holds probabilities
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -662,7 +671,6 @@ def _process(
             # otherwise a run of empty blocks (the background around a section) leaves the readers idle and the
             # model waiting for the block after it. Guarded by `window`: the main thread pops and the readers'
             # callbacks submit.
-            window = RLock()
             ahead = 1  # the next block of todo to submit
             filling = False  # a read_ahead call is submitting (a read that ends at once calls back re-entrantly)
             stopped = False  # no more reads: the loop ended or failed
@@ -677,11 +685,9 @@ def _process(
                         return
                     filling = True
                     try:
-                        while not stopped and ahead < len(todo) and sum(not empty(f) for _, f in reads) <= n_io:
-                            nj, nb = todo[ahead]
-                            live = {name for name, _ in reads}
-                            future = rpool.submit(read, reader_of(nj, live), nj, nb)
-                            reads.append((nj.name, future))
+                        while not stopped and ahead < len(todo) and sum(not empty(f) for f in reads) <= n_io:
+                            future = submit_read(*todo[ahead])
+                            reads.append(future)
                             ahead += 1
                             future.add_done_callback(read_ahead)
                     finally:
@@ -693,12 +699,13 @@ def _process(
                     # thread sets up the model, and the reads ahead start after it (the paper encoder's 9257^2 px
                     # read box: 0.3 s on one core).
                     job, block = todo[0]
-                    reads.append((job.name, rpool.submit(read, reader_of(job, set()), job, block, usable_cores())))
+                    with window:
+                        reads.append(submit_read(job, block, usable_cores()))
                     evaluator = make_evaluator()
                 for i, (job, block) in enumerate(todo):
                     t0 = time.perf_counter()
                     with window:
-                        _, future = reads.popleft()
+                        future = reads.popleft()
                     data = future.result()
                     read_ahead()
                     spent["wait"] += time.perf_counter() - t0
