@@ -95,3 +95,59 @@ def test_buffer_pool_ignores_tensors_it_did_not_lend() -> None:
     assert len(pool._free) == 1
     assert pool.take((8,)).data_ptr() == x.data_ptr()
     assert pool.take((8,)).data_ptr() != x.data_ptr()
+
+
+RESERVE_SCRIPT = """
+import resource, sys, threading, torch
+from cytonet.hostmem import BufferPool, reuse_freed_memory
+assert reuse_freed_memory()
+N = 32 << 20  # floats: 128 MB, above what a thread's arena holds
+torch.empty(3 * N).fill_(1.0)  # freed at once: warm memory in the main heap, as the model's activations leave
+pool = BufferPool(2, torch.float32)
+if sys.argv[1] == "1":
+    pool.reserve(N, 2)
+faults = []
+def reader():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a, b = pool.take((N,)), pool.take((N // 2,))  # two blocks in flight, then two more
+    a.fill_(2.0); b.fill_(2.0); pool.give(a); pool.give(b)
+    a, b = pool.take((N // 4,)), pool.take((N,))
+    a.fill_(3.0); b.fill_(3.0)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+t = threading.Thread(target=reader)
+t.start(); t.join()
+print(faults[0])
+"""
+
+
+@pytest.mark.skipif(not _glibc(), reason="the settings are glibc's")
+def test_reserved_buffers_reuse_the_main_heap_for_reader_threads() -> None:
+    """Buffers a reader thread allocates for itself are fresh mappings (a thread's arena holds at most 64 MiB)
+    whose pages fault on first touch, block after block of different sizes; reserved on the main thread, they
+    are the main heap's freed memory, already mapped."""
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0"}
+    counts = {}
+    for reserve in ("0", "1"):
+        out = subprocess.run(
+            [sys.executable, "-c", RESERVE_SCRIPT, reserve], capture_output=True, text=True, env=env, check=True
+        )
+        counts[reserve] = int(out.stdout)
+    pages = (32 << 20) * 4 // 4096
+    assert counts["0"] > 1.2 * pages  # the first block's buffer, and the later larger block's again
+    assert counts["1"] < 0.02 * pages
+
+
+def test_reserve_holds_buffers_as_large_as_asked() -> None:
+    pool = BufferPool(3, torch.float32)
+    small = pool.take((10,))
+    pool.give(small)
+    pool.reserve(100, 5)  # at most keep = 3; the kept 10-element buffer is too small for the blocks to come
+    assert sorted(int(b.numel()) for b in pool._free) == [100, 100, 100]
+    held = {b.data_ptr() for b in pool._free}
+    views = [pool.take((10, 10)), pool.take((7,)), pool.take((100,))]
+    assert {v.data_ptr() for v in views} == held  # every take is served from the reserved buffers
+    assert pool.take((100,)).data_ptr() not in held  # a fourth at once: new memory, as before
+    for v in views:
+        pool.give(v)
+    pool.reserve(50, 2)  # already held
+    assert sorted(int(b.numel()) for b in pool._free) == [100, 100, 100]

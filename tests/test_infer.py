@@ -479,6 +479,41 @@ def test_reads_into_reused_memory_equal_fresh_conversions(root: Path) -> None:
             stage1.give_back(x)
 
 
+def test_runs_reuse_the_process_input_buffers_and_a_failed_run_returns_them(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With host memory reused (the default), a run reserves its float inputs in the process's pool, as large
+    as its largest read box, and the next run takes the same buffers instead of mapping new ones; a run that
+    fails with reads queued gives them back all the same."""
+    from cytonet.hostmem import process_pool
+    from cytonet.infer.run import BlockEvaluator
+
+    pool = process_pool(torch.float32, 1)
+
+    def held() -> set[int]:
+        return {b.data_ptr() for b in pool._free}
+
+    run(root, tmp_path / "a")
+    first = held()
+    assert first and not pool._lent
+    run(root, tmp_path / "b")
+    assert held() == first  # the same memory: nothing dropped, nothing new
+
+    forward = BlockEvaluator.forward
+    calls = []
+
+    def failing(self: BlockEvaluator, data: tuple[torch.Tensor | None, np.ndarray]) -> np.ndarray | None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the model failed")
+        return forward(self, data)
+
+    monkeypatch.setattr(BlockEvaluator, "forward", failing)
+    with pytest.raises(RuntimeError, match="the model failed"):
+        run(root, tmp_path / "c")
+    assert not pool._lent and held() == first
+
+
 def test_smallest_read_box_of_the_first_section_goes_first(root: Path) -> None:
     jobs = select_sections(base_config(root), load_classifier(root / "probe"))
     todo = [(job, b) for job in jobs for b in job.grid.blocks()]

@@ -22,8 +22,10 @@ Entry points: :func:`run_infer`, :func:`load_classifier`, :func:`select_sections
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
@@ -48,7 +50,7 @@ from cytonet.data.sections import (
 )
 from cytonet.distributed import DistEnv
 from cytonet.errors import ConfigError, InputError
-from cytonet.hostmem import BufferPool, reuse_freed_memory
+from cytonet.hostmem import BufferPool, process_pool, reuse_freed_memory
 from cytonet.infer import writers
 from cytonet.infer.blocks import Block, Grid, assign, pyramid_mean, section_grid, worker_of
 from cytonet.infer.cleanup import grid_positions, knn_cleanup, stack_cleanup
@@ -200,19 +202,27 @@ def select_sections(cfg: Config, clf: Classifier) -> list[SectionJob]:
     return jobs
 
 
+def _box_shape(job: SectionJob, block: Block) -> tuple[int, int]:
+    y0, y1, x0, x1 = job.grid.read_box(block)
+    return y1 - y0, x1 - x0
+
+
 class BlockReader:
     """Stage 1 of 3 (the reader threads): a block's model input and the mask of its output pixels to predict.
     Needs no model, so the first block is read while the model is set up (:class:`BlockEvaluator`)."""
 
-    def __init__(self, cfg: Config, device: torch.device, in_flight: int = 1) -> None:
+    def __init__(self, cfg: Config, device: torch.device, in_flight: int = 1, shared: bool = False) -> None:
         self.device = device
         self.tissue_max = cfg.infer.tissue_max_intensity
         self.roi = cfg.infer.roi
         self.band = cfg.extract.centerline_tolerance
         # For a CPU model: the decoded bytes (one per reader at a time) and the float inputs (``in_flight``:
-        # read or queued, and the one the model is on, which :meth:`give_back` returns) in reused memory.
-        self._bytes = BufferPool(in_flight, torch.uint8)
-        self._floats = BufferPool(in_flight, torch.float32)
+        # read or queued, and the one the model is on, which :meth:`give_back` returns) in reused memory;
+        # ``shared``: the process's pools, which outlive this reader (cytonet.hostmem).
+        self._bytes = process_pool(torch.uint8, in_flight) if shared else BufferPool(in_flight, torch.uint8)
+        self._floats = process_pool(torch.float32, in_flight) if shared else BufferPool(in_flight, torch.float32)
+        self._out: dict[int, torch.Tensor] = {}  # inputs lent out and not yet given back (:meth:`release`)
+        self._out_lock = threading.Lock()
 
     def tissue(self, img: np.ndarray, grid: Grid, block: Block, box: tuple[int, int, int, int]) -> np.ndarray:
         """(h, w) bool: output pixels whose footprint (its part inside the section) has a mean grey value below
@@ -239,7 +249,7 @@ class BlockReader:
         for an accelerator (a quarter of the bytes to copy; converted on the device), decoded straight into
         page-locked memory for a CUDA device."""
         box = job.grid.read_box(block)
-        shape = (box[1] - box[0], box[3] - box[2])
+        shape = _box_shape(job, block)
         cpu = self.device.type == "cpu"
         if cpu:
             buf = self._bytes.take(shape)
@@ -256,14 +266,36 @@ class BlockReader:
             if not cpu:
                 return buf[None, None], mask
             x = self._floats.take((1, 1, *shape))
+            with self._out_lock:
+                self._out[x.data_ptr()] = x
             x.copy_(buf).div_(255.0)  # = buf.float() / 255, without a fresh 4-byte copy of the box
             return x, mask
         finally:
             self._bytes.give(buf)
 
+    def reserve(self, todo: list[tuple[SectionJob, Block]], readers: int) -> None:
+        """For a CPU model: allocate the buffers for ``todo``'s blocks now, on the calling thread (the main one:
+        see :mod:`cytonet.hostmem`), each as large as its largest read box: ``readers`` for the bytes being
+        decoded, and the pool's float inputs, as far as there are blocks to fill them."""
+        if self.device.type != "cpu" or not todo:
+            return
+        largest = max(math.prod(_box_shape(job, b)) for job, b in todo)
+        self._bytes.reserve(largest, min(readers, len(todo)))
+        self._floats.reserve(largest, len(todo))
+
     def give_back(self, x: torch.Tensor | None) -> None:
         """Return an input from :meth:`read` once the model is done with it, for the reads to come to reuse."""
         if x is not None:
+            with self._out_lock:
+                self._out.pop(x.data_ptr(), None)
+            self._floats.give(x)
+
+    def release(self) -> None:
+        """Give back the inputs read and never given back (a run that failed or stopped with reads queued), so
+        that a process pool does not lose them. The readers must have stopped, and nothing may use them."""
+        with self._out_lock:
+            out, self._out = list(self._out.values()), {}
+        for x in out:
             self._floats.give(x)
 
     def _roi(self, reader: SectionReader, job: SectionJob, block: Block) -> np.ndarray:
@@ -462,13 +494,15 @@ def run_infer(
         if icfg.format == "hdf5" and not any(j is job for j, _ in todo) and not complete_marker.is_file():
             write_json_atomic(complete_marker, {"worker": worker})  # a crash came between its last marker and this
     n_io = io_threads(cfg, device, env.local_world_size)
+    stage1 = BlockReader(cfg, device, n_io + 2, shared=cfg.run.reuse_host_memory and reuse_freed_memory())
+    stage1.reserve(todo, n_io)
     started = time.perf_counter()
     written, spent, mpix = _process(
         cfg,
         clf,
         out,
         _smallest_first(todo),
-        BlockReader(cfg, device, n_io + 2),
+        stage1,
         lambda: BlockEvaluator(cfg, clf, device),
         {"worker": worker, "n_workers": n_workers, "task_id": task_id, "rank": env.rank},
         n_io,
@@ -497,11 +531,7 @@ def _smallest_first(todo: list[tuple[SectionJob, Block]]) -> list[tuple[SectionJ
         return todo
     first = todo[0][0]
 
-    def area(i: int) -> int:
-        y0, y1, x0, x1 = todo[i][0].grid.read_box(todo[i][1])
-        return (y1 - y0) * (x1 - x0)
-
-    k = min((i for i, (job, _) in enumerate(todo) if job is first), key=area)
+    k = min((i for i, (job, _) in enumerate(todo) if job is first), key=lambda i: math.prod(_box_shape(*todo[i])))
     return [todo[k], *todo[:k], *todo[k + 1 :]]
 
 
@@ -729,6 +759,7 @@ def _process(
                     stopped = True  # a read ending during the shutdown submits nothing
     finally:
         sys.setswitchinterval(switch_interval)
+        stage1.release()  # the readers have stopped (the pools were shut down)
         progress.close()
         for v in volumes.values():
             v.close()
