@@ -18,7 +18,9 @@ non-trivial BatchNorm statistics: speed and exactness do not depend on training)
    accelerator and the cores are free for I/O. And twice more: with one section per run, where the run's own
    costs (loading the model, starting threads, the first read, the last write) count in full, and with four
    (--sections), as when a worker maps its share of a brain's sections in one run (the copies are hard links
-   of the one section, under other section numbers).
+   of the one section, under other section numbers). All runs share one process, as a worker mapping section
+   after section does: the heap and inference's input buffers (cytonet.hostmem) are warm from the second run
+   on, for both sides; a fresh process first maps the memory of its inputs and its activations alike.
 
     python benchmarks/bench_infer.py                  # cases demo, medium, paper (~4 min on 2 cores)
     python benchmarks/bench_infer.py --cases medium --repeats 5 --work /tmp/bench-infer
