@@ -59,7 +59,8 @@ class RunConfig:
     reuse_host_memory: bool = True
     """Training and inference keep freed host memory for reuse (glibc malloc settings, see cytonet.hostmem)
     instead of returning every large tensor's pages to the OS: the paper encoder's CPU forward pass runs 2.5x
-    faster. The process then keeps its peak memory until it exits; false restores the C library's behaviour."""
+    faster; inference's input buffers are kept by the process from run to run. The process then keeps its peak
+    memory until it exits; false restores the C library's behaviour (and buffers kept for one run only)."""
 
     def validate(self, prefix: str) -> None:
         _check(bool(self.root_dir), f"{prefix}.root_dir", self.root_dir, "give a folder path")
