@@ -612,9 +612,11 @@ def test_settings_mismatch_and_bad_model_are_refused(root: Path, tmp_path: Path)
     if not out.exists():
         run(root, out)
     before = read_volume(out / "B00_s0000.ome.zarr")
+    assert load_config(out / "infer.config.yaml", []).infer.stride_px == 8  # the run that wrote the outputs
     with pytest.raises(InputError, match="stride_px"):
         run(root, out, "infer.stride_px=16")
     np.testing.assert_array_equal(before["0"], read_volume(out / "B00_s0000.ome.zarr")["0"])
+    assert load_config(out / "infer.config.yaml", []).infer.stride_px == 8  # not the refused run's
     bad = tmp_path / "probe"
     bad.mkdir()
     (bad / MODEL_FILE).write_bytes(b"not a model")

@@ -66,6 +66,8 @@ log = logging.getLogger(__name__)
 #: Test hook: ``N:before`` / ``N:after`` makes the process exit (status 3) when writing its (N+1)-th block,
 #: before its data or after its data but before its done marker.
 CRASH_ENV = "CYTONET_INFER_CRASH"
+#: The configuration of the last run that wrote to an output folder, in that folder.
+CONFIG_FILE = "infer.config.yaml"
 #: Label ids from here on are areas in a section store's labels layer (0 background, 1 white matter).
 FIRST_AREA_ID = WHITE_MATTER_ID + 1
 
@@ -462,8 +464,6 @@ def run_infer(
     clf = load_classifier(cfg.resolve_path(icfg.model_from))
     jobs = select_sections(cfg, clf)
     out.mkdir(parents=True, exist_ok=True)
-    if worker == 0:
-        save_config(cfg, out, name="infer.config.yaml")
     if overwrite:
         for job in jobs:
             writers.remove_outputs(out, job.name)
@@ -503,7 +503,7 @@ def run_infer(
         out,
         _smallest_first(todo),
         stage1,
-        lambda: BlockEvaluator(cfg, clf, device),
+        lambda: _set_up(cfg, clf, device, out if worker == 0 else None),
         {"worker": worker, "n_workers": n_workers, "task_id": task_id, "rank": env.rank},
         n_io,
     )
@@ -520,6 +520,15 @@ def run_infer(
     complete = {job.name: _complete(out, job, icfg.format) for job in jobs}  # one look at the markers
     cleaned = _cleanup_ready(cfg, out, jobs, clf, complete)
     return InferResult(out, [j.name for j in jobs], written, skipped, cleaned, all(complete.values()), spent)
+
+
+def _set_up(cfg: Config, clf: Classifier, device: torch.device, config_to: Path | None) -> BlockEvaluator:
+    """What the main thread does while the first block is read: save the run's configuration in the output
+    folder (``config_to``: worker 0's; only once the outputs' settings are checked, so that a refused run
+    leaves the file of the outputs there as it was) and set up the model."""
+    if config_to is not None:
+        save_config(cfg, config_to, name=CONFIG_FILE)
+    return BlockEvaluator(cfg, clf, device)
 
 
 def _smallest_first(todo: list[tuple[SectionJob, Block]]) -> list[tuple[SectionJob, Block]]:
