@@ -441,6 +441,35 @@ def test_readers_run_ahead_across_sections_and_close_none_under_a_read(
     assert closed_busy == []
 
 
+def test_a_section_store_failing_to_open_mid_run_fails_the_run_with_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The second section's store fails to open when its first block is read (reads are then submitted from
+    the readers' callbacks): the run fails with the store's error, which no callback swallows into a log
+    line, and a rerun finishes the job."""
+    import cytonet.infer.run as infer_run
+
+    make_sections(tmp_path / "sections", {"B00": 2})
+    overrides = ("infer.chunk_px=4", "infer.roi=centerline", "infer.io_threads=2")
+    write_model(base_config(tmp_path, *overrides), tmp_path / "probe")
+    open_section_ = infer_run.open_section
+    opened: list[str] = []
+
+    def failing(path: str | Path) -> object:
+        opened.append(Path(path).stem)
+        if opened.count("B00_s0001") > 1:  # planning opened it; reading it is what fails
+            raise InputError(f"cannot open section store {path}: damaged")
+        return open_section_(path)
+
+    monkeypatch.setattr(infer_run, "open_section", failing)
+    with pytest.raises(InputError, match=r"s0001.*damaged"):
+        run_infer(base_config(tmp_path, *overrides), DistEnv(), tmp_path / "out")
+    monkeypatch.undo()
+    assert "exception calling callback" not in caplog.text
+    result = run_infer(base_config(tmp_path, *overrides), DistEnv(), tmp_path / "out")  # the store is back
+    assert result.complete and result.skipped > 0  # what the failed run had written stays done
+
+
 @pytest.mark.parametrize("fmt", ["hdf5", "sharded"])
 def test_hdf5_and_sharded_zarr_equal_plain_zarr(root: Path, fmt: str) -> None:
     ref = root / "out-basic"

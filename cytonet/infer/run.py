@@ -717,7 +717,10 @@ def _process(
             def empty(future: Future[tuple[torch.Tensor | None, np.ndarray]]) -> bool:
                 return future.done() and future.exception() is None and future.result()[0] is None
 
-            def read_ahead(_: Future[tuple[torch.Tensor | None, np.ndarray]] | None = None) -> None:
+            def read_ahead(done: Future[tuple[torch.Tensor | None, np.ndarray]] | None = None) -> None:
+                """Submit reads while the window has room: from the main thread (``done`` None) or as a read's
+                callback. A callback that fails (a section store that does not open) leaves the block to the
+                main thread's next call, which fails with the error, instead of losing it in a log line."""
                 nonlocal ahead, filling
                 with window:
                     if filling:
@@ -729,6 +732,9 @@ def _process(
                             reads.append(future)
                             ahead += 1
                             future.add_done_callback(read_ahead)
+                    except Exception:
+                        if done is None:
+                            raise
                     finally:
                         filling = False
 
