@@ -146,9 +146,12 @@ def run_stage(
         # down in interpreter finalization can abort the process (SIGABRT instead of the requeue status, seen
         # once after a preemption of a 2-rank run).
         traceback.clear_frames(exc.__traceback__)
-        gc.collect()
         raise
     finally:
+        # On every path, also the one that returns: objects in reference cycles (a DDP model's) would otherwise
+        # live until a later collection or interpreter finalization (a finished 2-rank run's rank 1 aborted
+        # once at exit, "terminate called without an active exception", in a fresh-clone CI run).
+        gc.collect()
         distributed.destroy_distributed()
 
 
