@@ -428,9 +428,10 @@ class InferConfig:
     """Patches per forward pass in ``per_patch`` mode."""
     io_threads: int = 0
     """Reader threads and writer threads (each; one block more than readers is read ahead, so a reader that
-    finishes has the next one waiting, and blocks found empty do not count): ``0`` picks, from this worker's share of the node's cores, a quarter
-    (at least 1) for a CPU model, whose threads the other cores are for, and all but two (at most 32) for an
-    accelerator: decoding the input is what limits a GPU there. HDF5 output always has one writer (per file)."""
+    finishes has the next one waiting, and blocks found empty do not count): ``0`` picks, from this worker's
+    share of the node's cores, a quarter (at least 1) for a CPU model, whose threads the other cores are for,
+    and all but two (at most 32) for an accelerator: decoding the input is what limits a GPU there. HDF5
+    output always has one writer (per file)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast dtype of the forward pass (fp16: CUDA only)."""
     channels_last: bool = True

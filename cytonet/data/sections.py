@@ -242,6 +242,10 @@ class SectionWriter:
         else:
             self._open_hdf5(chunk_px, compression)
 
+    def _level_layers(self) -> tuple[str, ...]:
+        """The layers this store keeps levels of: the image's means, and the sampled layers it holds."""
+        return ("image", *(n for n in SAMPLED_LAYERS if n in self.layers))
+
     def _array_specs(self, chunk_px: int) -> list[tuple[str, tuple[int, ...], tuple[int, ...], np.dtype[Any], float]]:
         """(name, shape, chunks, dtype, fill) of every array: the layers, then the image levels."""
         specs = [
@@ -251,7 +255,7 @@ class SectionWriter:
         ]  # fmt: skip
         for f in self.meta.image_levels:
             shape = level_shape(self.meta.shape, f)
-            for layer in ("image", *(n for n in SAMPLED_LAYERS if n in self.layers)):
+            for layer in self._level_layers():
                 chunks = _layer_chunks(layer, shape, chunk_px)
                 specs.append((level_name(f, layer), shape, chunks, LAYER_DTYPES[layer], LAYER_FILL[layer]))
         return specs
@@ -300,7 +304,7 @@ class SectionWriter:
         h, w = self.meta.shape
         top = self.meta.image_levels[-1]
         tile = top * max(1, min(self.chunk_px, LEVEL_TILE_PX // top))
-        for layer in ("image", *(n for n in SAMPLED_LAYERS if n in self.layers)):
+        for layer in self._level_layers():
             full = self._arrays[layer]
             for y0 in range(0, h, tile):
                 for x0 in range(0, w, tile):

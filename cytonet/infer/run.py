@@ -22,7 +22,6 @@ Entry points: :func:`run_infer`, :func:`load_classifier`, :func:`select_sections
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import threading
@@ -204,9 +203,10 @@ def select_sections(cfg: Config, clf: Classifier) -> list[SectionJob]:
     return jobs
 
 
-def _box_shape(job: SectionJob, block: Block) -> tuple[int, int]:
+def _read_px(job: SectionJob, block: Block) -> int:
+    """Pixels of the block's read box."""
     y0, y1, x0, x1 = job.grid.read_box(block)
-    return y1 - y0, x1 - x0
+    return (y1 - y0) * (x1 - x0)
 
 
 class BlockReader:
@@ -251,7 +251,7 @@ class BlockReader:
         for an accelerator (a quarter of the bytes to copy; converted on the device), decoded straight into
         page-locked memory for a CUDA device."""
         box = job.grid.read_box(block)
-        shape = _box_shape(job, block)
+        shape = (box[1] - box[0], box[3] - box[2])
         cpu = self.device.type == "cpu"
         if cpu:
             buf = self._bytes.take(shape)
@@ -281,7 +281,7 @@ class BlockReader:
         decoded, and the pool's float inputs, as far as there are blocks to fill them."""
         if self.device.type != "cpu" or not todo:
             return
-        largest = max(math.prod(_box_shape(job, b)) for job, b in todo)
+        largest = max(_read_px(job, b) for job, b in todo)
         self._bytes.reserve(largest, min(readers, len(todo)))
         self._floats.reserve(largest, len(todo))
 
@@ -450,8 +450,8 @@ def run_infer(
 ) -> InferResult:
     """Map this worker's share of the sections; clean up what became complete. See the module doc."""
     icfg = cfg.infer
-    if cfg.run.reuse_host_memory:
-        reuse_freed_memory()  # before the reader and writer threads start (cytonet.hostmem)
+    # before the reader and writer threads start (cytonet.hostmem); the input buffers then outlive the run
+    reused = cfg.run.reuse_host_memory and reuse_freed_memory()
     out = out or cfg.resolve_path(icfg.out_dir)
     worker, n_workers = worker_of(task_id, num_tasks, env.rank, env.world_size)
     if overwrite and n_workers > 1:
@@ -494,7 +494,7 @@ def run_infer(
         if icfg.format == "hdf5" and not any(j is job for j, _ in todo) and not complete_marker.is_file():
             write_json_atomic(complete_marker, {"worker": worker})  # a crash came between its last marker and this
     n_io = io_threads(cfg, device, env.local_world_size)
-    stage1 = BlockReader(cfg, device, n_io + 2, shared=cfg.run.reuse_host_memory and reuse_freed_memory())
+    stage1 = BlockReader(cfg, device, n_io + 2, shared=reused)
     stage1.reserve(todo, n_io)
     started = time.perf_counter()
     written, spent, mpix = _process(
@@ -539,8 +539,7 @@ def _smallest_first(todo: list[tuple[SectionJob, Block]]) -> list[tuple[SectionJ
     if not todo:
         return todo
     first = todo[0][0]
-
-    k = min((i for i, (job, _) in enumerate(todo) if job is first), key=lambda i: math.prod(_box_shape(*todo[i])))
+    k = min((i for i, (job, _) in enumerate(todo) if job is first), key=lambda i: _read_px(*todo[i]))
     return [todo[k], *todo[:k], *todo[k + 1 :]]
 
 
