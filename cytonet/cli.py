@@ -8,6 +8,7 @@ the traceback. Every command that writes saves the resolved config into its outp
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import sys
 import time
@@ -490,6 +491,10 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit code (and ``sys.exit``s with it when run as a script)."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    if not faulthandler.is_enabled():
+        # A rank that crashes in native code (SIGSEGV, or SIGABRT from a C++ library such as gloo) prints every
+        # thread's Python stack to stderr, which SLURM keeps; SIGABRT also dumps the stacks of a hung rank.
+        faulthandler.enable(all_threads=True)
     setup_logging("DEBUG" if debug else "INFO")
     try:
         parser = build_parser()

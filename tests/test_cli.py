@@ -78,3 +78,32 @@ def test_runtime_failure_exits_1(tmp_path: Path) -> None:
     r = run("import", str(cfg), "--out", str(tmp_path / "out"))
     assert r.returncode == 1, r.stderr
     assert "nothing.tif" in r.stderr and "Traceback" not in r.stderr
+
+
+HUNG = """
+import subprocess, sys, time
+from cytonet.cli import main
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print(child.pid, flush=True)
+main(["--help"])
+def waiting_for_a_peer_that_never_answers():
+    time.sleep(600)
+waiting_for_a_peer_that_never_answers()
+"""
+
+
+def test_a_hung_process_fails_its_test_with_its_python_stack_and_leaves_nothing_running() -> None:
+    """The CLI turns on faulthandler; tests/procs.py, past its deadline, makes each process print its stack and
+    kills the whole tree (a torchrun agent's workers included)."""
+    from procs import wait_all
+
+    proc = subprocess.Popen([sys.executable, "-c", HUNG], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    child = int(proc.stdout.readline())
+    with pytest.raises(pytest.fail.Exception) as failed:
+        wait_all([proc], timeout=3, dump_s=1)
+    message = str(failed.value)
+    assert "still running after 3 s" in message
+    assert "Fatal Python error: Aborted" in message and "in waiting_for_a_peer_that_never_answers" in message
+    assert proc.returncode is not None
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]

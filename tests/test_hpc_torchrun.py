@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from procs import run, wait_all
 from ringdata import training_data
 
 from cytonet.train.checkpoint import list_checkpoints
@@ -51,12 +52,12 @@ def test_usr1_to_the_agent_checkpoints_all_ranks_and_exits_75(tmp_path: Path) ->
     while not (newest_step(tmp_path / "pre") >= 3 or preempted.poll() is not None or time.monotonic() > end):
         time.sleep(0.05)
     preempted.send_signal(signal.SIGUSR1)  # the agent only, as SLURM signals a step's tasks
-    _, err = preempted.communicate(timeout=300)
+    (err,) = wait_all([preempted], 300)
     assert preempted.returncode == 75, err[-3000:]
     assert err.count("exiting with 75 for requeue") == 2 and "received SIGUSR1: passing it to workers" in err
-    _, err = reference.communicate(timeout=300)
+    (err,) = wait_all([reference], 300)
     assert reference.returncode == 0, err[-3000:]
-    r = subprocess.run(command("pre"), env=ENV, capture_output=True, text=True, timeout=300)
+    r = run(command("pre"), 300, env=ENV)
     assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
     a = torch.load(tmp_path / "ref" / "encoder.pt", weights_only=True)["encoder"]
     b = torch.load(tmp_path / "pre" / "encoder.pt", weights_only=True)["encoder"]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import procs
 import pytest
 import torch
 from ringdata import make_sections
@@ -353,11 +354,11 @@ def test_crash_then_rerun_gives_identical_output(root: Path) -> None:
         out = root / f"out-crash-{phase}"
         cmd = [CYTONET, "infer", str(root / "infer.yaml"), "--out", str(out)]
         env = dict(os.environ, CYTONET_INFER_CRASH=f"5:{phase}")
-        crashed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        crashed = procs.run(cmd, 300, env=env)
         assert crashed.returncode == 3, crashed.stderr[-2000:]
         done = list((out / ".cytonet").glob("*/blocks/*.json"))
         assert len(done) == 5
-        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        rerun = procs.run(cmd, 300)
         assert rerun.returncode == 0, rerun.stderr[-2000:]
         assert "skipped 5 done" in rerun.stderr
         assert_same_outputs(ref, out)
@@ -372,7 +373,7 @@ def test_torchrun_two_ranks_match_one_process(root: Path) -> None:
         str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
         CYTONET, "infer", str(root / "infer.yaml"), "--out", str(out),
     ]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    r = procs.run(cmd, 300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_outputs(ref, out, atol=1e-6)
     ranks = {json.loads(m.read_text())["rank"] for m in (out / ".cytonet").glob("*/blocks/*.json")}

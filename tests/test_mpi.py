@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import procs
 import pytest
 from ringdata import make_sections, training_data
 from test_extract import assert_same_store, write_yaml
@@ -52,14 +53,7 @@ def mpiexec(n: int, *cmd: str, env: dict[str, str] | None = None) -> subprocess.
     # --bind-to none: each rank may use every core (its worker pools, torch threads).
     base |= {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "PYTHONPATH": str(REPO)}
     flags = ["--oversubscribe", "--bind-to", "none"] if _is_open_mpi() else []
-    return subprocess.run(
-        [MPIEXEC, *flags, "-n", str(n), *cmd],
-        capture_output=True,
-        text=True,
-        env={**base, **(env or {})},
-        cwd=REPO,
-        timeout=180,
-    )
+    return procs.run([MPIEXEC, *flags, "-n", str(n), *cmd], 180, env={**base, **(env or {})}, cwd=REPO)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -280,9 +274,7 @@ def test_mpiexec_pretrain_equals_torchrun_bitwise(tmp_path: Path) -> None:
     assert "MPI rendezvous" in p.stderr
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "SLURM_")) and k not in _FOREIGN}
     torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(BIN / "cytonet")]
-    t = subprocess.run(
-        [*torchrun, *command, "--out", str(tmp_path / "torchrun")], capture_output=True, text=True, env=env, timeout=300
-    )
+    t = procs.run([*torchrun, *command, "--out", str(tmp_path / "torchrun")], 300, env=env)
     assert t.returncode == 0, t.stderr[-3000:]
     states = []
     for name in ("mpi", "torchrun"):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from procs import run, wait_all
 from ringdata import training_data
 
 from cytonet.config import load_config
@@ -84,7 +85,7 @@ def wait_for_checkpoint(out: Path, proc: subprocess.Popen[str], min_step: int, t
 def reference(data: Path) -> dict[str, torch.Tensor]:
     """An uninterrupted single-process pretraining: 3 epochs of 8 steps."""
     out = data / "ref"
-    r = subprocess.run(cli(data, "pretrain", out), env=ENV, capture_output=True, text=True, timeout=300)
+    r = run(cli(data, "pretrain", out), 300, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "DONE").is_file() and (out / "encoder.pt").is_file()
     assert json.loads((out / "DONE").read_text())["step"] == 24
@@ -105,7 +106,7 @@ def test_kill_at_random_step_and_resume_is_bitwise(data: Path, reference: dict[s
     wait_for_checkpoint(out, proc, kill_after)  # type: ignore[arg-type]
     proc.kill()  # SIGKILL: no handler runs, possibly in the middle of a step or a checkpoint write
     proc.wait()
-    r = subprocess.run(cli(data, "pretrain", out), env=ENV, capture_output=True, text=True, timeout=300)
+    r = run(cli(data, "pretrain", out), 300, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr, f"killed after checkpoint {kill_after} but the rerun did not resume"
     assert_bitwise_equal(final_state(out), reference)
@@ -118,11 +119,11 @@ def test_signal_checkpoints_exits_for_requeue_and_resumes(data: Path, reference:
     )
     wait_for_checkpoint(out, proc, 3)  # type: ignore[arg-type]
     proc.send_signal(signal.SIGUSR1)
-    _, err = proc.communicate(timeout=120)
+    (err,) = wait_all([proc], 120)
     assert proc.returncode == 75, err[-2000:]
     assert "preempted at step" in err
     # Completing from the preemption checkpoint gives the uninterrupted weights.
-    r = subprocess.run(cli(data, "pretrain", out), env=ENV, capture_output=True, text=True, timeout=300)
+    r = run(cli(data, "pretrain", out), 300, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_bitwise_equal(final_state(out), reference)
 
@@ -136,7 +137,7 @@ def test_torchrun_two_ranks_identical_weights(data: Path, reference: dict[str, t
         "--out",
         str(out),
     ]
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    r = run(cmd, 300, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rank 0/2" in r.stderr
     # Synced BN and gathered negatives make 2 ranks x 4 samples train like 1 rank x 8 (up to float order).
@@ -173,7 +174,7 @@ def test_two_simulated_nodes(data: Path) -> None:
         )
         for node in (0, 1)
     ]
-    errs = [p.communicate(timeout=300)[1] for p in procs]
+    errs = wait_all(procs, 300)
     assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
     assert json.loads((out / "DONE").read_text())["step"] == 6
 
@@ -192,7 +193,7 @@ def test_signal_on_one_rank_stops_all_ranks_together(data: Path) -> None:
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
     assert len(children) == 2, children
     os.kill(int(children[1]), signal.SIGUSR1)  # one worker only: the ranks must agree before acting
-    _, err = proc.communicate(timeout=120)
+    (err,) = wait_all([proc], 120)
     assert proc.returncode != 0
     assert "preempted at step" in err
     assert "exitcode  : 75" in err or "exit code 75" in err or "exitcode: 75" in err, err[-3000:]
@@ -210,7 +211,7 @@ def test_non_finite_loss_stops_every_rank(data: Path) -> None:
         "--out",
         str(out),
     ]
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    r = run(cmd, 300, env=ENV)
     assert r.returncode != 0
     assert r.stderr.count("the loss is not finite at step") == 2, r.stderr[-3000:]
 
@@ -227,7 +228,7 @@ def test_dead_rank_fails_the_others_within_timeout(data: Path) -> None:
     wait_for_checkpoint(out, procs[0], 2)  # type: ignore[arg-type]
     procs[1].kill()
     started = time.monotonic()
-    _, err = procs[0].communicate(timeout=120)
+    (err,) = wait_all([procs[0]], 120)
     assert procs[0].returncode == 1, err[-2000:]
     assert time.monotonic() - started < 10 + 30
     assert "cytonet: error:" in err
@@ -237,7 +238,7 @@ def test_probe_and_scratch_write_reports(data: Path, reference: dict[str, torch.
     for stage in ("probe", "scratch"):
         out = data / stage
         extra = [f"probe.encoder_from={data / 'ref'}"] if stage == "probe" else []
-        r = subprocess.run(cli(data, stage, out, *extra), env=ENV, capture_output=True, text=True, timeout=300)
+        r = run(cli(data, stage, out, *extra), 300, env=ENV)
         assert r.returncode == 0, r.stderr[-3000:]
         for split in ("test", "unseen"):
             m = json.loads((out / f"metrics-{split}.json").read_text())
@@ -264,21 +265,13 @@ def test_rerun_of_finished_stage_is_skipped_and_no_resume_refuses(
     data: Path, reference: dict[str, torch.Tensor]
 ) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in (data / "ref").iterdir()}
-    r = subprocess.run(cli(data, "pretrain", data / "ref"), env=ENV, capture_output=True, text=True, timeout=300)
+    r = run(cli(data, "pretrain", data / "ref"), 300, env=ENV)
     assert r.returncode == 0 and "already holds a finished run" in r.stderr
     assert {p.name: p.stat().st_mtime_ns for p in (data / "ref").iterdir()} == before
-    r = subprocess.run(
-        cli(data, "pretrain", data / "ref", "--no-resume"), env=ENV, capture_output=True, text=True, timeout=300
-    )
+    r = run(cli(data, "pretrain", data / "ref", "--no-resume"), 300, env=ENV)
     assert r.returncode == 1 and "holds checkpoint" in r.stderr
     # Another config (a different temperature) must not resume these checkpoints.
-    r = subprocess.run(
-        cli(data, "pretrain", data / "ref", "loss.temperature=0.5"),
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = run(cli(data, "pretrain", data / "ref", "loss.temperature=0.5"), 300, env=ENV)
     assert r.returncode == 1 and "another config" in r.stderr and "loss.temperature" in r.stderr
 
 

@@ -1,0 +1,99 @@
+"""Waiting for the real processes a test starts (torchrun agents and their workers), so that a hang fails the
+test with evidence instead of a bare timeout.
+
+A distributed run that hangs leaves nothing to go on: the agent's timeout kills it, and its workers may live on
+as orphans that slow every later test. :func:`wait_all` and :func:`run` wait with a deadline; past it they
+send SIGABRT to every process of each tree, workers first (the workers run with ``PYTHONFAULTHANDLER=1``, from
+:data:`FAULTHANDLER` or cytonet's CLI, and print every thread's Python stack), kill what is left, and fail the
+test with the tail of each process's stderr, those stacks included.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+#: Environment entry that makes Python print all threads' stacks on SIGABRT, SIGSEGV and the like.
+FAULTHANDLER = {"PYTHONFAULTHANDLER": "1"}
+#: How long the processes get to print their stacks after SIGABRT before they are killed.
+DUMP_S = 5.0
+
+
+def descendants(pid: int) -> list[int]:
+    """Processes below ``pid``, deepest first (Linux /proc)."""
+    found: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            found.extend(descendants(child))
+            found.append(child)
+    return found
+
+
+def _signal_all(pids: Sequence[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def wait_all(procs: Sequence[subprocess.Popen[str]], timeout: float, dump_s: float = DUMP_S) -> list[str]:
+    """Wait for every process (their stderr piped, as text); returns each one's stderr. Past ``timeout`` s,
+    dumps their stacks, kills them and fails the test (see the module doc)."""
+    return [err for _, err in _communicate(procs, timeout, dump_s)]
+
+
+def run(cmd: Sequence[str | Path], timeout: float, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """:func:`subprocess.run` with stdout and stderr captured as text, and :func:`wait_all`'s deadline."""
+    proc = subprocess.Popen(
+        [str(c) for c in cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,  # type: ignore[call-overload]
+    )
+    ((out, err),) = _communicate([proc], timeout, DUMP_S)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _communicate(procs: Sequence[subprocess.Popen[str]], timeout: float, dump_s: float) -> list[tuple[str, str]]:
+    got = [("", "")] * len(procs)
+
+    def drain(i: int, proc: subprocess.Popen[str]) -> None:
+        out, err = proc.communicate()
+        got[i] = (out or "", err or "")
+
+    readers = [threading.Thread(target=drain, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+    for t in readers:
+        t.start()
+    end = time.monotonic() + timeout
+    for t in readers:
+        t.join(max(0.0, end - time.monotonic()))
+    if not any(t.is_alive() for t in readers):
+        return got
+    trees = [[*descendants(p.pid), p.pid] for p in procs]
+    everyone = [pid for tree in trees for pid in tree]
+    _signal_all(everyone, signal.SIGABRT)
+    time.sleep(dump_s)
+    _signal_all([*everyone, *(pid for p in procs for pid in descendants(p.pid))], signal.SIGKILL)
+    for t in readers:
+        t.join(30)
+    tails = "\n".join(
+        f"--- process {i} {procs[i].args!r} stderr (tail):\n{err[-6000:]}" for i, (_, err) in enumerate(got)
+    )
+    pytest.fail(f"still running after {timeout:.0f} s; stacks dumped, processes killed:\n{tails}", pytrace=False)
