@@ -76,6 +76,36 @@ def test_cache_decodes_each_chunk_once_and_stays_bounded(tmp_path: Path) -> None
     assert cache.nbytes <= 16, "chunks without a file are cached as their fill value, not as full chunks"
 
 
+def test_declared_reads_keep_their_chunks_past_the_lru_budget_until_the_last_one(tmp_path: Path) -> None:
+    data = np.arange(64 * 64, dtype=np.uint8).reshape(64, 64)
+    make(tmp_path / "a", data, (16, 16), compressors=BLOSC)
+    chunk = 16 * 16
+    cache = ChunkCache(chunk, max_planned_bytes=3 * chunk)  # LRU: one chunk; declared reads: three more
+    fast = open_chunked(tmp_path / "a", cache)
+    assert fast is not None
+    assert fast.chunk_keys((0, 16), (10, 40)) == [(str(tmp_path / "a"), (0, i)) for i in (0, 1, 2)]
+    cache.expect(fast.chunk_keys((0, 16), (0, 32)) * 2)  # two reads each of chunks (0,0) and (0,1)
+    fast.read((0, 16), (0, 32))
+    assert cache.nbytes == 2 * chunk
+    for f in (tmp_path / "a/c").rglob("*"):
+        if f.is_file():
+            f.unlink()
+    fast.read((16, 64), (0, 64))  # reads declared by nobody go through the one-chunk LRU
+    np.testing.assert_array_equal(fast.read((0, 16), (0, 32)), data[:16, :32])  # the declared second read
+    # After their last declared read the two chunks are LRU entries like any other: the last one read stays.
+    assert cache.nbytes == chunk
+    np.testing.assert_array_equal(fast.read((0, 16), (16, 32)), data[:16, 16:32])
+    np.testing.assert_array_equal(fast.read((0, 16), (0, 16)), 0)  # gone from disk and cache: the fill value
+    # Beyond max_planned_bytes, declared chunks are not kept apart: the budget bounds memory.
+    make(tmp_path / "b", data, (16, 16), compressors=BLOSC)
+    small = ChunkCache(chunk, max_planned_bytes=chunk)
+    fast = open_chunked(tmp_path / "b", small)
+    assert fast is not None
+    small.expect(fast.chunk_keys((0, 16), (0, 64)) * 2)
+    fast.read((0, 16), (0, 64))
+    assert small.nbytes == 2 * chunk  # the first chunk kept for its declared read, the last one in the LRU
+
+
 def test_points_equal_the_box_and_leave_the_cache_alone(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     data = rng.random((70, 45)).astype(np.float32)

@@ -442,6 +442,28 @@ def test_image_levels_equal_averaging_the_full_resolution(
             r.read_image(1, 0, 3, 0, 5, out=np.empty((3, 4), np.uint8))
 
 
+def test_declared_image_reads_decode_shared_chunks_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two boxes sharing chunks, declared ahead (as inference declares its blocks' read boxes): the second
+    box gets the shared chunks from the cache although the LRU part keeps nothing, even after the first box
+    was read in strips on three threads (strips are cut at chunk rows: a chunk row cut in two would be read
+    twice by the first box and spend the declared read of the second)."""
+    monkeypatch.setattr(sections, "CHUNK_CACHE_BYTES", 0)
+    monkeypatch.setattr(sections, "READ_STRIP_MIN_ROWS", 2)
+    monkeypatch.setattr(sections, "READ_STRIP_MIN_PX", 2)
+    image = make_layers()["image"]
+    path = write_store(store_path(tmp_path, "zarr"), {"image": image})
+    first, second = (0, 100, 0, 40), (-5, 100, 30, 70)  # chunk columns 0-1 and 0-2 (CHUNK 32)
+    with open_section(path) as r:
+        r.expect_image(1, [first, second])
+        np.testing.assert_array_equal(r.read_image(1, *first, threads=3), image[:, :40])
+        for f in (path / "image").rglob("*"):
+            if f.is_file() and f.name != "zarr.json":
+                f.unlink()
+        got = r.read_image(1, *second)
+    np.testing.assert_array_equal(got[5:, :34], image[:, 30:64])  # the shared chunks: from the cache
+    assert (got[:5] == 0).all() and (got[5:, 34:] == 0).all()  # past the edge; a chunk never read: its file is gone
+
+
 def test_image_levels_must_be_powers_of_two(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"B03_s0017\.zarr.*image levels \[4, 3\]"):
         create_section(store_path(tmp_path, "zarr"), make_meta(), image_levels=(4, 3))

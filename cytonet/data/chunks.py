@@ -27,6 +27,7 @@ import json
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +44,43 @@ Box = tuple[tuple[int, int], ...]
 
 
 class ChunkCache:
-    """Decoded chunks by key, least recently used dropped first beyond ``max_bytes``; thread safe."""
+    """Decoded chunks by key, least recently used dropped first beyond ``max_bytes``; thread safe.
 
-    def __init__(self, max_bytes: int) -> None:
+    A reader that knows its reads ahead (inference: the read boxes of a section's blocks, whose context
+    overlaps their neighbours') declares them with :meth:`expect`: a chunk with declared reads left is kept,
+    outside the LRU budget and up to ``max_planned_bytes``, until its last declared read, however much is read
+    in between. LRU order alone re-decodes the overlap of large read boxes: a box larger than the cache pushes
+    out its own first rows before the neighbour that shares them is read."""
+
+    def __init__(self, max_bytes: int, max_planned_bytes: int = 0) -> None:
         self.max_bytes = max_bytes
+        self.max_planned_bytes = max_planned_bytes
         self._items: OrderedDict[Any, np.ndarray] = OrderedDict()
         self._bytes = 0
+        self._uses: dict[Any, int] = {}  # key -> declared reads not yet made
+        self._planned: dict[Any, np.ndarray] = {}  # decoded chunks kept for their declared reads
+        self._planned_bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: Any) -> np.ndarray | None:
+    def expect(self, keys: Iterable[Any]) -> None:
+        """Declare one read to come of each key (a key listed twice: two reads)."""
         with self._lock:
+            for key in keys:
+                self._uses[key] = self._uses.get(key, 0) + 1
+
+    def get(self, key: Any) -> np.ndarray | None:
+        """The chunk, or None; counts as one of the key's declared reads, if it has any left."""
+        with self._lock:
+            left = self._uses.pop(key, 0) - 1
+            if left > 0:
+                self._uses[key] = left
+            item = self._planned.get(key)
+            if item is not None:
+                if left <= 0:  # its last declared read: it stays only as long as LRU order keeps it
+                    del self._planned[key]
+                    self._planned_bytes -= item.nbytes
+                    self._put_lru(key, item)
+                return item
             item = self._items.get(key)
             if item is not None:
                 self._items.move_to_end(key)
@@ -60,17 +88,26 @@ class ChunkCache:
 
     def put(self, key: Any, value: np.ndarray) -> None:
         with self._lock:
-            if key in self._items or value.nbytes > self.max_bytes:
+            if key in self._items or key in self._planned:
                 return
-            self._items[key] = value
-            self._bytes += value.nbytes
-            while self._bytes > self.max_bytes:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= old.nbytes
+            if self._uses.get(key, 0) > 0 and self._planned_bytes + value.nbytes <= self.max_planned_bytes:
+                self._planned[key] = value
+                self._planned_bytes += value.nbytes
+                return
+            self._put_lru(key, value)
+
+    def _put_lru(self, key: Any, value: np.ndarray) -> None:
+        if key in self._items or value.nbytes > self.max_bytes:
+            return
+        self._items[key] = value
+        self._bytes += value.nbytes
+        while self._bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= old.nbytes
 
     @property
     def nbytes(self) -> int:
-        return self._bytes
+        return self._bytes + self._planned_bytes
 
 
 class ChunkedArray:
@@ -106,6 +143,10 @@ class ChunkedArray:
     def _full_box(self, box: Box) -> Box:
         """``box`` with the axes it leaves out taken whole."""
         return tuple(box) + tuple((0, n) for n in self.shape[len(box) :])
+
+    def chunk_keys(self, *box: tuple[int, int]) -> list[Any]:
+        """Cache keys of the chunks a :meth:`read` of ``box`` decodes (for :meth:`ChunkCache.expect`)."""
+        return [(str(self.path), index) for index in itertools.product(*self._ranges(self._full_box(box)))]
 
     def _chunk(self, index: tuple[int, ...], cached: bool = True) -> np.ndarray:
         """The decoded chunk, or a 0-d array of the fill value when it has no file (cached as such: a

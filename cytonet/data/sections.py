@@ -47,7 +47,7 @@ import math
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -74,8 +74,10 @@ LAYER_FILL: dict[str, float] = {"image": 0, "labels": 0, "depth": float("nan"), 
 IMAGE_BLOSC: tuple[Literal["zstd"], int, str] = ("zstd", 1, "noshuffle")
 #: ... and of the other arrays (labels, depth, coordinates): byte shuffle suits their 2- and 4-byte values.
 LAYER_BLOSC: tuple[Literal["zstd"], int, str] = ("zstd", 3, "shuffle")
-#: Decoded chunks a zarr section reader keeps (neighbouring reads share the chunks of their overlap).
+#: Decoded chunks a zarr section reader keeps (neighbouring reads share the chunks of their overlap) in LRU
+#: order, and at most how many more it keeps for the reads declared ahead (:meth:`SectionReader.expect_image`).
 CHUNK_CACHE_BYTES = 64 << 20
+PLANNED_CACHE_BYTES = 512 << 20
 #: Fewest rows, and pixels, of a strip :meth:`SectionReader.read_image` gives a thread of its own (a 1 MP box,
 #: the demo model's smallest block, read no faster on two threads than on one: the threads' start-up ate it).
 READ_STRIP_MIN_ROWS = 256
@@ -428,7 +430,8 @@ class SectionReader:
         with self._lock:
             if self._fast is None or self._cache is None or self._fast_pid != os.getpid():
                 # first use, or a forked process: it drops what the parent cached
-                self._fast, self._fast_pid, self._cache = {}, os.getpid(), ChunkCache(CHUNK_CACHE_BYTES)
+                self._fast, self._fast_pid = {}, os.getpid()
+                self._cache = ChunkCache(CHUNK_CACHE_BYTES, PLANNED_CACHE_BYTES)
             if name not in self._fast:
                 self._fast[name] = open_chunked(self.path / name, self._cache)
             return self._fast[name]
@@ -607,7 +610,11 @@ class SectionReader:
             return self._read_image_into(factor, y0, x0, x1, out)
         from concurrent.futures import ThreadPoolExecutor
 
-        cuts = [y0 + (y1 - y0) * k // n for k in range(n + 1)]
+        # Strips cut at chunk rows where the level is stored in chunks: a chunk row cut in two is decoded twice.
+        name, _ = self._image_array(factor)
+        fast = self._chunked(name) if name is not None else None
+        rows = fast.chunks[0] if fast is not None else 1
+        cuts = sorted({y0, y1, *(min(max((y0 + (y1 - y0) * k // n) // rows * rows, y0), y1) for k in range(1, n))})
         with ThreadPoolExecutor(n, thread_name_prefix="section-read") as pool:
             parts = [
                 pool.submit(self._read_image_into, factor, a, x0, x1, out[a - y0 : b - y0])
@@ -617,14 +624,37 @@ class SectionReader:
                 part.result()
         return out
 
+    def _image_array(self, factor: int) -> tuple[str | None, tuple[int, int]]:
+        """The array :meth:`read_image` reads at ``factor`` and its 2D shape (None: it averages the full
+        resolution)."""
+        if factor == 1:
+            return "image", self.shape
+        if factor in self.meta.image_levels:
+            return level_name(factor), level_shape(self.shape, factor)
+        return None, self.shape
+
+    def expect_image(self, factor: int, boxes: Iterable[tuple[int, int, int, int]]) -> None:
+        """Declare reads to come, :meth:`read_image` of each ``(y0, y1, x0, x1)`` box at ``factor``, one call
+        each: the chunks they share (the overlapping context of inference's blocks) are then decoded once and
+        kept until their last read (:meth:`ChunkCache.expect`), however large the boxes. Zarr stores at a stored
+        level; otherwise nothing."""
+        name, (h, w) = self._image_array(factor)
+        fast = self._chunked(name) if name is not None else None
+        if fast is None or self._cache is None:
+            return
+        keys: list[Any] = []
+        for y0, y1, x0, x1 in boxes:
+            cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
+            if cy0 < cy1 and cx0 < cx1:
+                keys.extend(fast.chunk_keys((cy0, cy1), (cx0, cx1)))
+        self._cache.expect(keys)
+
     def _read_image_into(self, factor: int, y0: int, x0: int, x1: int, out: np.ndarray) -> np.ndarray:
         """:meth:`read_image` of the rows ``y0 .. y0 + len(out)`` into ``out``."""
         y1 = y0 + out.shape[0]
-        if factor == 1:
-            return self._read_padded("image", self.shape, "image", y0, y1, x0, x1, out)
-        if factor in self.meta.image_levels:
-            name = level_name(factor)
-            return self._read_padded(name, level_shape(self.shape, factor), "image", y0, y1, x0, x1, out)
+        name, shape = self._image_array(factor)
+        if name is not None:
+            return self._read_padded(name, shape, "image", y0, y1, x0, x1, out)
         img = self.read_padded("image", y0 * factor, y1 * factor, x0 * factor, x1 * factor)
         out[...] = block_mean_uint8(img, factor)
         return out

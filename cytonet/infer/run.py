@@ -659,6 +659,8 @@ def _process(
             readers.pop(name).close()
         if job.name not in readers:
             readers[job.name] = open_section(job.path)
+            # The section's blocks read their context from their neighbours' chunks: decode each once.
+            readers[job.name].expect_image(job.factor, [job.grid.read_box(b) for j, b in todo if j is job])
         reading[job.name] += 1
         return rpool.submit(read, readers[job.name], job, block, threads)
 
