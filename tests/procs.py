@@ -26,6 +26,16 @@ FAULTHANDLER = {"PYTHONFAULTHANDLER": "1"}
 DUMP_S = 5.0
 
 
+def tail(err: str, n: int = 3000) -> str:
+    """The end of a process's stderr for an assertion message, with every Python fault dump in it in full
+    (faulthandler's "Fatal Python error" and the stacks after it), wherever it is: a rank that aborted prints
+    its dump before the launcher's own report, which would push it out of a plain tail."""
+    start = err.find("Fatal Python error")
+    if start == -1 or start >= len(err) - n:
+        return err[-n:]
+    return f"{err[start : start + 30000]}\n[...]\n{err[-n:]}"
+
+
 def descendants(pid: int) -> list[int]:
     """Processes below ``pid``, deepest first (Linux /proc)."""
     found: list[int] = []

@@ -107,3 +107,18 @@ def test_a_hung_process_fails_its_test_with_its_python_stack_and_leaves_nothing_
     assert "Fatal Python error: Aborted" in message and "in waiting_for_a_peer_that_never_answers" in message
     assert proc.returncode is not None
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+
+
+def test_an_aborting_process_prints_its_stack_and_failure_messages_keep_it() -> None:
+    """A rank aborted by a C++ library prints its Python stack (the CLI's faulthandler); the launcher's report
+    that follows would push it out of a plain tail, so tests/procs.py's tail keeps it whole."""
+    from procs import tail
+
+    script = "from cytonet.cli import main\nmain(['--help'])\nimport os\nos.abort()\n"
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == -6
+    assert "Fatal Python error: Aborted" in r.stderr and 'File "<string>", line 4' in r.stderr
+    launcher_report = "\n".join(f"agent line {i}" for i in range(2000))
+    kept = tail(r.stderr + launcher_report)
+    assert 'File "<string>", line 4' in kept and kept.endswith("agent line 1999")
+    assert tail("short") == "short"

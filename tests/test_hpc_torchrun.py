@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from procs import run, wait_all
+from procs import run, tail, wait_all
 from ringdata import training_data
 
 from cytonet.train.checkpoint import list_checkpoints
@@ -53,12 +53,12 @@ def test_usr1_to_the_agent_checkpoints_all_ranks_and_exits_75(tmp_path: Path) ->
         time.sleep(0.05)
     preempted.send_signal(signal.SIGUSR1)  # the agent only, as SLURM signals a step's tasks
     (err,) = wait_all([preempted], 300)
-    assert preempted.returncode == 75, err[-3000:]
+    assert preempted.returncode == 75, tail(err)
     assert err.count("exiting with 75 for requeue") == 2 and "received SIGUSR1: passing it to workers" in err
     (err,) = wait_all([reference], 300)
-    assert reference.returncode == 0, err[-3000:]
+    assert reference.returncode == 0, tail(err)
     r = run(command("pre"), 300, env=ENV)
-    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 0 and "resumed from" in r.stderr, tail(r.stderr)
     a = torch.load(tmp_path / "ref" / "encoder.pt", weights_only=True)["encoder"]
     b = torch.load(tmp_path / "pre" / "encoder.pt", weights_only=True)["encoder"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

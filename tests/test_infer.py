@@ -355,11 +355,11 @@ def test_crash_then_rerun_gives_identical_output(root: Path) -> None:
         cmd = [CYTONET, "infer", str(root / "infer.yaml"), "--out", str(out)]
         env = dict(os.environ, CYTONET_INFER_CRASH=f"5:{phase}")
         crashed = procs.run(cmd, 300, env=env)
-        assert crashed.returncode == 3, crashed.stderr[-2000:]
+        assert crashed.returncode == 3, procs.tail(crashed.stderr)
         done = list((out / ".cytonet").glob("*/blocks/*.json"))
         assert len(done) == 5
         rerun = procs.run(cmd, 300)
-        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert rerun.returncode == 0, procs.tail(rerun.stderr)
         assert "skipped 5 done" in rerun.stderr
         assert_same_outputs(ref, out)
 
@@ -374,7 +374,7 @@ def test_torchrun_two_ranks_match_one_process(root: Path) -> None:
         CYTONET, "infer", str(root / "infer.yaml"), "--out", str(out),
     ]  # fmt: skip
     r = procs.run(cmd, 300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, procs.tail(r.stderr)
     assert_same_outputs(ref, out, atol=1e-6)
     ranks = {json.loads(m.read_text())["rank"] for m in (out / ".cytonet").glob("*/blocks/*.json")}
     assert ranks == {0, 1}

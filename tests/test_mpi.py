@@ -238,7 +238,7 @@ def test_mpiexec_infer_equals_one_process(tmp_path: Path) -> None:
 
     out = tmp_path / "mpi"
     p = mpiexec(2, str(BIN / "cytonet"), "infer", str(tmp_path / "infer.yaml"), "--out", str(out))
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, procs.tail(p.stderr)
     assert set(p.stdout.split()) == {str(out)}
     # Each rank evaluates its own blocks with its own threads: probabilities may differ in the last bits
     # (summation order), labels not at all.
@@ -270,12 +270,12 @@ def test_mpiexec_pretrain_equals_torchrun_bitwise(tmp_path: Path) -> None:
     command = ["pretrain", str(config)]
     # torchrun sets OMP_NUM_THREADS=1 per rank; give the MPI ranks the same, so both sum in the same order.
     p = mpiexec(2, str(BIN / "cytonet"), *command, "--out", str(tmp_path / "mpi"), env={"OMP_NUM_THREADS": "1"})
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, procs.tail(p.stderr)
     assert "MPI rendezvous" in p.stderr
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "SLURM_")) and k not in _FOREIGN}
     torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(BIN / "cytonet")]
     t = procs.run([*torchrun, *command, "--out", str(tmp_path / "torchrun")], 300, env=env)
-    assert t.returncode == 0, t.stderr[-3000:]
+    assert t.returncode == 0, procs.tail(t.stderr)
     states = []
     for name in ("mpi", "torchrun"):
         path = latest_checkpoint(tmp_path / name)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from procs import run, wait_all
+from procs import run, tail, wait_all
 from ringdata import training_data
 
 from cytonet.config import load_config
@@ -86,7 +86,7 @@ def reference(data: Path) -> dict[str, torch.Tensor]:
     """An uninterrupted single-process pretraining: 3 epochs of 8 steps."""
     out = data / "ref"
     r = run(cli(data, "pretrain", out), 300, env=ENV)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, tail(r.stderr)
     assert (out / "DONE").is_file() and (out / "encoder.pt").is_file()
     assert json.loads((out / "DONE").read_text())["step"] == 24
     assert list((out / "tensorboard").glob("events.out.tfevents.*")), (
@@ -107,7 +107,7 @@ def test_kill_at_random_step_and_resume_is_bitwise(data: Path, reference: dict[s
     proc.kill()  # SIGKILL: no handler runs, possibly in the middle of a step or a checkpoint write
     proc.wait()
     r = run(cli(data, "pretrain", out), 300, env=ENV)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, tail(r.stderr)
     assert "resumed from" in r.stderr, f"killed after checkpoint {kill_after} but the rerun did not resume"
     assert_bitwise_equal(final_state(out), reference)
 
@@ -120,11 +120,11 @@ def test_signal_checkpoints_exits_for_requeue_and_resumes(data: Path, reference:
     wait_for_checkpoint(out, proc, 3)  # type: ignore[arg-type]
     proc.send_signal(signal.SIGUSR1)
     (err,) = wait_all([proc], 120)
-    assert proc.returncode == 75, err[-2000:]
+    assert proc.returncode == 75, tail(err)
     assert "preempted at step" in err
     # Completing from the preemption checkpoint gives the uninterrupted weights.
     r = run(cli(data, "pretrain", out), 300, env=ENV)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, tail(r.stderr)
     assert_bitwise_equal(final_state(out), reference)
 
 
@@ -138,7 +138,7 @@ def test_torchrun_two_ranks_identical_weights(data: Path, reference: dict[str, t
         str(out),
     ]
     r = run(cmd, 300, env=ENV)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, tail(r.stderr)
     assert "rank 0/2" in r.stderr
     # Synced BN and gathered negatives make 2 ranks x 4 samples train like 1 rank x 8 (up to float order).
     two = final_state(out)
@@ -175,7 +175,7 @@ def test_two_simulated_nodes(data: Path) -> None:
         for node in (0, 1)
     ]
     errs = wait_all(procs, 300)
-    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    assert [p.returncode for p in procs] == [0, 0], tail(errs[0]) + tail(errs[1])
     assert json.loads((out / "DONE").read_text())["step"] == 6
 
 
@@ -196,7 +196,7 @@ def test_signal_on_one_rank_stops_all_ranks_together(data: Path) -> None:
     (err,) = wait_all([proc], 120)
     assert proc.returncode != 0
     assert "preempted at step" in err
-    assert "exitcode  : 75" in err or "exit code 75" in err or "exitcode: 75" in err, err[-3000:]
+    assert "exitcode  : 75" in err or "exit code 75" in err or "exitcode: 75" in err, tail(err)
     state = torch.load(latest_checkpoint(out), weights_only=True)  # type: ignore[arg-type]
     assert len(state["rng"]) == 2 and state["step"] >= 2
 
@@ -213,7 +213,7 @@ def test_non_finite_loss_stops_every_rank(data: Path) -> None:
     ]
     r = run(cmd, 300, env=ENV)
     assert r.returncode != 0
-    assert r.stderr.count("the loss is not finite at step") == 2, r.stderr[-3000:]
+    assert r.stderr.count("the loss is not finite at step") == 2, tail(r.stderr)
 
 
 def test_dead_rank_fails_the_others_within_timeout(data: Path) -> None:
@@ -229,7 +229,7 @@ def test_dead_rank_fails_the_others_within_timeout(data: Path) -> None:
     procs[1].kill()
     started = time.monotonic()
     (err,) = wait_all([procs[0]], 120)
-    assert procs[0].returncode == 1, err[-2000:]
+    assert procs[0].returncode == 1, tail(err)
     assert time.monotonic() - started < 10 + 30
     assert "cytonet: error:" in err
 
@@ -239,7 +239,7 @@ def test_probe_and_scratch_write_reports(data: Path, reference: dict[str, torch.
         out = data / stage
         extra = [f"probe.encoder_from={data / 'ref'}"] if stage == "probe" else []
         r = run(cli(data, stage, out, *extra), 300, env=ENV)
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, tail(r.stderr)
         for split in ("test", "unseen"):
             m = json.loads((out / f"metrics-{split}.json").read_text())
             assert set(m) == {"f1", "top1", "top3", "n"} and m["n"] > 0
