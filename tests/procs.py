@@ -3,9 +3,9 @@ test with evidence instead of a bare timeout.
 
 A distributed run that hangs leaves nothing to go on: the agent's timeout kills it, and its workers may live on
 as orphans that slow every later test. :func:`wait_all` and :func:`run` wait with a deadline; past it they
-send SIGABRT to every process of each tree, workers first (the workers run with ``PYTHONFAULTHANDLER=1``, from
-:data:`FAULTHANDLER` or cytonet's CLI, and print every thread's Python stack), kill what is left, and fail the
-test with the tail of each process's stderr, those stacks included.
+send SIGABRT to every process of each tree, workers first (cytonet's CLI turns on faulthandler, so they print
+every thread's Python stack), kill what is left, and fail the test with the tail of each process's stderr,
+those stacks kept whole (:func:`tail`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from pathlib import Path
 
 import pytest
 
-#: Environment entry that makes Python print all threads' stacks on SIGABRT, SIGSEGV and the like.
-FAULTHANDLER = {"PYTHONFAULTHANDLER": "1"}
 #: How long the processes get to print their stacks after SIGABRT before they are killed.
 DUMP_S = 5.0
 
@@ -104,6 +102,6 @@ def _communicate(procs: Sequence[subprocess.Popen[str]], timeout: float, dump_s:
     for t in readers:
         t.join(30)
     tails = "\n".join(
-        f"--- process {i} {procs[i].args!r} stderr (tail):\n{err[-6000:]}" for i, (_, err) in enumerate(got)
+        f"--- process {i} {procs[i].args!r} stderr (tail):\n{tail(err, 6000)}" for i, (_, err) in enumerate(got)
     )
     pytest.fail(f"still running after {timeout:.0f} s; stacks dumped, processes killed:\n{tails}", pytrace=False)

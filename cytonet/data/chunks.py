@@ -146,13 +146,17 @@ class ChunkedArray:
 
     def chunk_keys(self, *box: tuple[int, int]) -> list[Any]:
         """Cache keys of the chunks a :meth:`read` of ``box`` decodes (for :meth:`ChunkCache.expect`)."""
-        return [(str(self.path), index) for index in itertools.product(*self._ranges(self._full_box(box)))]
+        return [self._key(index) for index in itertools.product(*self._ranges(self._full_box(box)))]
+
+    def _key(self, index: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+        """The cache key of chunk ``index`` (one cache serves all the arrays of a store)."""
+        return (str(self.path), index)
 
     def _chunk(self, index: tuple[int, ...], cached: bool = True) -> np.ndarray:
         """The decoded chunk, or a 0-d array of the fill value when it has no file (cached as such: a
         section's many empty chunks cost the cache nothing and are never materialised). ``cached=False``
         neither looks in the cache nor adds to it."""
-        key = (str(self.path), index)
+        key = self._key(index)
         cache = self.cache if cached else None
         chunk = cache.get(key) if cache is not None else None
         if chunk is not None:
@@ -246,7 +250,7 @@ class ChunkedArray:
                 self._made.add(file.parent)
             file.write_bytes(raw)
             if self.cache is not None:
-                self.cache.put((str(self.path), index), np.array(part))
+                self.cache.put(self._key(index), np.array(part))
 
 
 def _all_fill(part: np.ndarray, fill: float) -> bool:

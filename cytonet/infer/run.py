@@ -627,6 +627,9 @@ def _process(
     volumes: dict[str, writers.Volume] = {}
     readers: dict[str, SectionReader] = {}
     last_block = {job.name: i for i, (job, _) in enumerate(todo)}
+    read_boxes: dict[str, list[tuple[int, int, int, int]]] = {}  # section -> its blocks' read boxes, in order
+    for job, block in todo:
+        read_boxes.setdefault(job.name, []).append(job.grid.read_box(block))
     count = 0
     lock = Lock()  # guards count, volumes and spent across writer threads
     spent = {"read": 0.0, "evaluate": 0.0, "write": 0.0, "wait": 0.0}  # seconds per stage (threads overlap)
@@ -660,7 +663,7 @@ def _process(
         if job.name not in readers:
             readers[job.name] = open_section(job.path)
             # The section's blocks read their context from their neighbours' chunks: decode each once.
-            readers[job.name].expect_image(job.factor, [job.grid.read_box(b) for j, b in todo if j is job])
+            readers[job.name].expect_image(job.factor, read_boxes[job.name])
         reading[job.name] += 1
         return rpool.submit(read, readers[job.name], job, block, threads)
 
