@@ -22,9 +22,12 @@ Entry points:
 
 Why gathers need care (PLATFORM.md): plain ``dist.all_gather`` returns tensors detached from the other ranks'
 graphs, so a contrastive loss whose negatives come from other ranks silently loses those ranks' gradient
-contributions. :func:`gather_with_grad` uses the functional collective ``all_gather_single`` (the successor of
-the deprecated ``torch.distributed.nn.functional.all_gather``), whose backward is a reduce-scatter with sum: every
-rank's gradient for a row goes back to, and is summed on, the row's owner.
+contributions. :func:`gather_with_grad` is an autograd function whose backward sums every rank's gradient for a
+row on the row's owner (a reduce-scatter on nccl, an all-reduce on gloo, which has no reduce-scatter of its own).
+Every collective here is synchronous and a plain one (all_gather, all_reduce, reduce_scatter). Not torch's
+functional collectives: on gloo they run as *coalesced* all-gathers and reduce-scatters, and one of those
+corrupted the heap of a 2-rank CPU run (a core dump showed "ALLGATHER_COALESCED" written into freed memory; see
+pytorch#65231 for the same path crashing torch's own tests).
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from cytonet.config import DistConfig
@@ -177,14 +179,6 @@ def rank() -> int:
     return 0
 
 
-def _world_group() -> dist.ProcessGroup:
-    """The default process group (only called when one exists)."""
-    group = dist.group.WORLD
-    if group is None:
-        raise RuntimeError("no default process group: call init_distributed first")
-    return group
-
-
 def _collective_device(like: torch.Tensor | None = None) -> torch.device:
     """Device on which small bookkeeping tensors must live for the backend (CUDA for nccl, CPU for gloo)."""
     if like is not None:
@@ -220,6 +214,29 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, pad], dim=0)
 
 
+class _GatherRows(torch.autograd.Function):
+    """All-gather of equal-sized (rows, ...) blocks along dim 0, in rank order; backward sums the gradient of this
+    rank's block over all ranks. Both directions are synchronous plain collectives (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty((world_size() * x.shape[0], *x.shape[1:]))
+        dist.all_gather_single(out, x)  # gloo: one plain all_gather into views of ``out``
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        rows = grad.shape[0] // world_size()
+        if dist.get_backend() == "nccl":
+            mine = grad.new_empty((rows, *grad.shape[1:]))
+            dist.reduce_scatter_single(mine, grad)
+            return mine
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total[rank() * rows : (rank() + 1) * rows]
+
+
 def gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """Concatenate every rank's ``x`` in rank order, differentiably.
 
@@ -237,9 +254,7 @@ def gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.T
     if sizes is None:
         sizes = all_gather_sizes(x.shape[0], x.device)
     rows = max(sizes)
-    # Differentiable all_gather (backward: reduce-scatter with sum). torch 2.13 deprecates
-    # torch.distributed.nn.functional.all_gather in favour of this functional collective.
-    gathered = funcol.all_gather_single(_pad_rows(x, rows), 0, _world_group())  # (W * rows, ...)
+    gathered = _GatherRows.apply(_pad_rows(x, rows))  # (W * rows, ...)
     if all(n == rows for n in sizes):
         return gathered
     return torch.cat([gathered[r * rows : r * rows + n] for r, n in enumerate(sizes)], dim=0)

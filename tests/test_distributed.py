@@ -179,6 +179,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             soft_target_contrastive(z, z_all, w, lcfg.temperature, D.rank_offset(sizes), n_valid).backward()
             res[f"{kind}_nograd_grads"] = {k: D.all_reduce_sum(g) for k, g in named_grads(model).items()}
 
+        # Which c10d collectives a differentiable gather and a synced BatchNorm issue, forward and backward.
+        from torch.profiler import ProfilerActivity, profile
+
+        bn = D.SyncBatchNorm(4)
+        x = torch.randn(BN_SIZES[rank], 4, requires_grad=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            (D.gather_with_grad(bn(x)) ** 2).sum().backward()
+        res["c10d_ops"] = sorted({e.name for e in prof.events() if e.name.startswith("c10d::")})
+
         # Synced BatchNorm alone, 2d (momentum) and 1d (cumulative average, two steps).
         b = bn_batch()
         sl = rows(BN_SIZES, rank)
@@ -271,6 +280,16 @@ def test_gather_without_grad_is_wrong(results: list[dict[str, Any]], kind: str) 
     ref = reference(kind)["grads"]
     got = results[0][f"{kind}_nograd_grads"]
     assert max(float((got[k] - ref[k]).abs().max()) for k in ref) > 1e-4
+
+
+@pytest.mark.distributed
+def test_gathers_use_plain_collectives(results: list[dict[str, Any]]) -> None:
+    # torch's functional collectives run as coalesced all-gathers / reduce-scatters on gloo, a path that once
+    # corrupted the heap of a 2-rank run (a core dump had "ALLGATHER_COALESCED" written into freed memory).
+    for res in results:
+        ops = res["c10d_ops"]
+        assert "c10d::allreduce_" in ops and any("allgather" in op for op in ops), ops  # the profiler saw them
+        assert not [op for op in ops if "coalesced" in op], ops
 
 
 @pytest.mark.distributed
