@@ -400,7 +400,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         mean_local = x.sum(dim=dims) / max(n_local, 1)
         shape = [1, c] + [1] * (input.dim() - 2)
         m2_local = ((x - mean_local.view(shape)) ** 2).sum(dim=dims)
-        table = gather_with_grad(torch.cat([count, mean_local, m2_local]).unsqueeze(0))  # (W, 2C + 1)
+        stats = torch.cat([count, mean_local, m2_local]).unsqueeze(0)
+        table = gather_with_grad(stats, [1] * world_size())  # (W, 2C + 1); one row each: no all_gather_sizes
         counts, means, m2s = table[:, :1], table[:, 1 : 1 + c], table[:, 1 + c :]
         n = counts.sum()
         if n.device.type == "cpu" and float(n.detach()) < 2:  # checked on the CPU only: on a GPU it is a sync point

@@ -9,6 +9,7 @@ because an equal split hides scaling bugs (lightly once shipped gradients scaled
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +307,45 @@ def test_sync_batchnorm_matches_full_batch(results: list[dict[str, Any]], kind: 
         for k in ref:
             if k.startswith(("grad_", "buf_")):
                 close(got[k], ref[k], k, rtol=1e-12)
+
+
+def _stress_worker(rank: int, port: int, steps: int) -> None:
+    """Many tiny differentiable gathers, each between asynchronous all-reduces in flight (as DDP's are during
+    backward) and a synchronous all_gather_sizes: gloo's two worker threads run collectives side by side."""
+    torch.set_num_threads(1)
+    env = D.DistEnv(rank=rank, local_rank=rank, world_size=WORLD, master_port=port, local_world_size=WORLD)
+    D.init_distributed(env, DistConfig(backend="gloo", timeout_s=60.0))
+    try:
+        for step in range(steps):
+            pending = [torch.distributed.all_reduce(torch.ones(300), async_op=True)]
+            x = torch.randn(1, 17, requires_grad=True)
+            y = D.gather_with_grad(x, [1] * WORLD)
+            pending.append(torch.distributed.all_reduce(torch.ones(1000), async_op=True))
+            assert D.all_gather_sizes(step) == [step] * WORLD
+            pending.append(torch.distributed.all_reduce(torch.ones(500), async_op=True))
+            (y[:, :1].sum() + (y[:, 1:] ** 2).sum()).backward()
+            torch.testing.assert_close(x.grad[:, 1:], 2 * WORLD * x.detach()[:, 1:])
+            for work in pending:
+                work.wait()
+    finally:
+        D.destroy_distributed()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_gathers_survive_concurrent_collectives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With torch's functional all_gather in gather_with_grad, 2 of 3 runs of this (30 000 steps, glibc heap
+    checks on) died of heap corruption ("malloc(): unaligned tcache chunk detected") or hung; the plain
+    collectives pass 3 of 3. About 4 minutes on 2 cores."""
+    monkeypatch.setenv("MALLOC_CHECK_", "3")  # glibc checks its heap on every call: corruption aborts sooner
+    monkeypatch.setenv("MALLOC_PERTURB_", "165")  # freed memory is filled: a read after free sees garbage
+    ctx = mp.start_processes(_stress_worker, args=(free_port(), 30_000), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 900
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("2-rank gather stress hung for 15 minutes")
 
 
 # ----------------------------------------------------------------------------------------------------------
