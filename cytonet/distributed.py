@@ -23,7 +23,7 @@ Entry points:
 Why gathers need care (PLATFORM.md): plain ``dist.all_gather`` returns tensors detached from the other ranks'
 graphs, so a contrastive loss whose negatives come from other ranks silently loses those ranks' gradient
 contributions. :func:`gather_with_grad` is an autograd function whose backward sums every rank's gradient for a
-row on the row's owner (a reduce-scatter on nccl, an all-reduce on gloo, which has no reduce-scatter of its own).
+row on the row's owner (a reduce-scatter on nccl; on gloo an all-reduce, which its reduce-scatter emulates anyway).
 Every collective here is synchronous and a plain one (all_gather, all_reduce, reduce_scatter). Not torch's
 functional collectives: on gloo they run as *coalesced* all-gathers and reduce-scatters, and one of those
 corrupted the heap of a 2-rank CPU run (a core dump showed "ALLGATHER_COALESCED" written into freed memory; see
