@@ -304,11 +304,54 @@ def test_provenance_and_ngff_metadata(root: Path) -> None:
     ms = meta["ome"]["multiscales"][0]
     assert [a["name"] for a in ms["axes"]] == ["c", "y", "x"]
     assert ms["datasets"][1]["coordinateTransformations"][0]["scale"] == [1.0, 128.0, 128.0]
+    # output pixel 0 lies at its patch centre, section pixel 4 (of 8 um): 32 um; level 1 between pixels 0 and 1
+    assert ms["datasets"][0]["coordinateTransformations"][1]["translation"] == [0.0, 32.0, 32.0]
+    assert ms["datasets"][1]["coordinateTransformations"][1]["translation"] == [0.0, 64.0, 64.0]
+    assert prov["origin_um"] == 32.0
     # blosc-lz4 by default, in arrays whose chunks the writer encodes itself (cytonet.data.chunks)
     for name in ("0", "1", "labels/argmax/0"):
         arr = json.loads((out / "B00_s0000.ome.zarr" / name / "zarr.json").read_text())
         assert arr["codecs"][1]["configuration"]["cname"] == "lz4"
         assert open_chunked(out / "B00_s0000.ome.zarr" / name) is not None
+
+
+@pytest.mark.parametrize(("patch", "stride", "factor"), [(121, 8, 1), (120, 6, 2), (9, 3, 3), (10, 1, 4)])
+def test_ngff_coordinates_put_predictions_at_their_patch_centres(
+    tmp_path: Path, patch: int, stride: int, factor: int
+) -> None:
+    """NGFF places pixel i at i * scale + translation (its centre). In the section's frame (section pixel j at
+    j * its pixel size), level-0 pixel i lies at the mean position of the section pixels of the patch it was
+    predicted from, and a level-l pixel at the mean position of the level-0 pixels it averages; the label
+    images lie where the probabilities do."""
+    section_um = 2.0
+    model_um = section_um * factor
+    grid = Grid("S", (50, 44), stride, patch, 8)
+    spec = {
+        "format": "ome-zarr", "pyramid_levels": 3, "area_ids": [2, 3], "area_names": ["a", "b"],
+        "compression": "none", "output_pixel_size_um": model_um * stride, "model_pixel_size_um": model_um,
+        "section_factor": factor, "chunk_px": 8, "shard_chunks": 0, "label_images": ["argmax", "cleaned"],
+    }  # fmt: skip
+    vol = writers.open_volume(tmp_path, grid, spec, {"settings": spec})
+    image = json.loads((vol.path / "zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
+    labels = json.loads((vol.path / "labels/cleaned/zarr.json").read_text())["attributes"]["ome"]["multiscales"][0]
+
+    def position(ms: dict, level: int, i: int, axis: int) -> float:  # type: ignore[type-arg]
+        scale, shift = ms["datasets"][level]["coordinateTransformations"]
+        return i * scale["scale"][axis] + shift["translation"][axis]
+
+    for axis in (-2, -1):
+        for i in (0, 1, 5):
+            c = grid.first_patch_corner(i)
+            under = np.arange(c * factor, (c + patch) * factor) * section_um  # the patch's section pixels
+            assert position(image, 0, i, axis) == pytest.approx(under.mean())
+        if patch % 2 and factor % 2:  # the patch has a middle section pixel: the grid point of masks and truth
+            assert position(image, 0, 0, axis) == pytest.approx(grid.centre_section_px(0, 1, factor)[0] * section_um)
+        for lvl in (1, 2):
+            f = 2**lvl
+            for j in (0, 3):
+                window = [position(image, 0, i, axis) for i in range(j * f, (j + 1) * f)]
+                assert position(image, lvl, j, axis) == pytest.approx(np.mean(window))
+                assert position(labels, lvl, j, axis) == pytest.approx(position(image, lvl, j, axis))
 
 
 def test_readable_by_ome_zarr_readers(root: Path) -> None:
@@ -663,6 +706,70 @@ def test_settings_mismatch_and_bad_model_are_refused(root: Path, tmp_path: Path)
     np.testing.assert_array_equal(before["0"], read_volume(out / "B00_s0000.ome.zarr")["0"])
 
 
+def test_stride_larger_than_the_patch_is_refused_before_overwrite_removes_anything(tmp_path: Path) -> None:
+    """An output pixel's tissue footprint must lie in its patch's read box: stride_px <= the patch size. A
+    larger one is a ConfigError naming infer.stride_px, raised before --overwrite removes the outputs (it was
+    a broadcasting ValueError, after them)."""
+    make_sections(tmp_path / "sections", {"B00": 1})
+    write_model(base_config(tmp_path), tmp_path / "probe")
+    out = tmp_path / "out"
+    assert run_infer(base_config(tmp_path, "infer.stride_px=121"), DistEnv(), out).complete  # the largest stride
+    before = read_volume(out / "B00_s0000.ome.zarr")
+    with pytest.raises(ConfigError, match=r"infer\.stride_px=122 .* \(121 px\)"):
+        run_infer(base_config(tmp_path, "infer.stride_px=122"), DistEnv(), out, overwrite=True)
+    after = read_volume(out / "B00_s0000.ome.zarr")
+    assert after.keys() == before.keys()
+    np.testing.assert_array_equal(before["0"], after["0"])
+    assert list((out / ".cytonet/B00_s0000/blocks").glob("*.json"))
+
+
+def test_dense_mode_for_an_encoder_it_cannot_run_is_refused_before_overwrite(tmp_path: Path) -> None:
+    """infer.mode=dense with a 'same'-padding encoder: a config error naming infer.mode (exit 2, not
+    'unexpected'), raised before --overwrite removes the per-patch run's outputs."""
+    from cytonet.errors import CytonetError
+    from cytonet.infer.dense import DenseError
+
+    make_sections(tmp_path / "sections", {"B00": 1})
+    write_model(base_config(tmp_path, "model.padding=same"), tmp_path / "probe")
+    out = tmp_path / "out"
+    cheap = ("infer.stride_px=40", "infer.cleanup=none")
+    assert run_infer(base_config(tmp_path, *cheap, "infer.mode=per_patch"), DistEnv(), out).complete
+    before = read_volume(out / "B00_s0000.ome.zarr")
+    with pytest.raises(ConfigError, match=r"infer\.mode=dense .*padding=valid.*infer\.mode=per_patch") as exc:
+        run_infer(base_config(tmp_path, *cheap), DistEnv(), out, overwrite=True)
+    assert isinstance(exc.value, DenseError) and isinstance(exc.value, CytonetError | ValueError)
+    np.testing.assert_array_equal(before["0"], read_volume(out / "B00_s0000.ome.zarr")["0"])
+    save_config(base_config(tmp_path, *cheap), tmp_path, name="dense.yaml")
+    r = subprocess.run(
+        [CYTONET, "infer", str(tmp_path / "dense.yaml"), "--out", str(out), "--overwrite"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2 and "infer.mode=dense" in r.stderr and "unexpected" not in r.stderr, r.stderr
+    np.testing.assert_array_equal(before["0"], read_volume(out / "B00_s0000.ome.zarr")["0"])
+
+
+def test_overwrite_removes_only_inference_volumes_of_its_format(tmp_path: Path) -> None:
+    """--overwrite replaces a cytonet HDF5 volume; with --out at a folder of HDF5 section stores it refuses
+    (hdf5 output: the store is where the volume would be) or leaves them alone (zarr output), never deleting
+    them."""
+    from cytonet.errors import OutputExistsError
+
+    store = make_sections(tmp_path / "sections", {"B00": 1}, backend="hdf5")[0]
+    cheap = ("infer.stride_px=40", "infer.cleanup=none")
+    write_model(base_config(tmp_path, *cheap), tmp_path / "probe")
+    hdf5 = base_config(tmp_path, *cheap, "infer.format=hdf5")
+    out = tmp_path / "out"
+    assert run_infer(hdf5, DistEnv(), out).written == 1
+    again = run_infer(hdf5, DistEnv(), out, overwrite=True)
+    assert again.written == 1 and again.skipped == 0  # the inference volume was removed and written again
+    data = store.read_bytes()
+    with pytest.raises(OutputExistsError, match=rf"{store} is not a readable cytonet inference volume"):
+        run_infer(hdf5, DistEnv(), store.parent, overwrite=True)
+    assert store.read_bytes() == data
+    assert run_infer(base_config(tmp_path, *cheap), DistEnv(), store.parent, overwrite=True).complete
+    assert store.read_bytes() == data and (store.parent / "B00_s0000.ome.zarr").is_dir()
+
+
 def test_named_sections_open_only_their_stores(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """infer.sections opens the stores with those file names, not every store beside them; a store under
     another file name is still found (by opening the rest), and two stores of one section are refused."""
@@ -795,12 +902,30 @@ def test_3d_cleanup_uses_neighbouring_sections() -> None:
     np.testing.assert_array_equal(out[2], side)
 
 
+def test_3d_cleanup_of_a_brain_that_gained_a_section_equals_one_run(root: Path) -> None:
+    """knn3d into one folder: a run over one of B00's sections, then a run over both, cleans the brain again
+    as a whole (the markers name the sections cleaned together): the same outputs as one run over both. Before,
+    the second run saw the first section's marker and skipped the brain, leaving the new one uncleaned."""
+    both = ("infer.cleanup=knn3d", "infer.sections=[B00_s0000, B00_s0001]")
+    ref, out = root / "out-knn3d-one-run", root / "out-knn3d-grown"
+    run(root, ref, *both)
+    first = run(root, out, "infer.cleanup=knn3d", "infer.sections=[B00_s0000]")
+    assert first.cleaned == ["B00_s0000"]  # type: ignore[attr-defined]
+    second = run(root, out, *both)
+    assert second.cleaned == ["B00_s0000", "B00_s0001"]  # type: ignore[attr-defined]
+    assert (read_volume(out / "B00_s0001.ome.zarr")["labels/cleaned/0"] > 0).any()
+    assert_same_outputs(ref, out)
+    marker = json.loads((writers.state_dir(out, "B00_s0001") / "cleaned.json").read_text())
+    assert marker == {"group": "B00", "members": ["B00_s0000", "B00_s0001"]}
+    assert run(root, out, *both).cleaned == []  # type: ignore[attr-defined]
+
+
 def test_volume_lock_creates_once(tmp_path: Path) -> None:
     grid = Grid("S", (40, 40), 4, 9, 4)
     spec = {
         "format": "ome-zarr", "pyramid_levels": 2, "area_ids": [2, 3], "area_names": ["a", "b"],
-        "compression": "none", "output_pixel_size_um": 4.0, "chunk_px": 4, "shard_chunks": 0,
-        "label_images": ["argmax"],
+        "compression": "none", "output_pixel_size_um": 4.0, "model_pixel_size_um": 1.0, "section_factor": 1,
+        "chunk_px": 4, "shard_chunks": 0, "label_images": ["argmax"],
     }  # fmt: skip
     v1 = writers.open_volume(tmp_path, grid, spec, {"settings": spec})
     v2 = writers.open_volume(tmp_path, grid, spec, {"settings": spec})

@@ -100,6 +100,14 @@ class Grid:
         rx1 = self.first_patch_corner(block.x1 - 1) + self.patch
         return ry0, ry1, rx0, rx1
 
+    def patch_centre_um(self, i: int, model_pixel_um: float, factor: int) -> float:
+        """Position (um, along either axis) of the centre of output pixel i's patch in the section's frame, where
+        section pixel j's centre lies at j times the section's pixel size (NGFF's convention for an image with
+        no translation). The patch covers section pixels [c f, (c + P) f) with c = :meth:`first_patch_corner`
+        and f = ``factor`` (``model_pixel_um`` / f: the section's pixel size); its centre is their mean
+        position, (c + P/2) * model_pixel_um - (section pixel size) / 2."""
+        return (self.first_patch_corner(i) + self.patch / 2) * model_pixel_um - model_pixel_um / factor / 2
+
     def centre_px(self, i: int) -> int:
         """Model pixel at the centre of output pixel i's patch."""
         return i * self.stride + self.stride // 2

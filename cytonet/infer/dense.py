@@ -17,6 +17,7 @@ BatchNorm kernel to run in channels_last, whose fp32 CPU kernel is the inaccurat
 - :class:`PerPatchEncoder` the same mapping by cutting every patch out and running the encoder on batches of
   patches: the reference for tests and benchmarks, and the fallback for encoders that are not sliding-window
   functions (ResNets, 'same' padding).
+- :func:`check_dense` says whether an encoder allows dense evaluation (:class:`DenseError` if not).
 - :func:`fold_batchnorm` merges every Conv2d -> BatchNorm2d pair of a module in place.
 - :func:`dense_classifier_logits` applies a linear classifier (B, D_e) -> (B, K) to a (B, D_e, h, w) map.
 """
@@ -31,12 +32,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from cytonet.errors import ConfigError
 from cytonet.models.base import Encoder
 from cytonet.models.paper_encoder import PaperEncoder
 
 
-class DenseError(ValueError):
-    """The encoder or the stride does not allow exact dense evaluation (the message says what to change)."""
+class DenseError(ConfigError, ValueError):
+    """The encoder or the stride does not allow exact dense evaluation (the message says what to change).
+    A :class:`ConfigError` (the CLI reports its message); still a ValueError, as it was."""
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -54,6 +57,33 @@ def achievable_stride(encoder: PaperEncoder, stride_px: int) -> int:
     return math.gcd(stride_px, encoder.total_stride)
 
 
+def check_dense(encoder: Encoder, patch_size_px: int) -> PaperEncoder:
+    """``encoder``, if :class:`DenseEncoder` can evaluate it exactly on patches of ``patch_size_px`` (a paper
+    encoder with valid padding, unpadded max-pooling and a receptive field within the patch), else
+    :class:`DenseError` naming ``infer.mode``. Cheap (nothing is copied): callers check before they change
+    anything."""
+    if not isinstance(encoder, PaperEncoder):
+        raise DenseError(
+            f"infer.mode=dense needs the paper encoder with valid padding, got {type(encoder).__name__}; "
+            "use infer.mode=per_patch"
+        )
+    if encoder.padding != "valid":
+        raise DenseError(
+            f"infer.mode=dense is exact only with model.padding=valid (got {encoder.padding!r}): zero padding "
+            "makes every output depend on its patch borders; use infer.mode=per_patch"
+        )
+    for m in encoder.trunk.modules():
+        if isinstance(m, nn.MaxPool2d) and (m.ceil_mode or _pair(m.padding)[0] != 0):
+            raise DenseError("infer.mode=dense needs unpadded max-pooling; use infer.mode=per_patch")
+    rf = encoder.receptive_field_px
+    if patch_size_px < rf:
+        raise DenseError(
+            f"infer.mode=dense: the patch of {patch_size_px} px is smaller than the encoder's receptive field "
+            f"{rf} px; use infer.mode=per_patch"
+        )
+    return encoder
+
+
 class DenseEncoder(nn.Module):
     """Sliding-window evaluation of a valid-padding :class:`PaperEncoder` at stride ``stride_px`` (see module doc).
 
@@ -65,19 +95,8 @@ class DenseEncoder(nn.Module):
 
     def __init__(self, encoder: Encoder, patch_size_px: int, stride_px: int, channels_last: bool | None = None) -> None:
         super().__init__()
-        if not isinstance(encoder, PaperEncoder):
-            raise DenseError(
-                f"dense evaluation needs the paper encoder with valid padding, got {type(encoder).__name__}; "
-                "use infer.mode=per_patch"
-            )
-        if encoder.padding != "valid":
-            raise DenseError(
-                f"dense evaluation is exact only with model.padding=valid (got {encoder.padding!r}): zero padding "
-                "makes every output depend on its patch borders; use infer.mode=per_patch"
-            )
+        encoder = check_dense(encoder, patch_size_px)
         rf, total = encoder.receptive_field_px, encoder.total_stride
-        if patch_size_px < rf:
-            raise DenseError(f"patch of {patch_size_px} px is smaller than the encoder's receptive field {rf} px")
         self.patch_size_px = patch_size_px
         self.stride_px = stride_px
         self.dense_stride = achievable_stride(encoder, stride_px)
@@ -96,8 +115,6 @@ class DenseEncoder(nn.Module):
                     m.stride = (keep, keep)
                     m.dilation = (dilation * _pair(m.dilation)[0],) * 2
                 else:
-                    if m.ceil_mode or _pair(m.padding)[0] != 0:
-                        raise DenseError("dense evaluation needs unpadded max-pooling")
                     m.stride = keep
                     m.dilation = dilation * _pair(m.dilation)[0]
                 dilation *= s // keep

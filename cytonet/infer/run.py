@@ -14,13 +14,16 @@ patch), apply the linear classifier and softmax; zero the pixels outside the mas
 build the block's pyramid levels, write them, then the done marker.
 
 Clean-up (``infer.cleanup``): once all blocks of a section (2D) or of a brain's sections (3D) are done, the
-first worker to notice takes a lock and writes ``labels/cleaned``; the others see its marker and skip.
+first worker to notice takes a lock and writes ``labels/cleaned``; the others see its markers and skip. A
+marker names the sections cleaned together: a group whose sections are not all marked as cleaned with exactly
+this run's group (a brain mapped with more sections than before) is cleaned again.
 
 Entry points: :func:`run_infer`, :func:`load_classifier`, :func:`select_sections`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -53,7 +56,7 @@ from cytonet.hostmem import BufferPool, process_pool, reuse_freed_memory
 from cytonet.infer import writers
 from cytonet.infer.blocks import Block, Grid, assign, pyramid_mean, section_grid, worker_of
 from cytonet.infer.cleanup import grid_positions, knn_cleanup, stack_cleanup
-from cytonet.infer.dense import DenseEncoder, PerPatchEncoder, dense_classifier_logits
+from cytonet.infer.dense import DenseEncoder, PerPatchEncoder, check_dense, dense_classifier_logits
 from cytonet.infer.progress import BlockProgress
 from cytonet.models.base import Encoder
 from cytonet.models.build import MODEL_FILE, MODEL_FORMAT, build_encoder
@@ -426,7 +429,10 @@ def _attrs(cfg: Config, clf: Classifier, job: SectionJob, settings: dict[str, An
         "model_pixel_size_um": clf.patch_pixel_size_um,
         "section": {"name": job.name, "store": job.path, "brain": job.brain, "z_mm": job.z_mm},
         "grid": "output pixel (i, j) covers model pixels [i*s, (i+1)*s) x [j*s, (j+1)*s); its patch is centred on "
-        "model pixel (i*s + s//2, j*s + s//2); model pixel m covers section pixels [m*f, (m+1)*f)",
+        "model pixel (i*s + s//2, j*s + s//2); model pixel m covers section pixels [m*f, (m+1)*f); output pixel "
+        "(i, j) lies at origin_um + (i, j) * pixel_size_um, the centre of its patch, in um with section pixel (y, x) "
+        "centred at (y, x) * the section's pixel size",
+        "origin_um": job.grid.patch_centre_um(0, clf.patch_pixel_size_um, job.factor),
         "config": config_to_dict(cfg),
     }
 
@@ -462,11 +468,11 @@ def run_infer(
     device = device or torch.device("cpu")
     check_precision(icfg.precision, device, "infer.precision")  # before --overwrite removes anything
     clf = load_classifier(cfg.resolve_path(icfg.model_from))
+    check_model_settings(cfg, clf)  # before --overwrite removes anything, and before anything is written
     jobs = select_sections(cfg, clf)
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
-        for job in jobs:
-            writers.remove_outputs(out, job.name)
+        writers.remove_outputs(out, [job.name for job in jobs], icfg.format)
 
     units: list[tuple[SectionJob, list[Block]]]
     if icfg.format == "hdf5":
@@ -520,6 +526,24 @@ def run_infer(
     complete = {job.name: _complete(out, job, icfg.format) for job in jobs}  # one look at the markers
     cleaned = _cleanup_ready(cfg, out, jobs, clf, complete)
     return InferResult(out, [j.name for j in jobs], written, skipped, cleaned, all(complete.values()), spent)
+
+
+def check_model_settings(cfg: Config, clf: Classifier) -> None:
+    """Refuse ``infer`` settings that the loaded model cannot run with (the config alone cannot tell):
+
+    - ``infer.stride_px`` at most the model's patch size: an output pixel's footprint (the stride x stride model
+      pixels whose tissue decides whether it is predicted) must lie inside its patch's read box, which holds
+      [i s + s//2 - P//2, ... + P) and so the footprint [i s, (i+1) s) exactly when s <= P;
+    - ``infer.mode=dense``: an encoder that dense evaluation reproduces exactly (:func:`check_dense`)."""
+    icfg = cfg.infer
+    if icfg.stride_px > clf.patch_size_px:
+        raise ConfigError(
+            f"infer.stride_px={icfg.stride_px} is larger than the patch of the model {clf.path} "
+            f"({clf.patch_size_px} px): use infer.stride_px <= {clf.patch_size_px} (predictions whose patches "
+            "leave no gaps)"
+        )
+    if icfg.mode == "dense":
+        check_dense(clf.encoder, clf.patch_size_px)
 
 
 def _set_up(cfg: Config, clf: Classifier, device: torch.device, config_to: Path | None) -> BlockEvaluator:
@@ -810,16 +834,30 @@ def _cleanup_ready(
     for key, members in sorted(groups.items()):
         if not all(complete[j.name] for j in members):
             continue
+        names = sorted(j.name for j in members)
         lock = out / writers.STATE_DIR / f"cleanup-{key}.lock"
         with writers.exclusive_lock(lock):
-            marker = writers.state_dir(out, members[0].name) / "cleaned.json"
-            if marker.is_file():
+            # Cleaned already only if every member says it was cleaned with exactly this group: a brain that
+            # gained a section since (an earlier run over fewer of its sections), or a crash between two
+            # members' markers, is cleaned again, as one run over the whole group would have cleaned it.
+            if all(_cleaned_with(out, j.name) == names for j in members):
                 continue
             _clean_group(cfg, out, members, clf)
             for j in members:
-                write_json_atomic(writers.state_dir(out, j.name) / "cleaned.json", {"group": key})
+                write_json_atomic(writers.state_dir(out, j.name) / "cleaned.json", {"group": key, "members": names})
         done_here += [j.name for j in members]
     return done_here
+
+
+def _cleaned_with(out: Path, section: str) -> list[str] | None:
+    """The sections cleaned together with ``section`` (its ``cleaned.json``), None if it was not cleaned (or
+    by a version that did not record them)."""
+    marker = writers.state_dir(out, section) / "cleaned.json"
+    try:
+        members = json.loads(marker.read_text()).get("members")
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None
+    return [str(m) for m in members] if isinstance(members, list) else None
 
 
 def _clean_group(cfg: Config, out: Path, members: list[SectionJob], clf: Classifier) -> None:

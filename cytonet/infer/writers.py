@@ -17,7 +17,8 @@ compares the settings it would write with those stored and refuses a mismatch, n
 Workers write whole chunks (or shards) only: a block's write box is a whole number of chunks at every level.
 
 Done markers: ``<out>/.cytonet/<section>/blocks/<by>.<bx>.json``, written atomically after the block's data
-(and, for HDF5, after a flush), holding the writer's worker number; ``.../cleaned.json`` after the clean-up.
+(and, for HDF5, after a flush), holding the writer's worker number; ``.../cleaned.json`` after the clean-up,
+naming the sections cleaned together (one, or a brain's for the 3D clean-up).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 
 from cytonet.data.chunks import open_chunked
 from cytonet.data.patches import write_json_atomic
-from cytonet.errors import InputError
+from cytonet.errors import InputError, OutputExistsError
 from cytonet.infer.blocks import Block, Grid
 
 STATE_DIR = ".cytonet"
@@ -93,14 +94,21 @@ def _ngff_axes(channel: bool) -> list[dict[str, str]]:
     return ([{"name": "c", "type": "channel"}] if channel else []) + yx
 
 
-def ngff_multiscales(name: str, levels: int, pixel_um: float, channel: bool) -> list[dict[str, Any]]:
-    """NGFF 0.5 ``multiscales``: level l has pixel size pixel_um * 2^l; the translation puts each pixel's
-    centre at the centre of its footprint (output pixel i covers [i, i+1) x pixel_um at level 0)."""
+def ngff_multiscales(name: str, levels: int, pixel_um: float, origin_um: float, channel: bool) -> list[dict[str, Any]]:
+    """NGFF 0.5 ``multiscales``: level l has pixel size pixel_um * 2^l, and a pixel's coordinate, index * scale +
+    translation, is the position of its centre (as napari and ome-zarr place pixels).
+
+    Positions are in the section's frame (section pixel j's centre at j times the section's pixel size, what
+    the section image shown with only its pixel size as scale gives), and a prediction lies at the centre of
+    the patch it was made from: level-0 pixel i at ``origin_um`` + i * pixel_um, ``origin_um`` being the
+    centre of output pixel 0's patch (:meth:`Grid.patch_centre_um`). A level-l pixel is the mean of the 2^l x
+    2^l level-0 pixels of its window, so it lies at their mean position: translation ``origin_um`` + (2^l - 1)
+    / 2 * pixel_um. (Partial windows at the far edges average fewer pixels; their centre is not moved.)"""
     datasets = []
     for lvl in range(levels):
         s = pixel_um * 2**lvl
         scale = ([1.0] if channel else []) + [s, s]
-        shift = ([0.0] if channel else []) + [(s - pixel_um) / 2] * 2
+        shift = ([0.0] if channel else []) + [origin_um + (s - pixel_um) / 2] * 2
         datasets.append(
             {
                 "path": str(lvl),
@@ -200,6 +208,7 @@ class ZarrVolume(Volume):
         docs: dict[str, Any] = {}
         root = zarr.open_group(zarr.storage.MemoryStore(docs), mode="w", zarr_format=3)
         pixel_um = float(spec["output_pixel_size_um"])
+        origin_um = grid.patch_centre_um(0, float(spec["model_pixel_size_um"]), int(spec["section_factor"]))
         for lvl in range(levels):
             c, s = _level_chunks(spec, lvl)
             root.create_array(
@@ -238,11 +247,11 @@ class ZarrVolume(Volume):
                     ],
                     "source": {"image": "../../"},
                 },
-                "multiscales": ngff_multiscales(f"{grid.section} {name}", levels, pixel_um, channel=False),
+                "multiscales": ngff_multiscales(f"{grid.section} {name}", levels, pixel_um, origin_um, channel=False),
             }
         root.attrs["ome"] = {
             "version": "0.5",
-            "multiscales": ngff_multiscales(grid.section, levels, pixel_um, channel=True),
+            "multiscales": ngff_multiscales(grid.section, levels, pixel_um, origin_um, channel=True),
             "omero": {
                 "channels": [
                     {"label": n, "window": {"start": 0.0, "end": 1.0, "min": 0.0, "max": 1.0}, "active": True}
@@ -403,12 +412,30 @@ def open_volume(out: Path, grid: Grid, spec: dict[str, Any], attrs: dict[str, An
     return cls(path, grid, spec)
 
 
-def remove_outputs(out: Path, section: str) -> None:
-    """Remove one section's outputs and markers (``--overwrite``)."""
-    for fmt in ("ome-zarr", "hdf5"):
-        p = volume_path(out, section, fmt)
+def _is_inference_volume(path: Path, fmt: str) -> bool:
+    """Whether ``path`` holds the settings attribute cytonet infer writes into every output volume."""
+    cls: type[ZarrVolume] | type[HDF5Volume] = ZarrVolume if fmt == "ome-zarr" else HDF5Volume
+    try:
+        return isinstance(cls.stored_attrs(path).get("settings"), dict)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # not JSON, not an HDF5 file, ...
+        return False
+
+
+def remove_outputs(out: Path, sections: list[str], fmt: str) -> None:
+    """Remove the sections' outputs in format ``fmt`` and their markers (``--overwrite``). Every volume is
+    checked first to be one that ``cytonet infer`` wrote (its settings attribute): anything else at a volume's
+    path (a section store, when ``--out`` names a folder of them) is refused, and nothing is removed."""
+    paths = [volume_path(out, section, fmt) for section in sections]
+    foreign = [p for p in paths if p.exists() and not _is_inference_volume(p, fmt)]
+    if foreign:
+        raise OutputExistsError(
+            f"{foreign[0]} is not a readable cytonet inference volume (no settings attribute), so --overwrite "
+            f"does not remove it{f' (nor {len(foreign) - 1} more)' if len(foreign) > 1 else ''}; choose another "
+            "infer.out_dir (--out), or move it away (or delete it, if it is a damaged output)"
+        )
+    for section, p in zip(sections, paths):
         if p.is_dir():
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-    shutil.rmtree(state_dir(out, section), ignore_errors=True)
+        shutil.rmtree(state_dir(out, section), ignore_errors=True)
