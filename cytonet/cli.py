@@ -348,6 +348,9 @@ def _train_command(kind: str) -> Callable[[argparse.Namespace], int]:
         from cytonet.train.preempt import Preempted
         from hpc.launch import dist_env
 
+        if args.overwrite and args.resume is not None:
+            # --overwrite deletes the checkpoints that --resume asks to continue from (or --no-resume to keep)
+            raise UsageError(f"--overwrite starts {kind} again: it cannot be combined with --resume or --no-resume")
         cfg = _load(args)
         # hpc/ reads the launcher's variables (and settles an MPI rendezvous); cytonet gets plain values.
         env = dist_env()

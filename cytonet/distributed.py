@@ -348,6 +348,14 @@ def replicas_differ(module: nn.Module) -> list[int]:
     return [r for r in range(sums.shape[0]) if int(sums[r]) != int(sums[0])]
 
 
+def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers (BatchNorm running statistics); a no-op in one process."""
+    if world_size() == 1:
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf, src=src)
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group.
 

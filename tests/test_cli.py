@@ -67,6 +67,16 @@ def test_config_errors_exit_2_with_one_line(tmp_path: Path) -> None:
     assert r.returncode == 2 and "section.key=value" in r.stderr
 
 
+def test_overwrite_with_resume_is_usage_error(tmp_path: Path) -> None:
+    # --overwrite deletes the checkpoints --resume requires: refused before anything is touched.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt-000000003.pt").write_bytes(b"kept")
+    for flag in ("--resume", "--no-resume"):
+        r = run("pretrain", str(REPO / "configs" / "demo.yaml"), flag, "--overwrite", "--out", str(tmp_path / "run"))
+        assert r.returncode == 2 and "--overwrite" in r.stderr and flag in r.stderr, r.stderr
+    assert (tmp_path / "run" / "ckpt-000000003.pt").read_bytes() == b"kept"
+
+
 def test_debug_shows_traceback() -> None:
     r = run("check-config", str(REPO / "configs" / "demo.yaml"), "synth.n_brains=x", "--debug")
     assert r.returncode != 0 and "Traceback" in r.stderr

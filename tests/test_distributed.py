@@ -145,6 +145,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             with torch.no_grad():
                 linear.weight[0, 0] += 1e-6
         res["replicas_diff"] = D.replicas_differ(replica)
+        bn = replica[1]
+        bn.running_mean.fill_(rank + 1.0)  # type: ignore[union-attr]
+        bn.num_batches_tracked.fill_(rank + 5)  # type: ignore[union-attr]
+        D.broadcast_buffers(replica)
+        res["broadcast_buffers"] = (bn.running_mean.tolist(), int(bn.num_batches_tracked))  # type: ignore[union-attr]
         D.barrier()
 
         data = global_batch()
@@ -258,6 +263,7 @@ def test_init_and_reductions(results: list[dict[str, Any]]) -> None:
         torch.testing.assert_close(res["gathered_coords"], global_batch()["coords"], rtol=0, atol=0)
         assert res["objects"] == [{"rank": 0}, {"rank": 1}]
         assert res["replicas_same"] == [] and res["replicas_diff"] == [1]
+        assert res["broadcast_buffers"] == ([1.0, 1.0], 5)  # rank 0's BatchNorm statistics on every rank
 
 
 @pytest.mark.distributed

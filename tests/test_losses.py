@@ -188,6 +188,16 @@ def test_distance_all_at_one_point_is_log_n_minus_1_for_equal_embeddings() -> No
     assert distance_weighted(z, c, 0.07, "inverse", 1.0).item() == pytest.approx(math.log(4), rel=1e-12)
 
 
+def test_distance_loss_with_a_nan_coordinate_is_nan_not_zero() -> None:
+    # Sections without a coordinate map give NaN coordinates: every weight sum is then NaN. The loss must say so
+    # (the training loop stops on a non-finite loss); a 0 would train on NaN gradients unnoticed.
+    z = unit(6, 4, seed=3).requires_grad_(True)
+    c = torch.rand(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    c[2] = float("nan")
+    loss = distance_weighted(z, c, 0.1, "gaussian", radius=1.0)
+    assert torch.isnan(loss)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Sharding over ranks, simulated in one process
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -268,11 +269,86 @@ def test_rerun_of_finished_stage_is_skipped_and_no_resume_refuses(
     r = run(cli(data, "pretrain", data / "ref"), 300, env=ENV)
     assert r.returncode == 0 and "already holds a finished run" in r.stderr
     assert {p.name: p.stat().st_mtime_ns for p in (data / "ref").iterdir()} == before
+    # Settings that do not change the weights may differ: logging, checkpoint cadence, loader workers, and the
+    # sections of later steps (inference, analysis) in a config shared by the whole pipeline.
+    neutral = ["pretrain.log_every_steps=3", "pretrain.checkpoint_every_steps=7", "loader.prefetch_factor=2"]
+    r = run(cli(data, "pretrain", data / "ref", *neutral, "infer.stride_px=4", "analysis.n_clusters=3"), 300, env=ENV)
+    assert r.returncode == 0 and "already holds a finished run" in r.stderr, tail(r.stderr)
+    assert {p.name: p.stat().st_mtime_ns for p in (data / "ref").iterdir()} == before
     r = run(cli(data, "pretrain", data / "ref", "--no-resume"), 300, env=ENV)
     assert r.returncode == 1 and "holds checkpoint" in r.stderr
-    # Another config (a different temperature) must not resume these checkpoints.
+    # Another temperature changes the weights: the finished run is not taken for it.
     r = run(cli(data, "pretrain", data / "ref", "loss.temperature=0.5"), 300, env=ENV)
-    assert r.returncode == 1 and "another config" in r.stderr and "loss.temperature" in r.stderr
+    assert r.returncode == 1 and "other settings" in r.stderr and "loss.temperature" in r.stderr, tail(r.stderr)
+
+
+def test_finished_stage_without_its_checkpoints_is_not_trained_again(
+    data: Path, reference: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    # Deleting a finished run's large checkpoints is common; DONE alone must keep the run finished.
+    out = tmp_path / "ref"
+    shutil.copytree(data / "ref", out)
+    for p in list_checkpoints(out):
+        p.unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    r = run(cli(data, "pretrain", out), 300, env=ENV)
+    assert r.returncode == 0 and "already holds a finished run" in r.stderr, tail(r.stderr)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    r = run(cli(data, "pretrain", out, "optim.base_lr=0.5"), 300, env=ENV)
+    assert r.returncode == 1 and "other settings" in r.stderr and "optim.base_lr" in r.stderr, tail(r.stderr)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_probe_refuses_an_encoder_of_another_store_and_a_replaced_encoder(
+    data: Path, reference: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    from cytonet.data.extract import run_extract
+
+    # The same sections extracted with another seed: other patches, and an encoder pretrained on the first store
+    # may have seen the second one's test patches.
+    other = tmp_path / "patches"
+    run_extract(load_config(data / "base.yaml", ["extract.seed=5"]), other)
+    enc = tmp_path / "enc"
+    shutil.copytree(data / "ref", enc)
+    r = run(cli(data, "probe", tmp_path / "p1", f"probe.encoder_from={enc}", f"extract.out_dir={other}"), 300, env=ENV)
+    assert r.returncode == 1 and "trained on another patch store" in r.stderr, tail(r.stderr)
+    # A finished probe belongs to its encoder: a pretraining redone since then must not pass for it.
+    r = run(cli(data, "probe", tmp_path / "p2", f"probe.encoder_from={enc}"), 300, env=ENV)
+    assert r.returncode == 0, tail(r.stderr)
+    state = torch.load(enc / "encoder.pt", weights_only=True)
+    next(iter(state["encoder"].values())).add_(1.0)
+    torch.save(state, enc / "encoder.pt")
+    r = run(cli(data, "probe", tmp_path / "p2", f"probe.encoder_from={enc}"), 300, env=ENV)
+    assert r.returncode == 1 and "other settings (encoder:" in r.stderr, tail(r.stderr)
+
+
+def test_distance_loss_refuses_patches_without_coordinates(data: Path, tmp_path: Path) -> None:
+    from cytonet.data.patches import PatchStore
+    from cytonet.errors import CytonetError
+    from cytonet.train.loop import _check_coordinates
+
+    shutil.copytree(data / "patches", tmp_path / "patches")
+    _check_coordinates(PatchStore(tmp_path / "patches"))  # ring sections all have coordinates
+    meta = np.load(tmp_path / "patches" / "metadata.npy")
+    meta["coords"][meta["split"] == 0] = np.nan  # as extract stores them for sections without a coordinate map
+    np.save(tmp_path / "patches" / "metadata.npy", meta)
+    with pytest.raises(CytonetError, match=r"loss.kind=distance needs 3D coordinates, but \d+ training patches"):
+        _check_coordinates(PatchStore(tmp_path / "patches"))
+
+
+def test_top_k_breaks_ties_like_top_1_and_counts_all_classes() -> None:
+    # Equal scores (a collapsed model): the first class is the prediction for top-1 and top-3 alike.
+    assert classification_metrics(np.zeros((4, 5)), np.array([0, 0, 1, 2]), 5) == {
+        "f1": pytest.approx(100 * 0.5 * 2 / 3),
+        "top1": 50.0,
+        "top3": 100.0,
+        "n": 4,
+    }
+    assert classification_metrics(np.zeros((2, 5)), np.array([3, 4]), 5)["top3"] == 0.0
+    # Three classes or fewer: every label is among the top 3.
+    scores = np.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]])
+    assert classification_metrics(scores, np.array([2, 0]), 3)["top3"] == 100.0
+    assert classification_metrics(scores[:, :2], np.array([1, 0]), 2) == {"f1": 0.0, "top1": 0.0, "top3": 100.0, "n": 2}
 
 
 def test_classification_metrics_by_hand() -> None:
@@ -285,34 +361,63 @@ def test_classification_metrics_by_hand() -> None:
     assert m["f1"] == pytest.approx(100 * (0.25 + 0.5 * 2 / 3 + 0.25))
 
 
-def test_checkpoint_of_another_format_or_kind_is_refused(tmp_path: Path) -> None:
+def test_checkpoint_of_another_format_kind_or_identity_is_refused(tmp_path: Path, data: Path) -> None:
     from cytonet.config import config_to_dict
+    from cytonet.data.patches import PatchStore
     from cytonet.train.checkpoint import (
         FORMAT_VERSION,
         CheckpointError,
-        config_fingerprint,
+        fingerprint,
+        legacy_fingerprint,
         load_checkpoint,
         save_checkpoint,
     )
+    from cytonet.train.loop import training_identity
 
-    config = config_to_dict(load_config(None))
+    store = PatchStore(data / "patches")
+    cfg = load_config(data / "base.yaml")
+    config = config_to_dict(cfg)
+    identity = training_identity(cfg, "pretrain", store)
     state = {
         "format_version": FORMAT_VERSION,
         "kind": "pretrain",
         "step": 3,
         "config": config,
-        "fingerprint": config_fingerprint(config),
+        "identity": identity,
+        "fingerprint": fingerprint(identity),
     }
     path = save_checkpoint(tmp_path, state, 3, keep=2)
-    assert load_checkpoint(path, kind="pretrain", config=config)["step"] == 3
+    assert load_checkpoint(path, kind="pretrain", identity=identity, config=config)["step"] == 3
+    # A resumed run may log, checkpoint and read differently, and carry other inference and analysis settings.
+    neutral = load_config(
+        data / "base.yaml",
+        ["loader.workers=3", "pretrain.keep_checkpoints=5", "dist.timeout_s=9", "infer.stride_px=4", "probe.epochs=9"],
+    )
+    same = training_identity(neutral, "pretrain", store)
+    assert load_checkpoint(path, kind="pretrain", identity=same, config=config_to_dict(neutral))["step"] == 3
+    for override, key in [
+        ("optim.base_lr=0.5", "optim.base_lr"),
+        ("dist.sync_batchnorm=false", "dist.sync_batchnorm"),
+        ("pretrain.global_batch_size=16", "pretrain.global_batch_size"),
+        ("augment.mirror_p=0.1", "augment.mirror_p"),
+    ]:
+        other = load_config(data / "base.yaml", [override])
+        with pytest.raises(CheckpointError, match=f"other settings \\({key}: "):
+            load_checkpoint(path, kind="pretrain", identity=training_identity(other, "pretrain", store), config=config)
+    # Checkpoints of an earlier cytonet carry a fingerprint of the whole config (but run and dist): still read.
+    legacy = {k: v for k, v in state.items() if k != "identity"} | {"fingerprint": legacy_fingerprint(config)}
+    old_path = save_checkpoint(tmp_path / "legacy", legacy, 3, keep=2)
+    assert load_checkpoint(old_path, kind="pretrain", identity=identity, config=config)["step"] == 3
+    with pytest.raises(CheckpointError, match="other settings"):
+        load_checkpoint(old_path, kind="pretrain", identity=same, config=config_to_dict(neutral))
     with pytest.raises(CheckpointError, match="'pretrain' checkpoint, this run is 'probe'"):
-        load_checkpoint(path, kind="probe", config=config)
+        load_checkpoint(path, kind="probe", identity=identity, config=config)
     old = save_checkpoint(tmp_path, {**state, "format_version": FORMAT_VERSION + 1}, 4, keep=2)
     with pytest.raises(CheckpointError, match=f"format {FORMAT_VERSION + 1}"):
-        load_checkpoint(old, kind="pretrain", config=config)
+        load_checkpoint(old, kind="pretrain", identity=identity, config=config)
     (tmp_path / "ckpt-000000005.pt").write_bytes(b"truncated")
     with pytest.raises(CheckpointError, match="cannot be read"):
-        load_checkpoint(tmp_path / "ckpt-000000005.pt", kind="pretrain", config=config)
+        load_checkpoint(tmp_path / "ckpt-000000005.pt", kind="pretrain", identity=identity, config=config)
     # keep=2: only the two newest complete checkpoints remain after another save
     save_checkpoint(tmp_path, state, 6, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000000005.pt", "ckpt-000000006.pt"]

@@ -91,20 +91,19 @@ def resolve_encoder(cfg: Config, encoder_path: str | Path | None) -> Path:
     return path
 
 
-def _store(cfg: Config) -> PatchStore:
+def _inputs(cfg: Config, encoder_path: str | Path | None) -> tuple[Path, PatchStore]:
+    """The encoder file and the patch store, checked to belong together (the encoder trained on this store)."""
+    from cytonet.train.loop import check_encoder_store, load_encoder_file
+
+    enc = resolve_encoder(cfg, encoder_path)
     store = PatchStore(cfg.resolve_path(cfg.extract.out_dir))
     if store.geometry.crop_px != cfg.model.patch_size_px:
         raise ConfigError(
             f"model.patch_size_px={cfg.model.patch_size_px} differs from the patch store's crop "
             f"{store.geometry.crop_px} px ({store.path}); analyse with the settings the store was extracted for"
         )
-    return store
-
-
-def _manifest_sha(store: PatchStore) -> str:
-    import hashlib
-
-    return hashlib.sha256((store.path / "manifest.json").read_bytes()).hexdigest()
+    check_encoder_store(enc, load_encoder_file(enc), store)
+    return enc, store
 
 
 def _ensure(path: Path, settings: dict[str, Any], overwrite: bool, make: Any) -> FeatureSet:
@@ -140,7 +139,7 @@ def split_features(
         "kind": "patches",
         "split": split,
         "encoder_sha256": file_sha256(encoder_path),
-        "store_manifest_sha256": _manifest_sha(store),
+        "store_manifest_sha256": store.manifest_sha256,
         "crop_px": cfg.model.patch_size_px,
         "max_patches_per_split": acfg.max_patches_per_split,
         "seed": acfg.seed,
@@ -245,10 +244,9 @@ def compute_features(
 ) -> list[Path]:
     """`cytonet features`: write the feature stores; returns their paths."""
     out = out or cfg.resolve_path(cfg.analysis.out_dir)
+    enc, store = _inputs(cfg, encoder_path)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
-    enc = resolve_encoder(cfg, encoder_path)
-    store = _store(cfg)
     device = _device(env)
     paths = []
     for split in splits or cfg.analysis.splits:
@@ -271,7 +269,7 @@ def _analysis_settings(cfg: Config, enc: Path, store: PatchStore) -> dict[str, A
         "analysis": {k: v for k, v in plain["analysis"].items() if k not in ("out_dir", "encoder_from", "threads")},
         "model": plain["model"],
         "encoder_sha256": file_sha256(enc),
-        "store_manifest_sha256": _manifest_sha(store),
+        "store_manifest_sha256": store.manifest_sha256,
     }
 
 
@@ -323,8 +321,7 @@ def run_analysis(
     started = time.perf_counter()
     acfg = cfg.analysis
     out = out or cfg.resolve_path(acfg.out_dir)
-    enc = resolve_encoder(cfg, encoder_path)
-    store = _store(cfg)
+    enc, store = _inputs(cfg, encoder_path)
     settings = _analysis_settings(cfg, enc, store)
     result = _finished(out, settings, overwrite)
     if result is not None:

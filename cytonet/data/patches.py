@@ -419,6 +419,12 @@ class PatchStore:
         return self.n
 
     @property
+    def manifest_sha256(self) -> str:
+        """SHA-256 of ``manifest.json``: the store's identity (it lists every shard's metadata hash and the split
+        of every section), recorded by training and analysis to tell which store a model was trained on."""
+        return file_sha256(self.path / MANIFEST)
+
+    @property
     def splits(self) -> list[str]:
         return [s for s in SPLITS if self.manifest["splits"].get(s, {}).get("n", 0) > 0]
 

@@ -138,7 +138,7 @@ def _masked_contrastive(
         logits = (at_least_fp32(z) @ at_least_fp32(z_all).T) / temperature  # (B_l, B_g)
         w = w.to(logits.dtype)
         w_sum = w.sum(dim=1)  # (B_l,)
-        valid = w_sum > 0
+        valid = ~(w_sum <= 0)  # NaN weights (a NaN coordinate) count as valid: the loss turns NaN, not silently 0
         weighted = (w * logits).sum(dim=1)  # sum_k w_ik s_ik; autograd keeps w only, not logits
         # In place (saves a matrix): the -inf removes k = i from the normaliser; no saved tensor is modified.
         log_norm = torch.logsumexp(logits.masked_fill_(self_mask, float("-inf")), dim=1)

@@ -12,14 +12,19 @@ model, optimizer   ``state_dict()`` of the (unwrapped) model and the optimiser
 scaler             gradient-scaler state (empty dict without fp16)
 loader             the loader/sampler position (resumes mid-epoch)
 rng                one entry per rank: torch CPU (and CUDA) generator state, Python ``random`` and NumPy states
-config             the resolved config as a plain dict; resuming under another config is refused
-fingerprint        hash of the config keys that change what is trained (see :func:`config_fingerprint`)
+config             the resolved config as a plain dict (for the record)
+identity           what determines the trained weights, flat ``{key: value}`` (``training_identity`` in
+                   :mod:`cytonet.train.loop`: the patch store's manifest hash, model, optimiser, augmentation,
+                   batch and length settings, the probed encoder's hash); resuming under another is refused
+fingerprint        hash of ``identity``
 =================  =====================================================================================
 
 Writing: rank 0 writes ``ckpt-<step>.pt`` through a temporary file, ``fsync`` and ``os.replace``, then fsyncs the
 folder and deletes all but the newest ``keep`` checkpoints. Reading: :func:`latest_checkpoint` finds the newest
-complete one; :func:`load_checkpoint` checks version, kind and fingerprint before anything is loaded into the
-model, so a wrong checkpoint is refused whole, never loaded half.
+complete one; :func:`load_checkpoint` checks version, kind and identity before anything is loaded into the
+model, so a wrong checkpoint is refused whole, never loaded half. Settings outside the identity (logging,
+checkpoint cadence, loader workers, the inference and analysis sections) may change between a run and its
+resumption.
 """
 
 from __future__ import annotations
@@ -43,18 +48,39 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 
-#: Config sections that do not change the trained weights: a resumed run may differ in these.
-NEUTRAL_SECTIONS = ("run", "dist")
+#: Config sections left out of the fingerprint of checkpoints written before ``identity`` existed.
+LEGACY_NEUTRAL_SECTIONS = ("run", "dist")
 
 
 class CheckpointError(CytonetError):
     """A checkpoint is unreadable or does not belong to this run (names the file and the mismatch)."""
 
 
-def config_fingerprint(config: dict[str, Any]) -> str:
-    """Hash of the config sections that determine the training trajectory (all but :data:`NEUTRAL_SECTIONS`)."""
-    relevant = {k: v for k, v in config.items() if k not in NEUTRAL_SECTIONS}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def fingerprint(identity: dict[str, Any]) -> str:
+    """Hash of a run's identity (a flat dict of JSON-able values)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def identity_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The keys that differ between two identities, ``key: old -> new``, the first five; empty when equal."""
+    norm_old, norm_new = (json.loads(json.dumps(d, default=str)) for d in (old, new))
+    changed = [
+        f"{k}: {_short(norm_old.get(k))} -> {_short(norm_new.get(k))}"
+        for k in sorted(set(norm_old) | set(norm_new))
+        if norm_old.get(k) != norm_new.get(k)
+    ]
+    return "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:16] + "..."
+
+
+def legacy_fingerprint(config: dict[str, Any]) -> str:
+    """The fingerprint of checkpoints written before ``identity``: every section but the legacy neutral ones."""
+    relevant = {k: v for k, v in config.items() if k not in LEGACY_NEUTRAL_SECTIONS}
+    return fingerprint(relevant)
 
 
 def rng_state() -> dict[str, Any]:
@@ -130,8 +156,11 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) 
     return final
 
 
-def load_checkpoint(path: Path, *, kind: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Load and check a checkpoint: format version, kind and config fingerprint must match this run."""
+def load_checkpoint(path: Path, *, kind: str, identity: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """Load and check a checkpoint: format version, kind and identity must match this run's.
+
+    ``config`` (the resolved config as a plain dict) checks checkpoints written before ``identity`` existed.
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
@@ -144,11 +173,16 @@ def load_checkpoint(path: Path, *, kind: str, config: dict[str, Any]) -> dict[st
         )
     if state.get("kind") != kind:
         raise CheckpointError(f"{path} is a {state.get('kind')!r} checkpoint, this run is {kind!r}")
-    expected = config_fingerprint(config)
-    if state.get("fingerprint") != expected:
+    if "identity" in state:
+        diff = identity_diff(state["identity"], identity)
+    elif state.get("fingerprint") != legacy_fingerprint(config):
         diff = _config_diff(state.get("config", {}), config)
+    else:
+        diff = ""
+    if diff:
         raise CheckpointError(
-            f"{path} was written under another config ({diff}); use another run folder or the same config"
+            f"{path} was written under other settings ({diff}); use another run folder, the same settings, "
+            "or --overwrite to start again"
         )
     return state
 
@@ -156,7 +190,7 @@ def load_checkpoint(path: Path, *, kind: str, config: dict[str, Any]) -> dict[st
 def _config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     changed = []
     for section in sorted(set(old) | set(new)):
-        if section in NEUTRAL_SECTIONS:
+        if section in LEGACY_NEUTRAL_SECTIONS:
             continue
         a, b = old.get(section, {}), new.get(section, {})
         if not isinstance(a, dict) or not isinstance(b, dict):

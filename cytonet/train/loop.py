@@ -24,7 +24,9 @@ is installed) and ``DONE``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
+import io
 import json
 import logging
 import math
@@ -32,8 +34,9 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -41,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cytonet import distributed
 from cytonet.config import Config, TrainConfig, config_to_dict, save_config
 from cytonet.data.loader import PatchLoader, build_loader
-from cytonet.data.patches import PatchStore
+from cytonet.data.patches import PatchStore, file_sha256, write_bytes_atomic, write_json_atomic
 from cytonet.distributed import DistEnv
 from cytonet.errors import CytonetError
 from cytonet.hostmem import reuse_freed_memory
@@ -89,22 +92,94 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def load_encoder_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The encoder state dict saved by a finished pretraining (``encoder.pt``)."""
+def load_encoder_file(path: Path) -> dict[str, Any]:
+    """An ``encoder.pt`` written by a finished stage: ``encoder`` (state dict), ``config``, and from this
+    version on ``patch_store`` (the manifest hash of the store it was trained on)."""
     if not path.is_file():
         raise CytonetError(f"{path} does not exist: run `cytonet pretrain` to the end first (probe.encoder_from)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise CytonetError(f"{path} cannot be read as an encoder file: {exc.__class__.__name__}: {exc}") from None
     if not isinstance(state, dict) or "encoder" not in state:
         raise CytonetError(f"{path} is not a cytonet encoder file")
-    return state["encoder"]
+    return state
 
 
-def _build_model(cfg: Config, kind: Kind, n_classes: int) -> nn.Module:
+def load_encoder_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The encoder state dict saved by a finished pretraining (``encoder.pt``)."""
+    weights: dict[str, torch.Tensor] = load_encoder_file(path)["encoder"]
+    return weights
+
+
+def check_encoder_store(path: Path, state: dict[str, Any], store: PatchStore) -> None:
+    """Refuse an encoder trained on another patch store than ``store``.
+
+    Its held-out sections and brain would then not be held out: pretraining sees the labels (SupCon) or the
+    coordinates of whatever its store's training split held, and the probe's or analysis's test numbers would
+    be inflated without a sign. Encoders written before stores were recorded are accepted with a warning.
+    """
+    trained_on = state.get("patch_store")
+    if trained_on is None:
+        log.warning(
+            "%s does not record its patch store: cannot check that %s's test splits were held out", path, store.path
+        )
+    elif trained_on != store.manifest_sha256:
+        raise CytonetError(
+            f"the encoder {path} was trained on another patch store than {store.path} (manifest "
+            f"{trained_on[:12]} vs {store.manifest_sha256[:12]}): its held-out sections or brains may have been "
+            "in that store's training split; pretrain again on this store, or use the store it was trained on"
+        )
+
+
+def training_identity(cfg: Config, kind: Kind, store: PatchStore, encoder_sha256: str | None = None) -> dict[str, Any]:
+    """What determines a stage's trained weights, flat ``{key: value}``; checkpoints and ``DONE`` record it.
+
+    A run resumes, and a finished run counts as done, only under the same identity. Settings outside it
+    (logging, checkpoint cadence and retention, preemption signals, loader workers, timeouts, and the synth,
+    extract, infer and analysis sections, which act through the patch store) may change in between.
+    """
+    tcfg = stage_config(cfg, kind)
+    sections: dict[str, Any] = {
+        "model": cfg.model,
+        "optim": cfg.optim,
+        "augment": cfg.augment,
+    }
+    if kind == "pretrain":
+        sections["loss"] = cfg.loss
+    identity: dict[str, Any] = {
+        f"{name}.{k}": v for name, sec in sections.items() for k, v in dataclasses.asdict(sec).items()
+    }
+    identity.update(
+        {
+            "kind": kind,
+            "patch_store": store.manifest_sha256,
+            "run.seed": cfg.run.seed,
+            "loader.seed": cfg.loader.seed,
+            "loader.shard_block": cfg.loader.shard_block,
+            "loader.class_aware": cfg.loader.class_aware,
+            "loader.samples_per_class": cfg.loader.samples_per_class,
+            f"{kind}.epochs": cfg.scratch_epochs if kind == "scratch" else tcfg.epochs,
+            f"{kind}.max_steps": tcfg.max_steps,
+            f"{kind}.global_batch_size": tcfg.global_batch_size,
+        }
+    )
+    if kind != "probe":  # the probe's encoder is frozen: no BatchNorm statistics to synchronise
+        identity["dist.sync_batchnorm"] = cfg.dist.sync_batchnorm
+    if kind == "probe":
+        identity["encoder"] = encoder_sha256
+    return identity
+
+
+def _build_model(cfg: Config, kind: Kind, n_classes: int, store: PatchStore) -> nn.Module:
     if kind == "pretrain":
         return build_contrastive_model(cfg.model)
     model = build_classifier(cfg.model, n_classes, freeze_encoder=kind == "probe")
     if kind == "probe":
-        weights = load_encoder_weights(cfg.resolve_path(cfg.probe.encoder_from) / ENCODER_FILE)
+        path = _encoder_path(cfg)
+        state = load_encoder_file(path)
+        check_encoder_store(path, state, store)
+        weights = state["encoder"]
         try:
             model.encoder.load_state_dict(weights, strict=True)
         except RuntimeError as exc:
@@ -113,6 +188,56 @@ def _build_model(cfg: Config, kind: Kind, n_classes: int) -> nn.Module:
                 f"{str(exc).splitlines()[0]}"
             ) from None
     return model
+
+
+def _encoder_path(cfg: Config) -> Path:
+    return cfg.resolve_path(cfg.probe.encoder_from) / ENCODER_FILE
+
+
+def _torch_save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` through a temp file, fsync and rename: a killed process never leaves half a file."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def _finished(out: Path) -> dict[str, Any] | None:
+    """The contents of ``out/DONE``, or None when the stage has not finished there."""
+    path = out / DONE_FILE
+    if not path.is_file():
+        return None
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CytonetError(f"{path} cannot be read ({exc}); pass --overwrite to train again") from None
+    if not isinstance(done, dict):
+        raise CytonetError(f"{path} is not a cytonet DONE file; pass --overwrite to train again")
+    return done
+
+
+def _folder_state(out: Path) -> tuple[str | None, dict[str, Any] | None, str | None]:
+    """(newest checkpoint's name, DONE's contents, error message) of a run folder, as rank 0 sees it."""
+    try:
+        found = ckpt.latest_checkpoint(out)
+        return (found.name if found else None), _finished(out), None
+    except CytonetError as exc:
+        return None, None, str(exc)
+
+
+def _check_coordinates(store: PatchStore) -> None:
+    """The distance-weighted loss needs every training patch's 3D coordinate: refuse NaN ones (sections
+    without a coordinate map) before training, which would otherwise give NaN weights with a loss of 0."""
+    meta = store.metadata
+    start, stop = store.split_range("train")
+    coords = meta["coords"][start:stop]
+    bad = ~np.isfinite(coords).all(axis=1)
+    if bad.any():
+        sections = sorted({str(store.manifest["sections"][i]["name"]) for i in meta["section"][start:stop][bad]})
+        raise CytonetError(
+            f"loss.kind=distance needs 3D coordinates, but {int(bad.sum())} training patches of {store.path} have "
+            f"none (sections without a coordinate map: {', '.join(sections[:3])}"
+            f"{', ...' if len(sections) > 3 else ''}); import them with importer.coords, or use loss.kind=supcon"
+        )
 
 
 def run_stage(
@@ -159,22 +284,42 @@ def _run(
     cfg: Config, env: DistEnv, kind: Kind, tcfg: TrainConfig, out: Path, device: torch.device, resume: bool | None
 ) -> StageResult:
     config_dict = config_to_dict(cfg)
-    latest = ckpt.latest_checkpoint(out)
+    store = PatchStore(cfg.resolve_path(cfg.extract.out_dir))
+    encoder_sha = file_sha256(_encoder_path(cfg)) if kind == "probe" and _encoder_path(cfg).is_file() else None
+    identity = training_identity(cfg, kind, store, encoder_sha)
+    # Rank 0 looks at the folder and every rank acts on what it saw: on a shared file system with attribute
+    # caching, ranks listing the folder themselves right after a requeue could resume from different steps.
+    latest_name, done, error = distributed.all_gather_object(_folder_state(out) if env.is_main else None)[0]
+    if error:
+        raise CytonetError(error)  # on every rank: none is left waiting in a collective
+    latest = out / latest_name if latest_name else None
     if latest is not None and resume is False:
         raise CytonetError(
             f"{out} holds checkpoint {latest.name}; resume it (drop --no-resume), pass --overwrite to start again, "
             "or choose another --out"
         )
-    if (out / DONE_FILE).is_file() and latest is not None:
-        state = ckpt.load_checkpoint(latest, kind=kind, config=config_dict)
+    if done is not None:
+        if "identity" in done:
+            diff = ckpt.identity_diff(done["identity"], identity)
+        elif latest is not None:  # a DONE of an older cytonet: its checkpoint tells the settings
+            ckpt.load_checkpoint(latest, kind=kind, identity=identity, config=config_dict)
+            diff = ""
+        else:
+            diff = "written by an older cytonet, whose checkpoints are gone"
+        if diff:
+            raise CytonetError(
+                f"{out} holds a finished {kind} run under other settings ({diff}); pass --overwrite to train "
+                "again, or choose another --out"
+            )
         log.info("%s: %s already holds a finished run; nothing to do", kind, out)
-        return StageResult(out, int(state["step"]), json.loads((out / DONE_FILE).read_text()).get("metrics", {}))
+        return StageResult(out, int(done.get("step", 0)), done.get("metrics", {}))
     if latest is None and resume is True:
         raise CytonetError(f"--resume: {out} holds no checkpoint to resume from")
     if env.is_main:
         save_config(cfg, out)
 
-    store = PatchStore(cfg.resolve_path(cfg.extract.out_dir))
+    if kind == "pretrain" and cfg.loss.kind == "distance":
+        _check_coordinates(store)
     class_names = [store.areas[a] for a in store.area_ids]
     per_rank = tcfg.per_rank_batch(env.world_size, kind, cfg.loader.samples_per_class if cfg.loader.class_aware else 1)
 
@@ -203,7 +348,7 @@ def _run(
         total_steps = min(total_steps, tcfg.max_steps)
 
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
-    model = _build_model(cfg, kind, len(class_names)).to(device)
+    model = _build_model(cfg, kind, len(class_names), store).to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if env.is_distributed and cfg.dist.sync_batchnorm and kind != "probe":
@@ -217,7 +362,9 @@ def _run(
 
     step, epoch = 0, 0
     if latest is not None:
-        state = ckpt.load_checkpoint(latest, kind=kind, config=config_dict)
+        state = ckpt.load_checkpoint(latest, kind=kind, identity=identity, config=config_dict)
+        if int(state["step"]) != int(distributed.all_gather_object(int(state["step"]))[0]):
+            raise ckpt.CheckpointError(f"{latest}: this rank read another step than rank 0 (a file system lag?)")
         raw_model.load_state_dict(state["model"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
         mp.load_state_dict(state["scaler"])
@@ -248,7 +395,8 @@ def _run(
                     "loader": loader.state_dict(),
                     "rng": rngs,
                     "config": config_dict,
-                    "fingerprint": ckpt.config_fingerprint(config_dict),
+                    "identity": identity,
+                    "fingerprint": ckpt.fingerprint(identity),
                 },
                 at_step,
                 tcfg.keep_checkpoints,
@@ -287,6 +435,7 @@ def _run(
                     raise NonFiniteLossError(
                         f"{kind}: the loss is not finite at step {step} on {int(bad)} rank(s); "
                         "lower optim.base_lr or use optim.precision=fp32"
+                        + (" (or a patch's 3D coordinate is not finite)" if cfg.loss.kind == "distance" else "")
                     )
                 mp.step(optimizer)
                 step += 1
@@ -322,19 +471,32 @@ def _run(
     save(step, epoch)
     metrics: dict[str, dict[str, float]] = {}
     if kind != "pretrain":
+        if env.is_distributed:
+            # Without synced BatchNorm each rank ends with its own running statistics (DDP copies rank 0's
+            # only at the start of each forward): evaluate, as model.pt saves, with rank 0's on every rank.
+            distributed.broadcast_buffers(raw_model)
         for split in EVAL_SPLITS:
             if split not in store.splits:
                 continue
             scores, labels, _ = predict(raw_model, make_loader(split, train=False), mp.autocast)
+            bad = int((~np.isfinite(scores).all(axis=1)).sum())  # the same gathered scores on every rank
+            if bad:
+                raise CytonetError(
+                    f"{kind}: {bad} of {len(scores)} {split} patches have non-finite scores "
+                    f"(optim.precision={cfg.optim.precision}; fp32 avoids overflow)"
+                )
             if env.is_main:
                 metrics[split] = write_report(out, split, scores, labels, class_names)
                 log.info("%s %s: %s", kind, split, _fmt(metrics[split]))
     if env.is_main:
         encoder = raw_model.get_submodule("encoder")
-        torch.save({"encoder": encoder.state_dict(), "config": config_dict}, out / ENCODER_FILE)
+        _torch_save_atomic(
+            {"encoder": encoder.state_dict(), "config": config_dict, "patch_store": store.manifest_sha256},
+            out / ENCODER_FILE,
+        )
         if kind != "pretrain":
             # Everything inference needs: encoder, linear head, and which area each class is.
-            torch.save(
+            _torch_save_atomic(
                 {
                     "format": MODEL_FORMAT,
                     "encoder": encoder.state_dict(),
@@ -347,7 +509,8 @@ def _run(
                 },
                 out / MODEL_FILE,
             )
-        (out / DONE_FILE).write_text(json.dumps({"step": step, "metrics": metrics}, indent=1))
+        # Last, and whole or not at all: DONE vouches for everything above.
+        write_json_atomic(out / DONE_FILE, {"step": step, "metrics": metrics, "identity": identity})
     distributed.barrier()
     return StageResult(out, step, metrics)
 
