@@ -22,6 +22,8 @@ from cytonet.errors import CytonetError, OutputExistsError
 log = logging.getLogger(__name__)
 
 DONE_MARKER = ".cytonet-done.json"
+#: The files ``run_synth`` writes into its folder beside the section stores (kept by ``synth --overwrite``).
+SYNTH_OWN_FILES = (DONE_MARKER, DONE_MARKER + ".tmp", "config.resolved.yaml", "config.resolved.yaml.tmp", "preview.png")
 
 
 def _done_settings(out: Path) -> dict[str, Any] | None:
@@ -73,10 +75,14 @@ def prepare_step(out: Path, settings: dict[str, Any], overwrite: bool, what: str
 def run_synth(cfg: Config, out: Path, *, overwrite: bool, preview: bool, workers: int = 1) -> list[Path]:
     """Generate the synthetic brains of ``cfg.synth`` into ``out`` (one store per section)."""
     from cytonet.data.sections import list_sections
-    from cytonet.data.synth import generate_dataset, render_preview
+    from cytonet.data.synth import generate_dataset, render_preview, stale_outputs
 
     resolved = config_to_dict(cfg)
     settings = {"step": "synth", "synth": resolved["synth"], "sections": resolved["sections"]}
+    if overwrite:
+        # Refuse a folder with foreign files before prepare_step changes it (generate_dataset checks again and
+        # deletes the stale stores of an earlier config once the new ones are written).
+        stale_outputs(cfg.synth, out, cfg.sections.backend, SYNTH_OWN_FILES)
     if prepare_step(out, settings, overwrite, "synth"):
         save_config(cfg, out)
         started = time.perf_counter()
@@ -90,6 +96,7 @@ def run_synth(cfg: Config, out: Path, *, overwrite: bool, preview: bool, workers
             overwrite=overwrite,
             workers=workers,
             extra_attrs={"config": resolved},
+            own_files=SYNTH_OWN_FILES,
         )
         mark_done(out, settings)
         log.info("synth: wrote %d sections to %s in %.1f s", len(paths), out, time.perf_counter() - started)

@@ -12,12 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from ringdata import PIXEL_UM, image_pattern, ring_layers
+from ringdata import PIXEL_UM, image_pattern, make_sections, ring_layers
 
 from cytonet.config import Config, load_config
 from cytonet.data.extract import CRASH_ENV, run_extract
 from cytonet.data.patches import MANIFEST, METADATA, PatchStore, read_shard_columns
-from cytonet.errors import OutputExistsError, UsageError
+from cytonet.data.sections import SectionMeta, create_section
+from cytonet.errors import InputError, OutputExistsError, UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -230,3 +231,156 @@ def test_rerun_with_other_settings_is_refused(sections: Path, tmp_path: Path) ->
     (tmp_path / "foreign" / "notes.txt").write_text("x")
     with pytest.raises(OutputExistsError, match="other files"):
         run_extract(cfg, tmp_path / "foreign", sections_dir=sections)
+
+
+#: Few patches, so that the tests below extract in a fraction of a second.
+SMALL = ("extract.patches_per_area=10", "extract.eval_patches_per_area=2")
+TABLE = {0: "background", 1: "white_matter", 2: "big", 3: "mid", 4: "small", 5: "tiny"}
+
+
+def write_rings(
+    root: Path,
+    brains: dict[str, int],
+    change: Any = None,
+    tables: dict[str, dict[int, str]] | None = None,
+) -> None:
+    """Ring sections like ringdata.make_sections; ``change(brain, layers)`` edits a section's layers in place
+    before they are written, ``tables`` gives some brains their own label table."""
+    for brain, n in brains.items():
+        for index in range(n):
+            layers = ring_layers(index)
+            if change is not None:
+                change(brain, layers)
+            meta = SectionMeta(
+                brain=brain,
+                section_index=index,
+                z_mm=index * 0.1,
+                pixel_size_um=PIXEL_UM,
+                shape=layers["image"].shape,
+                label_table=(tables or {}).get(brain, TABLE),
+            )
+            path = root / brain / f"{brain}_s{index:04d}.zarr"
+            with create_section(path, meta, chunk_px=64, compression="none") as w:
+                for layer, data in layers.items():
+                    w.write(layer, 0, 0, data)
+
+
+def test_overwrite_deletes_only_the_extractions_own_files(sections: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    cfg = make_cfg(*SMALL)
+    run_extract(cfg, out, sections_dir=sections)
+    (out / "notes.txt").write_text("mine")
+    (out / ".git").mkdir()
+    with pytest.raises(OutputExistsError, match=r"not an extraction's \(\.git and 1 more\)") as info:
+        run_extract(cfg, out, sections_dir=sections, overwrite=True)
+    assert str(out) in str(info.value)
+    # Nothing was deleted: the foreign files and the finished extraction are all there.
+    assert (out / "notes.txt").read_text() == "mine" and (out / ".git").is_dir()
+    assert (out / MANIFEST).is_file() and list(out.glob("shard-*"))
+    (out / "notes.txt").unlink()
+    (out / ".git").rmdir()
+    # Only the extraction's own files: --overwrite redoes it.
+    assert run_extract(cfg, out, sections_dir=sections, overwrite=True).manifest is not None
+
+    # Sections inside the output folder: refused, with or without --overwrite, and the sections stay.
+    nested = tmp_path / "nested"
+    make_sections(nested / "sections", brains={"B00": 2, "B01": 1})
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match=r"sections folder .* lies inside the output folder"):
+            run_extract(cfg, nested, sections_dir=nested / "sections", overwrite=overwrite)
+    assert len(list((nested / "sections").glob("*/*.zarr"))) == 3
+    assert sorted(p.name for p in nested.iterdir()) == ["sections"]
+
+    # A folder with other files, without --overwrite: the message does not send the user to --overwrite.
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("x")
+    with pytest.raises(OutputExistsError, match="other files") as info:
+        run_extract(cfg, tmp_path / "foreign", sections_dir=sections)
+    assert "pass --overwrite" not in str(info.value)
+
+
+def test_no_candidates_is_an_input_error(tmp_path: Path) -> None:
+    """Depth stored in percent: the centre line (|depth - 0.5| <= tol) finds nothing; no empty 'complete'
+    store is written."""
+
+    def percent(brain: str, layers: dict[str, np.ndarray]) -> None:
+        layers["depth"] = np.round(layers["depth"] * 100)
+
+    write_rings(tmp_path / "s", {"B00": 2, "B01": 1}, percent)
+    out = tmp_path / "p"
+    with pytest.raises(InputError, match=r"sampling=centerline.*centerline_tolerance=0\.01.*depth 0 \.\. 100"):
+        run_extract(make_cfg(*SMALL), out, sections_dir=tmp_path / "s")
+    assert not (out / MANIFEST).exists()
+
+    def white(brain: str, layers: dict[str, np.ndarray]) -> None:
+        layers["labels"] = np.minimum(layers["labels"], 1)
+
+    write_rings(tmp_path / "w", {"B00": 2, "B01": 1}, white)
+    with pytest.raises(InputError, match=r"sampling=cortex.*label ids \[0, 1\]"):
+        run_extract(make_cfg(*SMALL, "extract.sampling=cortex"), tmp_path / "q", sections_dir=tmp_path / "w")
+
+
+def test_areas_missing_from_training_are_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def other_area(brain: str, layers: dict[str, np.ndarray]) -> None:
+        if brain == "B01":  # the held-out brain: its smallest area is one the training brain does not have
+            layers["labels"][layers["labels"] == 5] = 6
+
+    table = {**TABLE, 6: "other"}
+    write_rings(tmp_path / "s", {"B00": 2, "B01": 1}, other_area, tables={"B00": table, "B01": table})
+    with caplog.at_level("WARNING", logger="cytonet.data.extract"):
+        result = run_extract(make_cfg(*SMALL), tmp_path / "p", sections_dir=tmp_path / "s")
+    assert result.manifest is not None
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("not in the training split" in m and "6 (other, in unseen)" in m for m in warned), warned
+
+
+def test_conflicting_area_names_are_refused_and_placeholders_give_way(tmp_path: Path) -> None:
+    swapped = {**TABLE, 2: "mid", 3: "big"}
+    write_rings(tmp_path / "s", {"B00": 2, "B01": 1}, tables={"B01": swapped})
+    with pytest.raises(InputError, match=r"area id 2 is 'big' in .*B00_s0000\.zarr but 'mid' in .*B01_s0000\.zarr"):
+        run_extract(make_cfg(*SMALL), tmp_path / "p", sections_dir=tmp_path / "s")
+    assert not (tmp_path / "p").exists()
+
+    # `cytonet import` names an id without a name area_<id>: compatible with the real name, which wins.
+    write_rings(tmp_path / "t", {"B00": 2, "B01": 1}, tables={"B00": {**TABLE, 2: "area_2"}})
+    run_extract(make_cfg(*SMALL), tmp_path / "q", sections_dir=tmp_path / "t")
+    assert json.loads((tmp_path / "q" / MANIFEST).read_text())["areas"]["2"] == "big"
+
+
+def test_more_heldout_brains_than_brains_is_refused(sections: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"extract\.n_heldout_brains=4 exceeds the 3 brains found.*B00"):
+        run_extract(make_cfg(*SMALL, "extract.n_heldout_brains=4"), tmp_path / "p", sections_dir=sections)
+
+
+def test_rerun_after_the_sections_were_remade_is_refused(tmp_path: Path) -> None:
+    """Sections written anew with the same names and shapes (areas swapped): the old shards and surveys no
+    longer describe them, so a rerun refuses and --overwrite extracts the new sections."""
+    src, out = tmp_path / "s", tmp_path / "p"
+    brains = {"B00": 2, "B01": 1}
+    write_rings(src, brains)
+    cfg = make_cfg(*SMALL)
+    run_extract(cfg, out, sections_dir=src)
+    assert run_extract(cfg, out, sections_dir=src).written == 0  # unchanged sections: a rerun reuses everything
+
+    def swap(brain: str, layers: dict[str, np.ndarray]) -> None:
+        lab = layers["labels"]
+        layers["labels"] = np.where(lab == 2, 3, np.where(lab == 3, 2, lab)).astype(lab.dtype)
+
+    import shutil
+
+    shutil.rmtree(src)
+    write_rings(src, brains, swap)
+    with pytest.raises(
+        OutputExistsError, match=r"differing: sections; sections new or changed since: B00_s0000.*--overwrite"
+    ):
+        run_extract(cfg, out, sections_dir=src)
+    run_extract(cfg, out, sections_dir=src, overwrite=True)
+    for row in PatchStore(out).metadata:
+        old = int(ring_layers(int(row["section_index"]))["labels"][int(row["y"]), int(row["x"])])
+        assert int(row["area"]) == {2: 3, 3: 2}.get(old, old)
+    # A store of a cytonet that recorded no section identities is still reused (it cannot tell, so it trusts).
+    settings = json.loads((out / "extract.json").read_text())
+    for entry in settings["sections"]:
+        del entry["store"]
+    (out / "extract.json").write_text(json.dumps(settings))
+    assert run_extract(cfg, out, sections_dir=src).written == 0

@@ -372,6 +372,32 @@ def test_corrupt_hdf5_store_is_an_input_error(tmp_path: Path) -> None:
         open_section(path)
 
 
+@pytest.mark.parametrize(
+    "attrs, bad",
+    [
+        ({"brain": 7}, "brain"),  # a number, not JSON text: json.loads raises TypeError
+        ({"title": "scan of slide 4"}, "title"),  # text that is not JSON: JSONDecodeError
+        ({"format_version": "1", "brain": '"B00"', "section_index": '"first"'}, "section_index"),  # int("first")
+        ({"format_version": "1", "brain": '"B00"', "section_index": "3", "z_mm": "0", "pixel_size_um": "2",
+          "shape": "5"}, "shape"),  # 5[0]: TypeError
+    ],
+)  # fmt: skip
+def test_foreign_hdf5_file_is_not_a_section_store(tmp_path: Path, attrs: dict[str, Any], bad: str) -> None:
+    """An HDF5 file another program wrote, found among the sections: an InputError naming the file and the
+    attribute, never a bare JSONDecodeError or TypeError."""
+    import h5py
+
+    path = tmp_path / "B00" / "scan.h5"
+    path.parent.mkdir()
+    with h5py.File(path, "w") as f:
+        f["image"] = np.zeros((4, 4), np.uint8)
+        for key, value in attrs.items():
+            f.attrs[key] = value
+    assert list_sections(tmp_path) == [path]
+    with pytest.raises(InputError, match=rf"scan\.h5: not a cytonet section store \(attribute '{bad}'"):
+        open_section(path)
+
+
 @pytest.mark.parametrize("damage", ["garbage", "array", "empty"])
 def test_damaged_zarr_group_metadata_is_an_input_error(tmp_path: Path, damage: str) -> None:
     """Readers take a zarr store's attributes from its zarr.json; a damaged one goes through zarr and fails

@@ -378,3 +378,66 @@ def test_production_sized_sections_render_in_bounded_memory() -> None:
 def test_preview(dataset: list[Path], tmp_path: Path) -> None:
     png = render_preview(dataset[0], tmp_path / "p.png", max_px=300)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `cytonet synth --overwrite`
+
+#: A tiny brain at 64 um/px (125 x 94 px): a section in a fraction of a second.
+TINY = [
+    "synth.sections_per_brain=1",
+    "synth.pixel_size_um=64",
+    "synth.n_areas=3",
+    "synth.brain_width_mm=8",
+    "synth.brain_height_mm=6",
+    "synth.cortex_thickness_mm=[1.0,1.4]",
+    "sections.chunk_px=64",
+    "sections.image_levels=[]",
+]
+
+
+def test_overwrite_leaves_exactly_the_new_dataset_and_never_foreign_files(tmp_path: Path) -> None:
+    from cytonet.config import load_config
+    from cytonet.data.sections import create_section, list_sections
+    from cytonet.errors import OutputExistsError
+    from cytonet.pipeline import DONE_MARKER, run_synth
+
+    out = tmp_path / "sections"
+
+    def synth(*extra: str, overwrite: bool = True) -> list[Path]:
+        return run_synth(load_config(None, [*TINY, *extra]), out, overwrite=overwrite, preview=False)
+
+    synth("synth.n_brains=3", overwrite=False)
+    # Fewer brains: the third brain's store goes (it would be the held-out brain of every extraction).
+    assert [p.relative_to(out).as_posix() for p in synth("synth.n_brains=2")] == [
+        "B00/B00_s0000.zarr",
+        "B01/B01_s0000.zarr",
+    ]
+    assert not (out / "B02").exists()
+    # Another backend: the zarr stores go, the HDF5 files come.
+    synth("synth.n_brains=2", "sections.backend=hdf5")
+    assert [p.relative_to(out).as_posix() for p in list_sections(out)] == ["B00/B00_s0000.h5", "B01/B01_s0000.h5"]
+    assert (out / DONE_MARKER).is_file() and (out / "config.resolved.yaml").is_file()
+
+    # Foreign entries (a note; a section store synth did not write): refused, and nothing changes.
+    with open_section(out / "B00" / "B00_s0000.h5") as r:
+        meta = dataclasses.replace(r.meta, source="/data/scan.tif", brain="B09")
+    for foreign in (out / "B00" / "notes.txt", out / "B09" / "B09_s0000.zarr"):
+        if foreign.suffix == ".zarr":
+            with create_section(foreign, meta, layers=("image",), chunk_px=64) as w:
+                w.write("image", 0, 0, np.zeros(meta.shape, np.uint8))
+        else:
+            foreign.write_text("mine")
+        before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+        marker = (out / DONE_MARKER).read_bytes()
+        with pytest.raises(OutputExistsError, match=rf"{out} holds {foreign.relative_to(out)}, which synth did not"):
+            synth("synth.n_brains=1")
+        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+        assert (out / DONE_MARKER).read_bytes() == marker
+        if foreign.suffix == ".zarr":
+            import shutil
+
+            shutil.rmtree(foreign.parent)
+        else:
+            foreign.unlink()
+    assert len(synth("synth.n_brains=1")) == 1

@@ -26,7 +26,9 @@ Steps, each deterministic from the config and the section stores alone:
    ``eval_patches_per_area`` for ``test``/``unseen``. A training area with fewer candidates than wanted is
    oversampled (the rest drawn with replacement by hash), which balances the classes. The patches of a split
    are put in a hashed order and cut into shards of ``patches_per_shard``; shards are numbered train, test,
-   unseen. The plan depends on the seed and the data only, not on the number of tasks or processes.
+   unseen. The plan depends on the seed and the data only, not on the number of tasks or processes. A plan
+   without training patches is refused (:func:`check_plan`, naming what the sections hold) rather than
+   written as an empty store; one area id must have one name in all sections (:func:`area_names`).
 4. **Shards.** Worker ``w`` of ``W`` owns the shards ``i`` with ``i % W == w`` and writes them with ``workers``
    processes, each process whole shards (never two writers in one file: PLATFORM.md shows silent loss for
    shared zarr shards and HDF5 files). A shard is written to ``<name>.partial`` and renamed when complete, so
@@ -34,6 +36,12 @@ Steps, each deterministic from the config and the section stores alone:
 5. **Manifest.** The worker that finds every shard complete after its own work writes ``metadata.npy`` and
    ``manifest.json`` (atomically; the last worker to finish always sees all shards, and two finalizing at once
    write identical bytes). Rerunning any task after all are done writes it too.
+
+Reruns trust what ``OUT/extract.json`` records: the settings and, per section, its name, split, shape, pixel
+size and identity (seed, source, writer version and :func:`~cytonet.data.sections.store_stamp`, which changes
+when a store is written anew). A rerun with other settings or sections, a section re-made under its old name
+included, is refused; ``--overwrite`` (one process) deletes the extraction's own files and refuses, deleting
+nothing, a folder that holds anything else or the sections themselves.
 
 Patches are stored with a margin for rotation, shift and blur (see :mod:`cytonet.data.patches`); with
 ``extract.pixel_size_um`` an integer multiple of the sections' pixel size, patches are block-averaged down.
@@ -50,10 +58,11 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -77,7 +86,14 @@ from cytonet.data.patches import (
     write_bytes_atomic,
     write_json_atomic,
 )
-from cytonet.data.sections import WHITE_MATTER_ID, block_factor, block_mean_uint8, list_sections, open_section
+from cytonet.data.sections import (
+    WHITE_MATTER_ID,
+    block_factor,
+    block_mean_uint8,
+    list_sections,
+    open_section,
+    store_stamp,
+)
 from cytonet.errors import InputError, OutputExistsError, UsageError
 
 log = logging.getLogger(__name__)
@@ -113,6 +129,10 @@ class SectionEntry:
     pixel_size_um: float
     label_table: dict[int, str]
     split: str = "train"
+    identity: dict[str, Any] = field(default_factory=dict)
+    """What the store's content is: its seed, source and writer version, and :func:`store_stamp` (changes when
+    the store is written anew), so that a re-made section with the same name and shape invalidates what was
+    extracted from the old one."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +192,12 @@ def discover_sections(sections_dir: Path) -> list[SectionEntry]:
                     shape=m.shape,
                     pixel_size_um=m.pixel_size_um,
                     label_table=dict(m.label_table),
+                    identity={
+                        "seed": m.seed,
+                        "source": m.source,
+                        "cytonet_version": m.cytonet_version,
+                        "stamp": store_stamp(p),
+                    },
                 )
             )
     entries.sort(key=lambda e: (e.brain, e.section_index))
@@ -185,6 +211,33 @@ def discover_sections(sections_dir: Path) -> list[SectionEntry]:
     return entries
 
 
+def _is_placeholder(area: int, name: str) -> bool:
+    """The name ``cytonet import`` gives an id that has none (``area_<id>``): compatible with any real name."""
+    return name == f"area_{area}"
+
+
+def area_names(entries: list[SectionEntry]) -> dict[int, str]:
+    """Area id -> name over the sections' label tables (ids >= 2); one id must mean one area everywhere.
+
+    A placeholder ``area_<id>`` gives way to a real name; two real names for one id raise :class:`InputError`
+    naming both sections, since merging them would train one class on two areas."""
+    names: dict[int, str] = {}
+    where: dict[int, str] = {}
+    for e in entries:
+        for a, name in sorted(e.label_table.items()):
+            if a <= WHITE_MATTER_ID:
+                continue
+            old = names.get(a)
+            if old is None or (_is_placeholder(a, old) and not _is_placeholder(a, name)):
+                names[a], where[a] = name, e.path
+            elif name != old and not _is_placeholder(a, name):
+                raise InputError(
+                    f"area id {a} is {old!r} in {where[a]} but {name!r} in {e.path}: the sections' label tables "
+                    "disagree; relabel the sections so one id names one area, or extract them separately"
+                )
+    return names
+
+
 def assign_splits(entries: list[SectionEntry], cfg: Config) -> list[SectionEntry]:
     """Give every section its split: held-out brains -> unseen; a hashed fraction of the others' -> test."""
     ecfg = cfg.extract
@@ -195,6 +248,11 @@ def assign_splits(entries: list[SectionEntry], cfg: Config) -> list[SectionEntry
             raise InputError(f"extract.heldout_brains names {unknown}, not among the brains found: {brains}")
         heldout = set(ecfg.heldout_brains)
     else:
+        if ecfg.n_heldout_brains > len(brains):  # brains[len - n:] would wrap around to the last few brains
+            raise InputError(
+                f"extract.n_heldout_brains={ecfg.n_heldout_brains} exceeds the {len(brains)} brains found "
+                f"({brains}); lower it (at most {len(brains) - 1} leaves a training brain)"
+            )
         heldout = set(brains[len(brains) - ecfg.n_heldout_brains :]) if ecfg.n_heldout_brains else set()
     if len(heldout) >= len(brains):
         raise InputError(
@@ -247,6 +305,7 @@ def _survey_settings(cfg: Config, entry: SectionEntry) -> dict[str, Any]:
         "seed": e.seed,
         "section": entry.name,
         "shape": list(entry.shape),
+        "store": entry.identity,
     }
 
 
@@ -387,6 +446,64 @@ def build_plan(entries: list[SectionEntry], surveys: list[Survey], cfg: Config) 
     return plan
 
 
+def _labels_and_depth(entries: list[SectionEntry], stride: int) -> tuple[list[int], tuple[float, float] | None]:
+    """The label ids and the finite depth range of the sections, every ``stride`` px, read in row bands (for
+    the message of an extraction that finds no candidate); depth None when no section has finite depth."""
+    ids: set[int] = set()
+    lo, hi = math.inf, -math.inf
+    for e in entries:
+        with open_section(e.path) as reader:
+            h = reader.shape[0]
+            band = max(stride, (1024 // stride) * stride)
+            for y0 in range(0, h, band):
+                y1 = min(h, y0 + band)
+                ids.update(np.unique(reader.read("labels", y0, y1)[::stride, ::stride]).tolist())
+                if reader.has("depth"):
+                    d = reader.read("depth", y0, y1)[::stride, ::stride]
+                    d = d[np.isfinite(d)]
+                    if d.size:
+                        lo, hi = min(lo, float(d.min())), max(hi, float(d.max()))
+    return sorted(ids), ((lo, hi) if lo <= hi else None)
+
+
+def check_plan(
+    entries: list[SectionEntry], surveys: list[Survey], plan: dict[str, np.ndarray], names: dict[int, str], cfg: Config
+) -> None:
+    """Refuse a plan without training patches (it would make a 'complete' empty store) with what the training
+    sections hold instead; warn about areas found in test / unseen sections but not in the training ones."""
+    e = cfg.extract
+    train = [s for s in entries if s.split == "train"]
+    if len(plan["train"]) == 0:
+        rule = (
+            f"|depth - 0.5| <= extract.centerline_tolerance={e.centerline_tolerance}"
+            if e.sampling == "centerline"
+            else "depth in [0, 1] (where a depth layer exists)"
+        )
+        shown = train[:3]  # read again for the message: a few sections tell what is wrong, all could take long
+        ids, depth = _labels_and_depth(shown, e.candidate_stride_px)
+        found = f"depth {depth[0]:g} .. {depth[1]:g}" if depth is not None else "no finite depth"
+        which = "it holds" if len(shown) == 1 else f"{'the first ' if len(train) > len(shown) else ''}{len(shown)} hold"
+        raise InputError(
+            f"extract: no patch centre in the {len(train)} training section(s) "
+            f"({', '.join(s.path for s in shown)}{', ...' if len(train) > len(shown) else ''}): extract.sampling="
+            f"{e.sampling} takes pixels with an area id >= {WHITE_MATTER_ID + 1} and {rule}, every "
+            f"extract.candidate_stride_px={e.candidate_stride_px} px; {which} label ids {ids} and {found} "
+            "(depth must run from 0 at the pial surface to 1 at the white matter)"
+        )
+    in_train = set(np.unique(plan["train"]["area"]).tolist())
+    missing: dict[int, set[str]] = {}
+    for entry, survey in zip(entries, surveys):
+        for a in survey.counts:
+            if a not in in_train:
+                missing.setdefault(a, set()).add(entry.split)
+    if missing:
+        log.warning(
+            "extract: areas found in the sections but not in the training split (no training patch; a classifier "
+            "never learns them): %s",
+            ", ".join(f"{a} ({names.get(a, f'area{a}')}, in {'/'.join(sorted(missing[a]))})" for a in sorted(missing)),
+        )
+
+
 def plan_shards(plan: dict[str, np.ndarray], per_shard: int, backend: str) -> list[dict[str, Any]]:
     """Shard list (name, split, n, first) over the splits in order train, test, unseen."""
     shards: list[dict[str, Any]] = []
@@ -513,40 +630,88 @@ def _run_jobs(fn: Callable[..., str], jobs: list[tuple[Any, ...]], workers: int)
 
 
 _OURS = (SETTINGS_FILE, MANIFEST, METADATA, "config.resolved.yaml", SURVEY_DIR)
+#: What an extraction writes into its folder besides ``_OURS``: shards (and their ``.partial`` while written)
+#: and the temp files of :func:`write_bytes_atomic` (``.<name>.<pid>.<thread>.tmp``).
+_OURS_PATTERN = re.compile(
+    r"shard-\d{5,}\.(h5|zarr)(\.partial)?|\.(" + "|".join(re.escape(n) for n in _OURS) + r")\.\d+\.\d+\.tmp"
+)
 
 
 def _is_ours(p: Path) -> bool:
-    return p.name in _OURS or p.name.startswith(("shard-", "."))
+    """Whether ``p`` (an entry of the output folder) is one an extraction writes; only those are ever deleted."""
+    return p.name in _OURS or _OURS_PATTERN.fullmatch(p.name) is not None
 
 
-def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
-    """Refuse to mix extractions: ``out`` must be new, hold this extraction, or be replaced (``overwrite``)."""
+def _legacy_sections(old: Any) -> bool:
+    """Whether recorded settings come from a cytonet that did not record each section's identity ("store")."""
+    sections = old.get("sections") if isinstance(old, dict) else None
+    return (
+        isinstance(sections, list)
+        and bool(sections)
+        and all(isinstance(s, dict) and "store" not in s for s in sections)
+    )
+
+
+def _changed_sections(old: Any, new: list[dict[str, Any]]) -> list[str]:
+    """Names of the sections in ``new`` that are absent from, or differ in, the old settings' list."""
+    before = {s.get("name"): s for s in old if isinstance(s, dict)} if isinstance(old, list) else {}
+    return [s["name"] for s in new if before.get(s["name"]) != s]
+
+
+def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, sections_dir: Path) -> None:
+    """Refuse to mix extractions: ``out`` must be new, hold this extraction, or hold only an extraction's own
+    files, which ``overwrite`` deletes. Anything else in ``out`` (and the input sections) is never deleted."""
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"extract: output {out} exists and is not a folder")
+    src, dst = sections_dir.resolve(), out.resolve()
+    if src == dst or dst in src.parents:
+        raise OutputExistsError(
+            f"extract: the sections folder {sections_dir} lies inside the output folder {out}; "
+            "choose an --out outside it"
+        )
     settings_path = out / SETTINGS_FILE
     plain = json.loads(json.dumps(settings))
+    foreign = sorted(p.name for p in out.iterdir() if not _is_ours(p)) if out.is_dir() else []
+    if overwrite and foreign:
+        raise OutputExistsError(
+            f"extract: output folder {out} holds files that are not an extraction's ({foreign[0]}"
+            f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); --overwrite deletes only an "
+            "extraction's own files: move the others away or choose another --out"
+        )
     if overwrite and out.exists():
         for p in out.iterdir():
-            remove_path(p)
+            remove_path(p)  # every entry is an extraction's own (checked above)
     elif settings_path.is_file():
         try:
             old = json.loads(settings_path.read_text())
         except (OSError, json.JSONDecodeError):
             old = None
+        if _legacy_sections(old):
+            # Written before sections had an identity: compare without it rather than refuse every old store.
+            log.warning("extract: %s predates section identities: cannot tell whether its sections were re-made", out)
+            plain = {**plain, "sections": [{k: v for k, v in s.items() if k != "store"} for s in plain["sections"]]}
         if old != plain:
             diff = sorted(k for k in plain if not isinstance(old, dict) or old.get(k) != plain[k])
+            what = ", ".join(diff) or "all"
+            if "sections" in diff:
+                changed = _changed_sections(old.get("sections") if isinstance(old, dict) else None, plain["sections"])
+                if changed:
+                    what += f"; sections new or changed since: {', '.join(changed[:3])}"
+                    what += f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            hint = (
+                f"choose another --out (the folder also holds other files, e.g. {foreign[0]}, which --overwrite refuses)"
+                if foreign
+                else "pass --overwrite (single task) or choose another --out"
+            )
             raise OutputExistsError(
-                f"extract: {out} holds an extraction with other settings (differing: {', '.join(diff) or 'all'}); "
-                "pass --overwrite (single task) or choose another --out"
+                f"extract: {out} holds an extraction with other settings (differing: {what}); {hint}"
             )
         return
-    elif out.is_dir():
-        foreign = [p.name for p in out.iterdir() if not _is_ours(p)]
-        if foreign:
-            raise OutputExistsError(
-                f"extract: output folder {out} holds other files ({', '.join(sorted(foreign)[:3])}); "
-                "choose another --out or pass --overwrite"
-            )
+    elif foreign:
+        raise OutputExistsError(
+            f"extract: output folder {out} holds other files ({', '.join(foreign[:3])}); choose another --out "
+            "(--overwrite would delete only an extraction's own files, and refuses these)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(settings_path, plain)
 
@@ -560,7 +725,13 @@ def extraction_settings(cfg: Config, entries: list[SectionEntry], geometry: Patc
         "extract": ecfg,
         "geometry": geometry.to_dict(),
         "sections": [
-            {"name": e.name, "split": e.split, "shape": list(e.shape), "pixel_size_um": e.pixel_size_um}
+            {
+                "name": e.name,
+                "split": e.split,
+                "shape": list(e.shape),
+                "pixel_size_um": e.pixel_size_um,
+                "store": e.identity,
+            }
             for e in entries
         ],
     }
@@ -602,11 +773,12 @@ def run_extract(
     ecfg = cfg.extract
     src = sections_dir if sections_dir is not None else cfg.resolve_path(ecfg.sections_dir)
     entries = assign_splits(discover_sections(src), cfg)
+    names = area_names(entries)
     pixel_um, factor = _pixel_factor(entries, ecfg.pixel_size_um)
     crop = ecfg.patch_size_px if ecfg.patch_size_px is not None else cfg.model.patch_size_px
     geometry = PatchGeometry.for_crop(crop, pixel_um, cfg.augment.shift_max_mm, cfg.augment.blur_radius_px)
     settings = extraction_settings(cfg, entries, geometry)
-    _prepare_out(out, settings, overwrite)
+    _prepare_out(out, settings, overwrite, src)
     write_bytes_atomic(out / "config.resolved.yaml", config_to_yaml(cfg).encode())
 
     # Survey: shared cache, each worker starting at its own offset.
@@ -619,6 +791,7 @@ def run_extract(
     surveys = [load_survey(f) for f in files]
 
     plan = build_plan(entries, surveys, cfg)
+    check_plan(entries, surveys, plan, names, cfg)
     shards = plan_shards(plan, ecfg.patches_per_shard, ecfg.backend)
     brains = tuple(sorted({e.brain for e in entries}))
     offsets = {split: 0 for split in SPLITS}
@@ -664,7 +837,7 @@ def run_extract(
     missing = [s["name"] for s in shards if not (out / s["name"]).exists()]
     if not missing:
         plan_areas = {int(a) for recs in plan.values() for a in np.unique(recs["area"])}
-        manifest = _finalize(out, cfg, entries, brains, geometry, settings, shards, plan_areas)
+        manifest = _finalize(out, cfg, entries, brains, geometry, settings, shards, names, plan_areas)
     else:
         log.info(
             "extract: %d of %d shards still missing (other tasks or ranks); the one that completes the last "
@@ -683,14 +856,11 @@ def _finalize(
     geometry: PatchGeometry,
     settings: dict[str, Any],
     shards: list[dict[str, Any]],
+    table: dict[int, str],
     plan_areas: set[int],
 ) -> Path:
-    # Classes: the areas of the sections' label tables plus any area id found without a name.
-    names: dict[int, str] = {}
-    for e in entries:
-        for a, name in e.label_table.items():
-            if a > WHITE_MATTER_ID:
-                names.setdefault(a, name)
+    # Classes: the areas of the sections' label tables (area_names) plus any area id found without a name.
+    names = dict(table)
     for a in plan_areas:
         names.setdefault(a, f"area{a}")
     areas = {str(a): names[a] for a in sorted(names)}

@@ -32,7 +32,8 @@ Entry points: :func:`create_section` returns a :class:`SectionWriter` that write
 row at a time, so a 20000^2 section never sits in memory) into ``<path>.partial`` and renames it into place
 on :meth:`SectionWriter.close`, so a crash never leaves a store that looks complete, and an existing store is
 replaced only with ``overwrite=True``. :func:`open_section` returns a :class:`SectionReader` that reads any
-region lazily. :func:`list_sections` finds the stores below a folder.
+region lazily. :func:`list_sections` finds the stores below a folder; :func:`store_stamp` fingerprints how a
+store was written (a store written anew under the same name gets another).
 
 HDF5 files are opened by the reader on first use, never at construction, so a reader can be created before
 a DataLoader forks and still opens its own handle in each worker.
@@ -41,6 +42,7 @@ a DataLoader forks and still opens its own handle in each worker.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -129,27 +131,38 @@ class SectionMeta:
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], where: str) -> SectionMeta:
+        current = "format_version"  # the attribute being converted, for the error of a foreign store
+
+        def get(key: str, *default: Any) -> Any:
+            nonlocal current
+            current = key
+            return attrs.get(key, *default) if default else attrs[key]
+
         try:
-            version = int(attrs.get("format_version", -1))
+            version = int(get("format_version", -1))
             if version != FORMAT_VERSION:
                 raise InputError(
                     f"{where}: section store format version {version} is not supported (expected {FORMAT_VERSION})"
                 )
             return cls(
-                brain=str(attrs["brain"]),
-                section_index=int(attrs["section_index"]),
-                z_mm=float(attrs["z_mm"]),
-                pixel_size_um=float(attrs["pixel_size_um"]),
-                shape=(int(attrs["shape"][0]), int(attrs["shape"][1])),
-                label_table={int(k): str(v) for k, v in dict(attrs.get("label_table", {})).items()},
-                seed=None if attrs.get("seed") is None else int(attrs["seed"]),
-                source=str(attrs.get("source", "")),
-                cytonet_version=str(attrs.get("cytonet_version", "")),
-                extra=dict(attrs.get("extra", {})),
-                image_levels=tuple(int(f) for f in attrs.get("image_levels", [])),
+                brain=str(get("brain")),
+                section_index=int(get("section_index")),
+                z_mm=float(get("z_mm")),
+                pixel_size_um=float(get("pixel_size_um")),
+                shape=(int(get("shape")[0]), int(attrs["shape"][1])),
+                label_table={int(k): str(v) for k, v in dict(get("label_table", {})).items()},
+                seed=None if get("seed", None) is None else int(attrs["seed"]),
+                source=str(get("source", "")),
+                cytonet_version=str(get("cytonet_version", "")),
+                extra=dict(get("extra", {})),
+                image_levels=tuple(int(f) for f in get("image_levels", [])),
             )
         except KeyError as exc:
             raise InputError(f"{where}: section metadata lacks the attribute {exc.args[0]!r}") from None
+        except (TypeError, ValueError, IndexError) as exc:
+            raise InputError(
+                f"{where}: not a cytonet section store (attribute {current!r}: {exc.__class__.__name__}: {exc})"
+            ) from None
 
 
 def section_filename(brain: str, section_index: int, backend: str) -> str:
@@ -447,7 +460,15 @@ class SectionReader:
             if isinstance(doc, dict) and doc.get("node_type") == "group" and isinstance(doc.get("attributes"), dict):
                 return dict(doc["attributes"])
             return dict(self._open().attrs)
-        return {k: json.loads(v) for k, v in self._open().attrs.items()}
+        attrs = {}
+        for key, value in self._open().attrs.items():
+            try:  # the writer stores every attribute as JSON text; a foreign HDF5 file holds anything
+                attrs[key] = json.loads(value)
+            except (TypeError, ValueError) as exc:
+                raise InputError(
+                    f"{self.path}: not a cytonet section store (attribute {key!r} is not JSON text: {exc})"
+                ) from None
+        return attrs
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -734,3 +755,27 @@ def list_sections(root: str | Path) -> list[Path]:
                 stores.append(here / name)
         dirs[:] = [d for d in dirs if Path(d).suffix.lower() not in BACKEND_OF_SUFFIX and not d.endswith(".partial")]
     return sorted(stores)
+
+
+#: Metadata files of a zarr store (v3, and v2 for stores written by other tools), in the group and each array.
+ZARR_META_FILES = ("zarr.json", ".zgroup", ".zattrs", ".zarray")
+
+
+def store_stamp(path: str | Path) -> str:
+    """A short fingerprint of how a section store was written: the size and modification time (ns) of an HDF5
+    file, or of a zarr store's metadata files (the group's and each array's ``zarr.json``; never the chunks,
+    which may be millions). A store written anew (:class:`SectionWriter` writes every file afresh and renames
+    the store into place) gets another stamp even when its name, shape and attributes are the same; a copy that
+    keeps modification times (``cp -a``, ``rsync -a``, ``mv``) keeps it. Chunks edited in place without touching
+    the metadata files go unseen."""
+    base = Path(path)
+    if not base.is_dir():
+        files = [base]
+    else:
+        folders = [base, *sorted(p for p in base.iterdir() if p.is_dir())]
+        files = [f for d in folders for name in ZARR_META_FILES if (f := d / name).is_file()]
+    parts = []
+    for f in files:
+        st = f.stat()
+        parts.append(f"{f.relative_to(base) if f != base else f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

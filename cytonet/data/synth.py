@@ -36,8 +36,9 @@ Stored ground truth: ``labels`` (0 background, 1 white matter, 2..K+1 the areas 
 :func:`label_table`), ``depth`` (0 at the pial surface, 1 at the white matter, NaN elsewhere; steps of
 1/4096) and ``coords`` (reference coordinates in mm, rounded to a power-of-two step of at most half a pixel).
 
-Entry points: :func:`generate_dataset` (all brains and sections into section stores), :func:`generate_section`
-(one store), :class:`SectionGenerator` (any block of a section in memory), :func:`label_table`,
+Entry points: :func:`generate_dataset` (all brains and sections into section stores; with ``overwrite`` it
+also deletes the synthetic stores of an earlier run that it does not write, :func:`stale_outputs`, and refuses
+a folder holding anything else), :func:`generate_section` (one store), :class:`SectionGenerator` (any block of a section in memory), :func:`label_table`,
 :func:`area_profiles`, :func:`render_preview` (PNG with an area overlay and legend), and from the geometry
 module :func:`brain_params`, :func:`brain_to_reference`, :func:`reference_to_brain` and
 :func:`brain_pixel_of_reference`.
@@ -48,7 +49,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 import time
+from collections.abc import Collection
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -58,7 +61,15 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from cytonet.config import SynthConfig
-from cytonet.data.sections import BACKGROUND_ID, WHITE_MATTER_ID, SectionMeta, create_section, section_filename
+from cytonet.data.sections import (
+    BACKEND_OF_SUFFIX,
+    BACKGROUND_ID,
+    WHITE_MATTER_ID,
+    SectionMeta,
+    create_section,
+    open_section,
+    section_filename,
+)
 from cytonet.data.synth_geometry import (
     GRID_MM,
     THICKNESS_VARIATION,
@@ -75,6 +86,7 @@ from cytonet.data.synth_geometry import (
     section_nodes,
     section_z_mm,
 )
+from cytonet.errors import InputError, OutputExistsError
 
 __all__ = [
     "AreaProfiles",
@@ -86,9 +98,11 @@ __all__ = [
     "generate_dataset",
     "generate_section",
     "label_table",
+    "planned_section_paths",
     "reference_to_brain",
     "render_preview",
     "section_z_mm",
+    "stale_outputs",
 ]
 
 log = logging.getLogger(__name__)
@@ -773,6 +787,84 @@ def _section_job(
     )
 
 
+def planned_section_paths(cfg: SynthConfig, out_dir: Path, backend: str) -> list[tuple[int, int, Path]]:
+    """(brain index, section index, store path) of every section :func:`generate_dataset` writes, in order."""
+    return [
+        (b, s, Path(out_dir) / brain_name(b) / section_filename(brain_name(b), s, backend))
+        for b in range(cfg.n_brains)
+        for s in range(cfg.sections_per_brain)
+    ]
+
+
+def _is_synthetic_store(path: Path) -> bool:
+    """Whether ``path`` is a section store this generator wrote (one it can write again)."""
+    try:
+        with open_section(path) as reader:
+            return reader.meta.source == "synthetic"
+    except InputError:
+        return False
+
+
+def stale_outputs(cfg: SynthConfig, out_dir: Path, backend: str, own_files: Collection[str] = ()) -> list[Path]:
+    """What rewriting ``out_dir`` with ``cfg`` and ``backend`` must delete so that the folder holds exactly the
+    new plan: the synthetic section stores the plan does not write (brains or sections beyond the new counts,
+    the other backend's files) and partial stores left by a killed run.
+
+    Anything else below ``out_dir`` is foreign, and then nothing may be deleted: raises
+    :class:`OutputExistsError` naming the folder and one foreign entry. Foreign is every file or link other than
+    a section store and ``own_files`` (names directly in ``out_dir``, e.g. the pipeline's config and done
+    marker), and every section store not written by this generator (an imported one), planned path or not.
+    """
+    out_dir = Path(out_dir)
+    planned = {p for _, _, p in planned_section_paths(cfg, out_dir, backend)}
+    stale: list[Path] = []
+    foreign: list[Path] = []
+
+    def walk(folder: Path) -> None:
+        for p in sorted(folder.iterdir()):
+            if folder == out_dir and p.name in own_files:
+                continue
+            if p.is_symlink():
+                foreign.append(p)
+            elif p.name.endswith(".partial") and Path(p.name[: -len(".partial")]).suffix.lower() in BACKEND_OF_SUFFIX:
+                stale.append(p)  # a store being written when its job was killed; never complete
+            elif p.suffix.lower() in BACKEND_OF_SUFFIX:
+                if not _is_synthetic_store(p):
+                    foreign.append(p)
+                elif p not in planned:
+                    stale.append(p)
+            elif p.is_dir():
+                walk(p)
+            else:
+                foreign.append(p)
+
+    if out_dir.is_dir():
+        walk(out_dir)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise OutputExistsError(
+            f"synth: output folder {out_dir} holds {foreign[0].relative_to(out_dir)}{more}, which synth did not "
+            "write; --overwrite deletes only synthetic section stores and synth's own files: move the others "
+            "away or choose another --out"
+        )
+    return stale
+
+
+def _remove_stale(out_dir: Path, stale: list[Path]) -> None:
+    """Delete the stale stores, then the folders below ``out_dir`` that this left empty."""
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+        parent = p.parent
+        while parent != out_dir and out_dir in parent.parents and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+    if stale:
+        log.info("synth: removed %d section stores of an earlier run that the new plan does not write", len(stale))
+
+
 def generate_dataset(
     cfg: SynthConfig,
     out_dir: Path,
@@ -784,10 +876,14 @@ def generate_dataset(
     workers: int = 1,
     extra_attrs: dict[str, Any] | None = None,
     image_levels: tuple[int, ...] = (),
+    own_files: Collection[str] = (),
 ) -> list[Path]:
     """Write every section of every brain to ``out_dir/<brain>/<section file>``; returns the paths in order.
 
-    ``workers > 1`` generates sections in parallel processes; the bytes do not depend on it.
+    ``workers > 1`` generates sections in parallel processes; the bytes do not depend on it. ``overwrite``
+    replaces existing stores and then deletes the synthetic stores of an earlier run that this one does not
+    write (:func:`stale_outputs`; refused, before anything is written, when ``out_dir`` holds anything but
+    synthetic section stores and the top-level ``own_files``), so the folder holds exactly this dataset.
     """
     if compression not in ("blosc-zstd", "none"):
         raise ValueError(f"compression={compression!r} is invalid: use 'blosc-zstd' or 'none'")
@@ -795,11 +891,11 @@ def generate_dataset(
         raise ValueError(f"backend={backend!r} is invalid: use 'zarr' or 'hdf5'")
     codec = cast(Compression, compression)
     out_dir = Path(out_dir)
-    jobs = []
-    for b in range(cfg.n_brains):
-        for s in range(cfg.sections_per_brain):
-            path = out_dir / brain_name(b) / section_filename(brain_name(b), s, backend)
-            jobs.append((cfg, b, s, path, chunk_px, codec, overwrite, extra_attrs, tuple(image_levels)))
+    stale = stale_outputs(cfg, out_dir, backend, own_files) if overwrite else []
+    jobs = [
+        (cfg, b, s, path, chunk_px, codec, overwrite, extra_attrs, tuple(image_levels))
+        for b, s, path in planned_section_paths(cfg, out_dir, backend)
+    ]
     started = time.perf_counter()
     if workers > 1 and len(jobs) > 1:
         # spawn, not fork: a forked child would inherit zarr's event-loop state without its thread and hang.
@@ -808,8 +904,10 @@ def generate_dataset(
             for i, path in enumerate(pool.map(_section_job, jobs)):
                 paths.append(path)
                 log.info("synth: %d/%d sections done (%.0f s)", i + 1, len(jobs), time.perf_counter() - started)
-        return paths
-    return [_section_job(job) for job in jobs]
+    else:
+        paths = [_section_job(job) for job in jobs]
+    _remove_stale(out_dir, stale)  # only now: a failed run leaves the old stores for the next --overwrite
+    return paths
 
 
 # ----------------------------------------------------------------------------------------------------------
