@@ -111,6 +111,9 @@ def test_kill_at_random_step_and_resume_is_bitwise(data: Path, reference: dict[s
     assert r.returncode == 0, tail(r.stderr)
     assert "resumed from" in r.stderr, f"killed after checkpoint {kill_after} but the rerun did not resume"
     assert_bitwise_equal(final_state(out), reference)
+    # The steps between the last checkpoint and the kill ran twice; the log has each step once.
+    rows = (out / "train-log.csv").read_text().splitlines()
+    assert [int(row.split(",")[0]) for row in rows[1:]] == list(range(1, 25))
 
 
 def test_signal_checkpoints_exits_for_requeue_and_resumes(data: Path, reference: dict[str, torch.Tensor]) -> None:
@@ -146,6 +149,20 @@ def test_torchrun_two_ranks_identical_weights(data: Path, reference: dict[str, t
     for k, v in reference.items():
         if v.is_floating_point():
             torch.testing.assert_close(two[k], v, rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_resuming_with_another_number_of_ranks_is_refused(
+    data: Path, reference: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    out = tmp_path / "ref"
+    out.mkdir()
+    last = latest_checkpoint(data / "ref")
+    assert last is not None
+    shutil.copy(last, out / last.name)  # a single-process run's checkpoint, not finished
+    cmd = torchrun("--standalone", "--nproc_per_node=2") + ["pretrain", str(data / "base.yaml"), "--out", str(out)]
+    r = run(cmd, 300, env=ENV)
+    assert r.returncode != 0
+    assert r.stderr.count("was written by 1 ranks, this run has 2") == 2, tail(r.stderr)
 
 
 def test_two_simulated_nodes(data: Path) -> None:
@@ -421,3 +438,18 @@ def test_checkpoint_of_another_format_kind_or_identity_is_refused(tmp_path: Path
     # keep=2: only the two newest complete checkpoints remain after another save
     save_checkpoint(tmp_path, state, 6, keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000000005.pt", "ckpt-000000006.pt"]
+
+
+def test_training_log_keeps_each_step_once_across_a_resumption(tmp_path: Path) -> None:
+    from cytonet.train.progress import Progress
+
+    # A run killed after logging step 9 (its last line cut short), resumed from the checkpoint of step 6.
+    rows = "".join(f"{s},0,{1 / s:.6f},0.1,50.0\n" for s in range(1, 10))
+    (tmp_path / "train-log.csv").write_text("step,epoch,loss,lr,images_per_s\n" + rows + "10,0,0.1")
+    progress = Progress(tmp_path, "pretrain", 12, 6, active=True)
+    for step in (7, 8):
+        progress.update(step, 0, 0.5, 0.1, 60.0)
+    # Line-buffered: what was logged is on disk before close (a killed run keeps it).
+    steps = [line.split(",")[0] for line in (tmp_path / "train-log.csv").read_text().splitlines()]
+    assert steps == ["step", "1", "2", "3", "4", "5", "6", "7", "8"]
+    progress.close()

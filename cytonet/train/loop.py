@@ -365,16 +365,16 @@ def _run(
         state = ckpt.load_checkpoint(latest, kind=kind, identity=identity, config=config_dict)
         if int(state["step"]) != int(distributed.all_gather_object(int(state["step"]))[0]):
             raise ckpt.CheckpointError(f"{latest}: this rank read another step than rank 0 (a file system lag?)")
-        raw_model.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        mp.load_state_dict(state["scaler"])
-        loader.load_state_dict(state["loader"])
         rngs = state["rng"]
-        if len(rngs) != env.world_size:
+        if len(rngs) != env.world_size:  # before the loader, whose position is per rank
             raise ckpt.CheckpointError(
                 f"{latest} was written by {len(rngs)} ranks, this run has {env.world_size}; "
                 "resume with the same number of processes"
             )
+        raw_model.load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        mp.load_state_dict(state["scaler"])
+        loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(rngs[env.rank])
         step, epoch = int(state["step"]), int(state["epoch"])
         log.info("%s: resumed from %s at step %d (epoch %d)", kind, latest.name, step, epoch)

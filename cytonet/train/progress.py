@@ -15,6 +15,27 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+HEADER = ["step", "epoch", "loss", "lr", "images_per_s"]
+
+
+def _truncate_log(path: Path, start_step: int) -> None:
+    """Keep the rows of steps up to ``start_step`` (where the run resumes) of an existing log, dropping later
+    ones and a line cut short by a kill; rewritten through a temporary file."""
+    if not path.exists():
+        return
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    kept = [r for r in rows[1:] if len(r) == len(HEADER) and r[0].isdigit() and int(r[0]) <= start_step]
+    if rows and rows[0] == HEADER and len(kept) == len(rows) - 1:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(HEADER)
+        writer.writerows(kept)
+    tmp.replace(path)
+
+
 class Progress:
     """Per-step sink for loss, learning rate and throughput (rank 0 only; no-op elsewhere)."""
 
@@ -26,11 +47,14 @@ class Progress:
         if not active:
             return
         path = out / "train-log.csv"
+        _truncate_log(path, start_step)
         new = not path.exists()
-        self._csv_file = open(path, "a", newline="")
+        # Line-buffered: a killed run loses no logged step; the steps after its last checkpoint are run again
+        # on resumption, and _truncate_log drops their first logging so that each step appears once.
+        self._csv_file = open(path, "a", newline="", buffering=1)
         self._csv = csv.writer(self._csv_file)
         if new:
-            self._csv.writerow(["step", "epoch", "loss", "lr", "images_per_s"])
+            self._csv.writerow(HEADER)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
