@@ -133,7 +133,8 @@ def _task_args(what: str) -> Callable[[argparse.ArgumentParser], None]:
             "--task-id",
             type=int,
             default=None,
-            help="this task's number, 0..N-1 (default: the position in the SLURM job array, else 0)",
+            help="this task's number, 0..N-1 (default: with --num-tasks, $SLURM_ARRAY_TASK_ID; without, the "
+            "position in the SLURM job array; else 0)",
         )
         p.add_argument(
             "--num-tasks",

@@ -4,11 +4,16 @@ This is the only place in the project that reads launcher variables. cytonet rec
 plain values (``LaunchEnv.dist()`` gives the ``cytonet.distributed.DistEnv``); nothing in ``cytonet/``
 reads ``RANK``, ``SLURM_*`` or ``OMPI_*``.
 
-Precedence when several launchers are visible (e.g. ``srun torchrun`` sets both): torchrun's variables
-describe the actual worker processes, so they win; then SLURM's task variables (``srun`` with one task per
-rank); then MPI's; otherwise a single process.
+Precedence when several launchers are visible: torchrun's variables describe the actual worker processes
+(``srun torchrun`` sets both), so they win. Then MPI's: ``mpiexec`` inside a SLURM allocation starts its
+daemons with ``srun --ntasks-per-node=1``, so every rank also inherits that step's ``SLURM_PROCID`` (the node's
+index) and ``SLURM_NTASKS`` (the number of nodes), which describe the daemons, not the ranks. Where SLURM's
+task variables agree with every value MPI's state (rank, world size, local rank and size: ``srun`` itself
+starting the ranks through a PMI plugin), SLURM's are used, since they also give the layout per node and the
+rendezvous host. Then SLURM's alone (``srun`` with one task per rank); otherwise a single process.
 
-Entry points: :func:`detect` (reads ``os.environ`` or a given mapping), :func:`expand_nodelist`.
+Entry points: :func:`detect` (reads ``os.environ`` or a given mapping), :func:`expand_nodelist`,
+:func:`expand_tasks_per_node`.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ PORT_SPAN = 20000
 # Variable names per launcher: (rank, local rank, world size, local world size, node rank).
 _VARS: dict[str, tuple[str, str, str, str | None, str | None]] = {
     "torchrun": ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"),
-    "slurm": ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_NODEID"),
+    # Local world size: this node's entry of SLURM_STEP_TASKS_PER_NODE (see _slurm_tasks_on_node).
+    "slurm": ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", None, "SLURM_NODEID"),
     "openmpi": (
         "OMPI_COMM_WORLD_RANK",
         "OMPI_COMM_WORLD_LOCAL_RANK",
@@ -99,6 +105,50 @@ def _expand_one(item: str) -> list[str]:
     return out
 
 
+def expand_tasks_per_node(value: str, name: str = "SLURM_STEP_TASKS_PER_NODE") -> list[int]:
+    """Tasks on each node, in node order, from SLURM's compressed form: ``4(x2)`` -> ``[4, 4]``, ``3,2`` ->
+    ``[3, 2]``, ``2(x3),1`` -> ``[2, 2, 2, 1]`` (``name`` is the variable named in errors)."""
+    counts: list[int] = []
+    for item in value.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
+        if m is None:
+            raise LaunchEnvError(f"{name}={value!r}: {item!r} is not a task count such as 4 or 4(x2)")
+        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
+    return counts
+
+
+def _slurm_tasks_on_node(env: Mapping[str, str], node_id: int | None) -> int | None:
+    """Tasks of this srun step on this node (``node_id``: SLURM_NODEID), None when SLURM does not say.
+
+    SLURM_STEP_TASKS_PER_NODE describes the step (``srun -N2 -n5``: ``3,2``); SLURM_NTASKS_PER_NODE is only the
+    job's ``--ntasks-per-node``, which an srun with other -n/-N inherits unchanged, so it is the fallback.
+    """
+    if "SLURM_STEP_TASKS_PER_NODE" in env and node_id is not None:
+        counts = expand_tasks_per_node(env["SLURM_STEP_TASKS_PER_NODE"])
+        if not 0 <= node_id < len(counts):
+            raise LaunchEnvError(
+                f"SLURM_NODEID={node_id} has no entry in SLURM_STEP_TASKS_PER_NODE="
+                f"{env['SLURM_STEP_TASKS_PER_NODE']!r} ({len(counts)} nodes)"
+            )
+        return counts[node_id]
+    return _int(env, "SLURM_NTASKS_PER_NODE")
+
+
+def _stated(env: Mapping[str, str], launcher: str) -> tuple[int | None, int | None, int | None, int | None]:
+    """(rank, local rank, world size, local world size) as ``launcher``'s variables state them (None: unset)."""
+    names = _VARS[launcher]
+    if launcher == "slurm":
+        local_world = _slurm_tasks_on_node(env, _int(env, "SLURM_NODEID"))
+    else:
+        local_world = _int(env, names[3])
+    return _int(env, names[0]), _int(env, names[1]), _int(env, names[2]), local_world
+
+
+def _agree(mpi: tuple[int | None, ...], slurm: tuple[int | None, ...]) -> bool:
+    """Whether every value MPI states equals SLURM's: ``srun`` started the MPI ranks itself (a PMI plugin)."""
+    return all(m is None or m == s for m, s in zip(mpi, slurm, strict=True))
+
+
 def _int(env: Mapping[str, str], name: str | None, default: int | None = None) -> int | None:
     if name is None or name not in env:
         return default
@@ -128,9 +178,13 @@ class LaunchEnv:
     array_task_id: int | None = None
     """SLURM_ARRAY_TASK_ID, None outside job arrays."""
     array_task_count: int | None = None
-    """Number of tasks in the array (SLURM_ARRAY_TASK_COUNT, or max - min + 1)."""
+    """Number of tasks in the array (SLURM_ARRAY_TASK_COUNT, or from min, max and step)."""
     array_task_min: int | None = None
     """Lowest task id of the array (SLURM_ARRAY_TASK_MIN)."""
+    array_task_max: int | None = None
+    """Highest task id of the array (SLURM_ARRAY_TASK_MAX)."""
+    array_task_step: int = 1
+    """SLURM_ARRAY_TASK_STEP: the ``:2`` of ``--array=3-9:2`` (1 for a list such as ``--array=2,5``)."""
     restart_count: int = 0
     """SLURM_RESTART_COUNT: how often this job was requeued (0 on the first run)."""
 
@@ -140,24 +194,76 @@ class LaunchEnv:
 
     @property
     def array_index(self) -> int | None:
-        """0-based position of this task in its array (task ids may start at any number)."""
+        """0-based position of this task in its array, None outside arrays.
+
+        Task ids may start anywhere and step (``--array=3-9:2``: ids 3, 5, 7, 9 are positions 0..3). An array
+        whose ids are no such range (a list like ``--array=2,5``, e.g. failed tasks resubmitted) does not tell
+        a task its position: that raises :class:`LaunchEnvError` suggesting ``--num-tasks``.
+        """
+        position = self._array_position()
+        return None if position is None else position[0]
+
+    def _array_position(self) -> tuple[int, int] | None:
+        """(position, number of tasks) of this array task (see :attr:`array_index`), None outside arrays."""
         if self.array_task_id is None:
             return None
-        return self.array_task_id - (self.array_task_min or 0)
+        tid, tmin, tmax, count, step = (
+            self.array_task_id,
+            self.array_task_min,
+            self.array_task_max,
+            self.array_task_count,
+            self.array_task_step,
+        )
+        if tmin is None or count is None:
+            raise LaunchEnvError(
+                f"SLURM_ARRAY_TASK_ID={tid} comes without the array's size (SLURM_ARRAY_TASK_MIN, "
+                "SLURM_ARRAY_TASK_COUNT): give --num-tasks N (the task id is then SLURM_ARRAY_TASK_ID)"
+            )
+        if tmax is None:
+            tmax = tmin + (count - 1) * step
+        regular = (
+            step >= 1
+            and (tmax - tmin) % step == 0
+            and (tid - tmin) % step == 0
+            and tmin <= tid <= tmax
+            and count == (tmax - tmin) // step + 1
+        )
+        if not regular:
+            raise LaunchEnvError(
+                f"SLURM_ARRAY_TASK_ID={tid} belongs to an array of {count} ids in {tmin}..{tmax} that is not a range "
+                f"with step {step} (e.g. a list such as --array=2,5): its position is unknown; give --num-tasks N "
+                "so that the task id is SLURM_ARRAY_TASK_ID itself (the rendered array scripts do)"
+            )
+        return (tid - tmin) // step, count
 
     def task_share(self, task_id: int | None = None, num_tasks: int | None = None) -> tuple[int, int]:
-        """(this task's index, number of tasks) of a job array: the explicit values when given (``--task-id``,
-        ``--num-tasks``), else this SLURM array task's 0-based position and the array size, else (0, 1).
+        """(this task's index, number of tasks) of a job array.
 
-        Array ids must be contiguous (``--array=0-99%10``, not a step such as ``0-99:2``).
+        - ``--task-id`` and ``--num-tasks`` given: those.
+        - ``--num-tasks N`` only: in a SLURM array the task id is ``SLURM_ARRAY_TASK_ID`` itself (it must be
+          below N), so any subset of the ids 0..N-1 can be (re)submitted (``sbatch --array=2,5``); outside an
+          array, 0.
+        - ``--task-id`` only: one task (``--num-tasks`` 1).
+        - neither: this task's position in its array (:attr:`array_index`) and the array's size, else (0, 1).
         """
-        if num_tasks is None:
-            num_tasks = self.array_task_count if self.is_array_task and task_id is None else 1
-        if task_id is None:
-            task_id = self.array_index if self.is_array_task and num_tasks == self.array_task_count else 0
-        assert task_id is not None and num_tasks is not None
-        if num_tasks < 1:
+        if num_tasks is not None and num_tasks < 1:
             raise LaunchEnvError(f"--num-tasks={num_tasks} must be >= 1")
+        if task_id is None and self.array_task_id is not None:
+            if num_tasks is None:
+                position = self._array_position()
+                if position is not None:
+                    task_id, num_tasks = position
+            elif self.array_task_id >= num_tasks:
+                raise LaunchEnvError(
+                    f"SLURM_ARRAY_TASK_ID={self.array_task_id} is not below --num-tasks={num_tasks}: with "
+                    f"--num-tasks the array's task ids must lie in 0..{num_tasks - 1}"
+                )
+            else:
+                task_id = self.array_task_id
+        if num_tasks is None:
+            num_tasks = 1
+        if task_id is None:
+            task_id = 0
         if not 0 <= task_id < num_tasks:
             raise LaunchEnvError(f"--task-id={task_id} is outside 0..{num_tasks - 1} (--num-tasks={num_tasks})")
         return task_id, num_tasks
@@ -195,27 +301,30 @@ def detect(env: Mapping[str, str] | None = None) -> LaunchEnv:
         master_addr = expand_nodelist(e["SLURM_JOB_NODELIST"])[0]
     port = _int(e, "MASTER_PORT") or _port_from_job(e.get("SLURM_JOB_ID"))
 
+    mpi = "openmpi" if "OMPI_COMM_WORLD_RANK" in e else "mpich" if "PMI_RANK" in e else None
+    # Only inside an srun step do SLURM_PROCID/NTASKS describe processes (the batch script sees the job's task
+    # count but is one process).
+    srun_step = "SLURM_PROCID" in e and "SLURM_NTASKS" in e and "SLURM_STEP_ID" in e
     if "RANK" in e and "WORLD_SIZE" in e:
         launcher: Launcher = "torchrun"
-        names = _VARS["torchrun"]
-    elif "SLURM_PROCID" in e and "SLURM_NTASKS" in e and "SLURM_STEP_ID" in e:
-        # Only inside an srun step do SLURM_PROCID/NTASKS describe processes (the batch script sees the job's
-        # task count but is one process).
-        launcher, names = "slurm", _VARS["slurm"]
-    elif "OMPI_COMM_WORLD_RANK" in e:
-        launcher, names = "mpi", _VARS["openmpi"]
-    elif "PMI_RANK" in e:
-        launcher, names = "mpi", _VARS["mpich"]
+        key = "torchrun"
+    elif mpi is not None and not (srun_step and _agree(_stated(e, mpi), _stated(e, "slurm"))):
+        # mpiexec started the ranks; SLURM's variables, if any, are those of the step running its daemons.
+        launcher, key = "mpi", mpi
+    elif srun_step:
+        launcher, key = "slurm", "slurm"
     else:
-        launcher, names = "single", ("", "", "", None, None)
+        launcher, key = "single", ""
 
+    names: tuple[str, str, str, str | None, str | None] = _VARS[key] if key else ("", "", "", None, None)
     if launcher == "single":
         rank, local_rank, world, local_world, node_rank = 0, 0, 1, 1, 0
     else:
-        rank = _int(e, names[0]) or 0
-        world = _int(e, names[2]) or 1
-        local_rank = _int(e, names[1], rank) or 0
-        local_world = _int(e, names[3], world) or 1
+        stated = _stated(e, key)
+        rank = stated[0] or 0
+        world = stated[2] or 1
+        local_rank = rank if stated[1] is None else stated[1]
+        local_world = stated[3] or world
         node_rank = _int(e, names[4], rank // max(local_world, 1)) or 0
     if not 0 <= rank < world:
         raise LaunchEnvError(f"{names[0]}={rank} is outside the world of {names[2]}={world} processes")
@@ -226,8 +335,9 @@ def detect(env: Mapping[str, str] | None = None) -> LaunchEnv:
     count = _int(e, "SLURM_ARRAY_TASK_COUNT")
     tmin = _int(e, "SLURM_ARRAY_TASK_MIN")
     tmax = _int(e, "SLURM_ARRAY_TASK_MAX")
+    step = _int(e, "SLURM_ARRAY_TASK_STEP", 1) or 1
     if count is None and tmin is not None and tmax is not None:
-        count = tmax - tmin + 1
+        count = (tmax - tmin) // step + 1
     return LaunchEnv(
         launcher=launcher,
         rank=rank,
@@ -241,5 +351,7 @@ def detect(env: Mapping[str, str] | None = None) -> LaunchEnv:
         array_task_id=task_id,
         array_task_count=count,
         array_task_min=tmin,
+        array_task_max=tmax,
+        array_task_step=step,
         restart_count=_int(e, "SLURM_RESTART_COUNT", 0) or 0,
     )

@@ -96,7 +96,11 @@ class SiteProfile:
     cpus_per_task: int = 0
     """``--cpus-per-task`` (training: the one task per node; arrays: each task; 0: not set)."""
     mem: str = ""
-    """``--mem`` per node, e.g. ``64G`` or ``0`` (all of it); empty: not set."""
+    """``--mem`` per node of the training jobs (which hold whole nodes), e.g. ``64G`` or ``0`` (all of it);
+    empty: not set."""
+    array_mem: str = ""
+    """``--mem`` of each extract / infer array task (one task, at most one GPU; several share a node, so never
+    ``0``), e.g. ``32G``; empty: the cluster's default memory per CPU or GPU."""
     setup: list[str] = field(default_factory=list)
     """Shell lines run before the job's command, verbatim: ``module load ...``, ``source /path/.venv/bin/activate``."""
     extra_sbatch: list[str] = field(default_factory=list)
@@ -150,6 +154,12 @@ class SiteProfile:
             key("mem"),
             self.mem,
             "use a SLURM size such as 64G, 512000M or 0 (all of the node's memory)",
+        )
+        _check(
+            self.array_mem == "" or (_MEM_RE.match(self.array_mem) is not None and self.array_mem != "0"),
+            key("array_mem"),
+            self.array_mem,
+            "use a SLURM size such as 32G or 64000M (not 0: an array task would claim a whole node)",
         )
         for i, line in enumerate(self.setup):
             _check(

@@ -62,23 +62,50 @@ def _sbatch_value(key: str, value: str) -> str:
     return value
 
 
+def _gpus(kind: str, profile: SiteProfile) -> int:
+    """GPUs per node of a ``kind`` job: the profile's for training, one per inference array task, else none."""
+    if kind in TRAIN_KINDS:
+        return profile.gpus_per_node
+    return 1 if kind == "infer" and profile.gpus_per_node else 0
+
+
+def _sets_cpus_per_task(kind: str, profile: SiteProfile) -> bool:
+    """Whether the script asks for ``--cpus-per-task`` (GPU jobs with ``cpus_per_gpu`` ask per GPU instead)."""
+    return bool(profile.cpus_per_task) and not (_gpus(kind, profile) and profile.cpus_per_gpu)
+
+
 def _site_sbatch(kind: str, profile: SiteProfile) -> list[str]:
     lines = []
     for name in ("account", "partition", "qos"):
         value = getattr(profile, name)
         if value:
             lines.append(f"--{name}={_sbatch_value(name, value)}")
-    gpus = profile.gpus_per_node if kind in TRAIN_KINDS else (1 if kind == "infer" and profile.gpus_per_node else 0)
+    gpus = _gpus(kind, profile)
     if gpus:
         lines.append(f"--gpus-per-node={profile.gpu_type + ':' if profile.gpu_type else ''}{gpus}")
-    if gpus and profile.cpus_per_gpu:
-        lines.append(f"--cpus-per-gpu={profile.cpus_per_gpu}")
-    elif profile.cpus_per_task:
+    if _sets_cpus_per_task(kind, profile):
         lines.append(f"--cpus-per-task={profile.cpus_per_task}")
-    if profile.mem:
-        lines.append(f"--mem={profile.mem}")
+    elif gpus and profile.cpus_per_gpu:
+        lines.append(f"--cpus-per-gpu={profile.cpus_per_gpu}")
+    # ``mem`` is per node (``0``: all of it), meant for training jobs, which hold whole nodes. An array task is
+    # one task with at most one GPU: several share a node, so it takes ``array_mem`` or the cluster's default
+    # memory per CPU or GPU instead of the node's (with ``--mem=0`` one task would block every other).
+    mem = profile.mem if kind in TRAIN_KINDS else profile.array_mem
+    if mem:
+        lines.append(f"--mem={mem}")
     lines.extend(profile.extra_sbatch)
     return [f"#SBATCH {line}" for line in lines]
+
+
+def _srun_env(kind: str, profile: SiteProfile) -> str:
+    """Shell lines before srun: srun of SLURM 22.05 to 23.02 does not inherit sbatch's ``--cpus-per-task`` (the
+    step's tasks would get one CPU each where tasks are bound to CPUs) unless SRUN_CPUS_PER_TASK says it again."""
+    if not _sets_cpus_per_task(kind, profile):
+        return ""
+    return (
+        "# srun of SLURM 22.05-23.02 does not inherit --cpus-per-task from sbatch (srun(1)): pass it on\n"
+        'export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"'
+    )
 
 
 def _fill(template: str, values: dict[str, str], name: str) -> str:
@@ -131,6 +158,7 @@ def render(
         "output": _sbatch_value("run.root_dir", str(log_dir / ("%x-%A_%a.out" if is_array else "%x-%j.out"))),
         "site_sbatch": "\n".join(_site_sbatch(kind, profile)),
         "setup": "\n".join(profile.setup),
+        "srun_env": _srun_env(kind, profile),
         "python": shlex.quote(profile.python_path),
         "command": " ".join(shlex.quote(arg) for arg in [kind, str(config), *overrides]),
     }

@@ -160,9 +160,13 @@ def make_executor(command: str, profile: SiteProfile, folder: Path, *, local: bo
         params["cpus_per_gpu"] = profile.cpus_per_gpu
     elif profile.cpus_per_task:
         params["cpus_per_task"] = profile.cpus_per_task
-    for key in ("account", "partition", "qos", "mem"):
+    for key in ("account", "partition", "qos"):
         if getattr(profile, key):
             params[key] = getattr(profile, key)
+    # Training jobs hold whole nodes (``mem``, possibly 0: all of it); array tasks share them (see hpc.slurm).
+    mem = profile.array_mem if command in ARRAY_COMMANDS else profile.mem
+    if mem:
+        params["mem"] = mem
     if profile.extra_sbatch:
         params["additional_parameters"] = _additional(profile.extra_sbatch)
     slurm.update_parameters(**params)

@@ -1,10 +1,16 @@
-"""Launcher detection: torchrun, SLURM (srun steps, arrays, requeues), Open MPI and MPICH -> one LaunchEnv."""
+"""Launcher detection: torchrun, SLURM (srun steps, arrays, requeues), Open MPI and MPICH -> one LaunchEnv.
+
+The SLURM variables below are those a SLURM 22.05 cluster (tools/slurm-local) set for the layouts named."""
 
 from __future__ import annotations
 
-import pytest
+import json
+import sys
 
-from hpc.env import LaunchEnvError, detect, expand_nodelist
+import pytest
+from test_mpi import mpiexec, needs_mpiexec
+
+from hpc.env import LaunchEnvError, detect, expand_nodelist, expand_tasks_per_node
 
 
 @pytest.mark.parametrize(
@@ -87,6 +93,34 @@ def test_srun_tasks() -> None:
     assert e.restart_count == 2
 
 
+@pytest.mark.parametrize(
+    ("value", "counts"),
+    [("1", [1]), ("4(x2)", [4, 4]), ("3,2", [3, 2]), ("2(x3),1", [2, 2, 2, 1]), ("1,3(x2)", [1, 3, 3])],
+)
+def test_expand_tasks_per_node(value: str, counts: list[int]) -> None:
+    assert expand_tasks_per_node(value) == counts
+
+
+@pytest.mark.parametrize("bad", ["", "4(x)", "x2", "4(2)", "3,,2"])
+def test_expand_tasks_per_node_rejects(bad: str) -> None:
+    with pytest.raises(LaunchEnvError, match="SLURM_STEP_TASKS_PER_NODE="):
+        expand_tasks_per_node(bad)
+
+
+def test_srun_local_world_size_comes_from_the_step_layout() -> None:
+    # `srun -N2 -n5` in a job of --ntasks-per-node=4: tasks 3,2 per node; SLURM_NTASKS_PER_NODE is the job's
+    # option, inherited unchanged, and does not describe the step.
+    step = {"SLURM_NTASKS": "5", "SLURM_STEP_ID": "0", "SLURM_STEP_TASKS_PER_NODE": "3,2", "SLURM_NTASKS_PER_NODE": "4"}
+    first = detect({**step, "SLURM_PROCID": "2", "SLURM_LOCALID": "2", "SLURM_NODEID": "0"})
+    second = detect({**step, "SLURM_PROCID": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "1"})
+    assert (first.local_world_size, first.node_rank, second.local_world_size, second.node_rank) == (3, 0, 2, 1)
+    # `srun -N2 -n8` with no --ntasks-per-node anywhere: 4 per node, not the world of 8.
+    even = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_NODEID": "1", "SLURM_STEP_ID": "0"}
+    assert detect({**even, "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}).local_world_size == 4
+    with pytest.raises(LaunchEnvError, match=r"SLURM_NODEID=2 has no entry in SLURM_STEP_TASKS_PER_NODE='4\(x2\)'"):
+        detect({**even, "SLURM_NODEID": "2", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"})
+
+
 def test_batch_script_is_one_process() -> None:
     # The batch step sees the job's task count but is a single process: no SLURM_STEP_ID.
     e = detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1"})
@@ -104,6 +138,78 @@ def test_array_task() -> None:
     e = detect(env)
     assert e.is_array_task and e.array_task_id == 7 and e.array_task_count == 8 and e.array_index == 4
     assert e.job_id == "900"
+
+
+#: What every rank of `mpiexec -n 8` on 2 nodes inside an allocation inherits: Open MPI (and MPICH's hydra) start
+#: their daemon on each node with `srun --ntasks-per-node=1`, a step of one task per node (here node 1 of 2).
+DAEMON_STEP = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NODELIST": "gpu[07-08]",
+    "SLURM_STEP_ID": "0",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "1",
+    "SLURM_NTASKS": "2",
+    "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+}
+
+
+@pytest.mark.parametrize(
+    "mpi",
+    [
+        {
+            "OMPI_COMM_WORLD_RANK": "5",
+            "OMPI_COMM_WORLD_SIZE": "8",
+            "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+        },
+        {"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "4"},
+    ],
+    ids=["openmpi", "mpich"],
+)
+def test_mpiexec_inside_a_slurm_allocation_takes_the_ranks_from_mpi(mpi: dict[str, str]) -> None:
+    e = detect({**DAEMON_STEP, **mpi})
+    assert (e.launcher, e.rank, e.local_rank, e.world_size, e.local_world_size, e.node_rank) == ("mpi", 5, 1, 8, 4, 1)
+    # Same world size, other rank: rank 1 runs on node 0, whose daemon is task 0 of the step.
+    e = detect({**DAEMON_STEP, "SLURM_PROCID": "0", "SLURM_NODEID": "0", "PMI_RANK": "1", "PMI_SIZE": "2"})
+    assert (e.launcher, e.rank, e.world_size) == ("mpi", 1, 2)
+
+
+def test_srun_starting_mpi_ranks_keeps_slurm_and_torchrun_wins_over_both() -> None:
+    # `srun -N2 -n8 --mpi=pmi2`: PMI's rank and size agree with SLURM's, which also give the layout per node.
+    step = {**DAEMON_STEP, "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8"}
+    step["SLURM_STEP_TASKS_PER_NODE"] = "4(x2)"
+    e = detect({**step, "PMI_RANK": "5", "PMI_SIZE": "8"})
+    assert (e.launcher, e.rank, e.local_rank, e.world_size, e.local_world_size, e.node_rank) == ("slurm", 5, 1, 8, 4, 1)
+    assert (e.master_addr, e.master_port) == ("gpu07", 20000 + 4242)
+    # Open MPI started by srun (PMIx) states its local layout too; it agrees.
+    ompi = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
+    assert detect({**step, **ompi, "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}).launcher == "slurm"
+    # One local size that differs is enough to tell mpiexec's ranks from srun's tasks.
+    assert detect({**step, **ompi, "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}).launcher == "mpi"
+    torchrun = {"RANK": "3", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4", "GROUP_RANK": "0"}
+    e = detect({**step, **ompi, **torchrun})
+    assert (e.launcher, e.rank, e.world_size, e.local_world_size) == ("torchrun", 3, 16, 4)
+
+
+@pytest.mark.distributed
+@needs_mpiexec
+def test_real_mpiexec_ranks_ignore_the_daemon_step_they_inherit() -> None:
+    """Real mpiexec, its ranks carrying the variables of a one-task SLURM step (as under an allocation, where
+    the daemons run in one): every rank is itself, not task 0 of 1."""
+    code = (
+        "import json; from hpc.env import detect; e = detect(); print(json.dumps([e.launcher, e.rank, e.world_size]))"
+    )
+    step = {
+        **DAEMON_STEP,
+        "SLURM_PROCID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NTASKS": "1",
+        "SLURM_STEP_TASKS_PER_NODE": "1",
+    }
+    p = mpiexec(2, sys.executable, "-c", code, env=step)
+    assert p.returncode == 0, p.stderr
+    assert sorted(json.loads(line) for line in p.stdout.splitlines() if line) == [["mpi", 0, 2], ["mpi", 1, 2]]
 
 
 @pytest.mark.parametrize(
@@ -139,3 +245,55 @@ def test_task_share_defaults_from_the_array_and_yields_to_flags() -> None:
     assert detect({}).task_share(None, 5) == (0, 5)
     with pytest.raises(LaunchEnvError, match="--task-id=4"):
         detect({}).task_share(4, 4)
+
+
+def array(task: int, tmin: int, tmax: int, count: int, step: int = 1) -> dict[str, str]:
+    """An array task's variables, as SLURM 22.05 sets them (a list such as --array=2,5 has step 1)."""
+    return {
+        "SLURM_JOB_ID": str(1000 + task),
+        "SLURM_ARRAY_JOB_ID": "1000",
+        "SLURM_ARRAY_TASK_ID": str(task),
+        "SLURM_ARRAY_TASK_MIN": str(tmin),
+        "SLURM_ARRAY_TASK_MAX": str(tmax),
+        "SLURM_ARRAY_TASK_COUNT": str(count),
+        "SLURM_ARRAY_TASK_STEP": str(step),
+    }
+
+
+def test_array_with_a_step_gives_consecutive_shares() -> None:
+    # --array=3-9:2: ids 3, 5, 7, 9
+    assert [detect(array(t, 3, 9, 4, 2)).task_share() for t in (3, 5, 7, 9)] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    # Without SLURM_ARRAY_TASK_COUNT the size follows from min, max and step.
+    no_count = {k: v for k, v in array(7, 3, 9, 4, 2).items() if k != "SLURM_ARRAY_TASK_COUNT"}
+    assert detect(no_count).task_share() == (2, 4)
+
+
+@pytest.mark.parametrize(
+    ("task", "tmin", "tmax", "count", "step"),
+    [(2, 2, 5, 2, 1), (5, 2, 5, 2, 1), (0, 0, 9, 4, 1), (10, 0, 10, 4, 3)],  # --array=2,5 / 0,3,6,9 / 0-6:3,10
+    ids=["2,5:2", "2,5:5", "0,3,6,9", "0-6:3,10"],
+)
+def test_array_given_as_a_list_needs_num_tasks(task: int, tmin: int, tmax: int, count: int, step: int) -> None:
+    env = detect(array(task, tmin, tmax, count, step))
+    with pytest.raises(LaunchEnvError, match=rf"SLURM_ARRAY_TASK_ID={task} .*--num-tasks"):
+        env.task_share()
+    # With --num-tasks the task id is SLURM_ARRAY_TASK_ID itself: any ids of 0..N-1 can be resubmitted.
+    assert env.task_share(None, 11) == (task, 11)
+
+
+def test_num_tasks_in_an_array_of_another_size_uses_the_absolute_task_id() -> None:
+    env = detect(array(2, 0, 3, 4))  # --array=0-3 with --num-tasks 8: task 2 of 8, not 0 of 8
+    assert env.task_share(None, 8) == (2, 8)
+    assert env.task_share(5, 8) == (5, 8)  # an explicit --task-id wins
+    assert detect(array(3, 1, 3, 3)).task_share(None, 4) == (3, 4)  # --array=1-3: the ids, not their positions
+    with pytest.raises(LaunchEnvError, match=r"SLURM_ARRAY_TASK_ID=9 is not below --num-tasks=8"):
+        detect(array(9, 0, 9, 10)).task_share(None, 8)
+    with pytest.raises(LaunchEnvError, match=r"--num-tasks=0 must be >= 1"):
+        env.task_share(None, 0)
+
+
+def test_array_task_id_alone_asks_for_num_tasks() -> None:
+    env = detect({"SLURM_JOB_ID": "80", "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3"})
+    with pytest.raises(LaunchEnvError, match=r"SLURM_ARRAY_TASK_ID=3 comes without the array's size.*--num-tasks"):
+        env.task_share()
+    assert env.task_share(None, 4) == (3, 4)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cytonet.cli import build_parser
 from cytonet.errors import ConfigError, UsageError
 from hpc.env import LaunchEnvError, detect
 from hpc.requeue import requeue_target
@@ -53,6 +54,74 @@ def test_array_size_and_parallelism_come_from_profile_or_argument() -> None:
         render("infer", profile, PAPER, array_tasks=0)
 
 
+def record_argv(path: Path, record: Path) -> Path:
+    """An executable at ``path`` that writes its arguments and SRUN_CPUS_PER_TASK to ``record`` (JSON)."""
+    path.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"json.dump([sys.argv[1:], os.environ.get('SRUN_CPUS_PER_TASK')], open({str(record)!r}, 'w'))\n"
+    )
+    path.chmod(0o755)
+    return path
+
+
+def test_array_script_gives_any_resubmitted_task_its_own_share_and_srun_the_cpus(tmp_path: Path) -> None:
+    """The extraction array script of 8 tasks under bash as task 5 of a resubmission `sbatch --array=2,5` (the
+    variables SLURM 22.05 sets for it), srun recording what it was given: cytonet gets share 5 of 8, and srun the
+    script's CPUs per task (srun of 22.05-23.02 does not inherit them from sbatch)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "srun.json"
+    record_argv(bin_dir / "srun", record)
+    script = tmp_path / "extract.sbatch"
+    script.write_text(render("extract", SiteProfile(cpus_per_task=4), PAPER, array_tasks=8).script)
+    resubmitted = {
+        "SLURM_ARRAY_JOB_ID": "900",
+        "SLURM_ARRAY_TASK_ID": "5",
+        "SLURM_ARRAY_TASK_MIN": "2",
+        "SLURM_ARRAY_TASK_MAX": "5",
+        "SLURM_ARRAY_TASK_COUNT": "2",
+        "SLURM_ARRAY_TASK_STEP": "1",
+        "SLURM_CPUS_PER_TASK": "4",
+    }
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), **resubmitted}
+    r = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    argv, srun_cpus = json.loads(record.read_text())
+    assert srun_cpus == "4"
+    assert argv[:3] == [sys.executable, "-m", "cytonet.cli"]
+    args = build_parser().parse_args(argv[3:])
+    assert (args.command, args.config) == ("extract", str(PAPER))
+    assert detect(resubmitted).task_share(args.task_id, args.num_tasks) == (5, 8)
+
+
+def test_memory_per_node_and_cpus_per_task_go_where_they_belong() -> None:
+    """``mem`` (per node) on training scripts only; the srun CPU hand-over exactly where --cpus-per-task is set,
+    after the #SBATCH lines (sbatch reads none after the first command)."""
+    gpu = SiteProfile(gpus_per_node=4, cpus_per_gpu=8, cpus_per_task=8, mem="0")
+    scripts = {kind: render(kind, gpu, PAPER).script for kind in KINDS}
+    assert [kind for kind, text in scripts.items() if "#SBATCH --mem=0\n" in text] == ["pretrain", "probe", "scratch"]
+    handover = 'export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"\n'
+    assert [kind for kind, text in scripts.items() if handover in text] == ["extract"]  # GPU jobs: --cpus-per-gpu
+    cpu = render("pretrain", SiteProfile(cpus_per_task=16, mem="64G"), PAPER).script
+    assert "#SBATCH --cpus-per-task=16\n" in cpu and "#SBATCH --mem=64G\n" in cpu
+    assert cpu.rindex("#SBATCH") < cpu.index(handover) < cpu.index("-m hpc.requeue -- srun ")
+    assert handover not in render("pretrain", SiteProfile(), PAPER).script
+    # Array tasks take their own, per-task memory where the profile gives one.
+    sized = SiteProfile(gpus_per_node=4, mem="0", array_mem="48G")
+    assert "#SBATCH --mem=48G\n" in render("infer", sized, PAPER).script
+    assert "#SBATCH --mem=0\n" in render("probe", sized, PAPER).script
+
+
+def test_submitit_array_tasks_take_array_memory_not_the_nodes(tmp_path: Path) -> None:
+    from hpc.submit import make_executor
+
+    profile = SiteProfile(gpus_per_node=4, mem="0", array_mem="48G")
+    for command, mem in [("infer", "48G"), ("extract", "48G"), ("pretrain", "0")]:
+        executor = make_executor(command, profile, tmp_path, local=False)
+        assert executor.parameters.get("mem") == mem, command  # type: ignore[attr-defined]
+    assert "mem" not in make_executor("infer", SiteProfile(mem="0"), tmp_path, local=False).parameters  # type: ignore[attr-defined]
+
+
 def test_unknown_profile_key_lists_the_valid_ones() -> None:
     with pytest.raises(ConfigError, match=r"unknown key 'acount'.*valid keys: account, partition, qos, time"):
         profile_from_dict({"acount": "x"})
@@ -69,6 +138,7 @@ def test_unknown_profile_key_lists_the_valid_ones() -> None:
         ({"time": {"pretrain": "tomorrow"}}, "time.pretrain"),
         ({"time": {"probe": "0"}}, "time.probe"),
         ({"mem": "lots"}, "mem"),
+        ({"array_mem": "0"}, "array_mem"),
         ({"gpus_per_node": -1}, "gpus_per_node"),
         ({"gpus_per_node": "4"}, "gpus_per_node"),
         ({"setup": ["module load x\nrm -rf /"]}, r"setup\[0\]"),
