@@ -435,8 +435,11 @@ def test_checkpoint_of_another_format_kind_or_identity_is_refused(tmp_path: Path
     (tmp_path / "ckpt-000000005.pt").write_bytes(b"truncated")
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_checkpoint(tmp_path / "ckpt-000000005.pt", kind="pretrain", identity=identity, config=config)
-    # keep=2: only the two newest complete checkpoints remain after another save
+    # keep=2: only the two newest complete checkpoints remain after another save, and a temporary file left
+    # by a writer killed mid-write goes too
+    (tmp_path / "ckpt-000000005.pt.tmp4242").write_bytes(b"half a checkpoint")
     save_checkpoint(tmp_path, state, 6, keep=2)
+    assert not (tmp_path / "ckpt-000000005.pt.tmp4242").exists()
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000000005.pt", "ckpt-000000006.pt"]
 
 

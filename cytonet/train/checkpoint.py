@@ -152,6 +152,8 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) 
     _fsync_dir(run_dir)
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink()
+    for stale in run_dir.glob("ckpt-*.pt.tmp*"):  # left by a writer killed mid-write (one writer per folder)
+        stale.unlink(missing_ok=True)
     log.info("checkpoint %s written", final)
     return final
 

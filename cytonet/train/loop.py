@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import math
+import shutil
 import time
 import traceback
 from dataclasses import dataclass
@@ -525,6 +526,8 @@ def _clear_run(out: Path) -> None:
             or p.name in (DONE_FILE, ENCODER_FILE, MODEL_FILE, "train-log.csv")
         ):
             p.unlink()
+        elif p.is_dir() and p.name == "tensorboard":  # the old run's curves would mix with the new run's
+            shutil.rmtree(p)
 
 
 def _fmt(m: dict[str, float]) -> str:
