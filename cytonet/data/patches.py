@@ -183,6 +183,31 @@ def write_bytes_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
     os.replace(tmp, path)
 
 
+def publish(partial: Path, final: Path) -> None:
+    """Move a finished store (a file, or a folder of files) from ``partial`` to ``final``, durably.
+
+    Its bytes are fsynced before the rename and the folder holding it after, so that "exists under the final
+    name" means complete after a lost node too, not only after a killed process (readers and reruns trust it).
+    """
+    files = [partial] if partial.is_file() else [p for p in sorted(partial.rglob("*")) if p.is_file()]
+    for path in files:
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+    if partial.is_dir():
+        for folder in [partial, *(p for p in sorted(partial.rglob("*")) if p.is_dir())]:
+            fsync_dir(folder)
+    os.replace(partial, final)
+    fsync_dir(final.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: Path, obj: Any, fsync: bool = True) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), fsync)
 
@@ -291,7 +316,7 @@ class ShardWriter:
             self._write_zarr(columns)
         self._closed = True
         remove_path(self.path)
-        os.replace(self.partial, self.path)
+        publish(self.partial, self.path)
         return self.path
 
     def _write_zarr(self, columns: dict[str, np.ndarray]) -> None:

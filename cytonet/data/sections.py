@@ -59,6 +59,7 @@ import numpy as np
 from cytonet import __version__
 from cytonet.config import IMAGE_LEVEL_FACTORS, image_levels_valid
 from cytonet.data.chunks import SHUFFLES, ChunkCache, ChunkedArray, open_chunked
+from cytonet.data.patches import publish
 from cytonet.errors import InputError, OutputExistsError
 
 FORMAT_VERSION = 1
@@ -355,7 +356,7 @@ class SectionWriter:
         self._closed = True
         if self.path.exists():
             _remove(self.path)  # allowed: the constructor refused an existing path without overwrite
-        os.replace(self.partial, self.path)
+        publish(self.partial, self.path)
         return self.path
 
     def abort(self) -> None:

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cytonet.data.patches import fsync_dir
 from cytonet.errors import CytonetError
 
 log = logging.getLogger(__name__)
@@ -131,14 +132,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
     """Write ``state`` atomically as ``ckpt-<step>.pt`` and keep only the newest ``keep`` checkpoints."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +142,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) 
         fh.flush()
         os.fsync(fh.fileno())  # the rename below must never expose a file whose bytes are still in flight
     os.replace(tmp, final)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink()
     for stale in run_dir.glob("ckpt-*.pt.tmp*"):  # left by a writer killed mid-write (one writer per folder)
