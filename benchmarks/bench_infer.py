@@ -53,6 +53,7 @@ from cytonet.infer.dense import DenseEncoder, PerPatchEncoder, dense_classifier_
 from cytonet.infer.run import BlockEvaluator, BlockReader, Classifier, load_classifier, run_infer, select_sections
 from cytonet.models.build import MODEL_FILE, MODEL_FORMAT, build_encoder
 from cytonet.models.heads import LinearClassifier
+from cytonet.precision import ieee_fp32
 
 
 def make_model(cfg: object, path: Path, n_areas: int, pixel_um: float) -> None:
@@ -81,11 +82,19 @@ def make_model(cfg: object, path: Path, n_areas: int, pixel_um: float) -> None:
     )
 
 
+def sync() -> None:
+    """Wait for queued GPU work: CUDA calls return before their kernels finish (a no-op without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: object, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()  # type: ignore[operator]
+        sync()
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -188,14 +197,18 @@ def run_case(name: str, args: argparse.Namespace, work: Path, device: torch.devi
         y0 = max(0, (h // factor - tile_px) // 2)
         x0 = max(0, (w // factor - tile_px) // 2)
         tile = r.read_image(factor, y0, y0 + tile_px, x0, x0 + tile_px)
+    if args.precision == "fp32":
+        ieee_fp32(device)  # as inference does: TF32 convolutions would differ from per-patch by ~1e-3
     x = torch.from_numpy(tile).float().div(255.0)[None, None].to(device)
     dense = DenseEncoder(enc, patch, stride, channels_last=cfg.infer.channels_last).to(device).eval()
     per_patch = PerPatchEncoder(enc, patch, stride, batch_size=16 if patch > 512 else 64).eval()
     with torch.no_grad():
         fd = dense(x)
         t_dense = timed(lambda: dense(x), args.repeats)
+        sync()
         t0 = time.perf_counter()
         fp = per_patch(x)
+        sync()
         t_patch = time.perf_counter() - t0
     n_pts = fd.shape[-2] * fd.shape[-1]
     print(f"1. dense vs per-patch, tile {tile_px}^2 px, {n_pts} grid points")
@@ -305,9 +318,13 @@ def main() -> None:
         default=[CORES, CORES - 1] if CORES > 1 else [1],
         help="model (torch) threads to measure part 2 with; default: all cores, and all but one",
     )
+    ap.add_argument("--prepare", action="store_true", help="only generate the section into --work, then exit")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-infer-"))
     sections = make_sections(args, work)
+    if args.prepare:
+        print(f"section ready in {work}")
+        return
     for name in args.cases:
         run_case(name, args, work, torch.device(args.device), sections)
     print(f"\n(outputs in {work})")

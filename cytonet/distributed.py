@@ -114,7 +114,9 @@ def resolve_backend(cfg: DistConfig, cuda_available: bool | None = None) -> Back
 def device_for(env: DistEnv, cfg: DistConfig) -> torch.device:
     """The device of this rank: ``cuda:local_rank`` for nccl, the CPU for gloo."""
     if resolve_backend(cfg) == "nccl":
-        return torch.device("cuda", env.local_rank)
+        # A process that sees one GPU only (srun --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set per rank) owns
+        # it whatever its local rank; otherwise local rank i takes GPU i.
+        return torch.device("cuda", 0 if torch.cuda.device_count() == 1 else env.local_rank)
     return torch.device("cpu")
 
 
@@ -128,7 +130,7 @@ def init_distributed(env: DistEnv, cfg: DistConfig) -> torch.device:
     backend = resolve_backend(cfg)
     device = device_for(env, cfg)
     if device.type == "cuda":
-        if env.local_rank >= torch.cuda.device_count():
+        if (device.index or 0) >= torch.cuda.device_count():
             raise ConfigError(
                 f"local rank {env.local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
                 f"launch at most that many processes per node"
@@ -214,6 +216,12 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, pad], dim=0)
 
 
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single (the old names remain, deprecated);
+# clusters run older torch too (setup.cfg allows >= 2.1), where only the old names exist.
+_all_gather_single: Any = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single: Any = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _GatherRows(torch.autograd.Function):
     """All-gather of equal-sized (rows, ...) blocks along dim 0, in rank order; backward sums the gradient of this
     rank's block over all ranks. Both directions are synchronous plain collectives (see the module docstring)."""
@@ -221,7 +229,10 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         out = x.new_empty((world_size() * x.shape[0], *x.shape[1:]))
-        dist.all_gather_single(out, x)  # gloo: one plain all_gather into views of ``out``
+        if dist.get_backend() == "nccl":
+            _all_gather_single(out, x)  # one flat buffer, no per-rank copies
+        else:  # gloo, every torch version: one plain all_gather into the per-rank views of ``out``
+            dist.all_gather(list(out.view(world_size(), *x.shape).unbind(0)), x)
         return out
 
     @staticmethod
@@ -230,7 +241,7 @@ class _GatherRows(torch.autograd.Function):
         rows = grad.shape[0] // world_size()
         if dist.get_backend() == "nccl":
             mine = grad.new_empty((rows, *grad.shape[1:]))
-            dist.reduce_scatter_single(mine, grad)
+            _reduce_scatter_single(mine, grad)
             return mine
         total = grad.clone()
         dist.all_reduce(total)

@@ -72,6 +72,7 @@ def test_pretrain_on_cuda_with_nccl_and_fp16(tmp_path: Path) -> None:
     """One rank under torchrun with nccl, fp16 autocast and loss scaling: runs to the end with a finite loss."""
     config = training_data(
         tmp_path,
+        extract={"backend": "zarr"},  # the GPU image has h5py but not hdf5plugin
         loader={"workers": 1},
         pretrain={"epochs": 2, "global_batch_size": 8, "checkpoint_every_steps": 2, "log_every_steps": 1},
         optim={"precision": "fp16"},
@@ -87,3 +88,48 @@ def test_pretrain_on_cuda_with_nccl_and_fp16(tmp_path: Path) -> None:
     state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
     assert all(v.isfinite().all() for v in state["model"].values() if torch.is_tensor(v) and v.is_floating_point())
     assert state["scaler"], "fp16 trains with a loss scaler"
+
+
+def test_nccl_collectives_sync_batchnorm_and_ddp_on_one_gpu(tmp_path: Path) -> None:
+    """The nccl code paths a one-GPU machine can run: a world of one rank (NCCL refuses two ranks on one GPU).
+
+    cytonet's helpers skip collectives at world size 1, so the gather's autograd function is called directly:
+    it must run forward and backward on nccl (names of collectives differ between torch versions); then the
+    model is converted to torch's SyncBatchNorm, wrapped in DDP on the GPU and trained one fp16 step with
+    channels_last and the gradient scaler, as pretraining does.
+    """
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from cytonet import distributed as D
+    from cytonet.config import DistConfig, ModelConfig
+    from cytonet.models.build import build_contrastive_model
+    from cytonet.precision import MixedPrecision
+
+    env = DistEnv(rank=0, local_rank=0, world_size=1)
+    dcfg = DistConfig(backend="nccl")
+    device = D.device_for(env, dcfg)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=device)
+    try:
+        x = torch.randn(5, 3, device=device, requires_grad=True)
+        y = D._GatherRows.apply(x)
+        assert torch.equal(y, x)
+        (y * 2).sum().backward()
+        assert torch.equal(x.grad, torch.full_like(x, 2.0))  # type: ignore[arg-type]
+        model = build_contrastive_model(ModelConfig(n_blocks=2, patch_size_px=49)).to(device)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # As a rank of a larger job converts it (at world size 1 the conversion is skipped).
+        model = D.convert_sync_batchnorm(model, DistEnv(rank=0, local_rank=0, world_size=2), dcfg, device)
+        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+        ddp = DistributedDataParallel(model, device_ids=[device.index])
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        mp = MixedPrecision("fp16", device)
+        with mp.autocast():
+            z = ddp(torch.rand(8, 1, 49, 49, device=device))
+        mp.backward(z.float().pow(2).mean())
+        mp.step(opt)
+        assert all(p.isfinite().all() for p in model.parameters())
+        D.broadcast_buffers(model)
+    finally:
+        dist.destroy_process_group()

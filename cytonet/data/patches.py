@@ -43,6 +43,7 @@ of ``cytonet store info``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -274,10 +275,11 @@ class ShardWriter:
         self._file: Any = None
         if self.backend == "hdf5":
             import h5py
-            import hdf5plugin
 
             kwargs: dict[str, Any] = {}
             if compression == "blosc-zstd":
+                import hdf5plugin  # only for the filter: uncompressed shards need no plugin (GPU images lack it)
+
                 # No shuffle: on uint8 patches of the synthetic brains it compresses better than bitshuffle
                 # (1.23x vs 1.14x at level 3) and decodes faster.
                 kwargs.update(hdf5plugin.Blosc(cname="zstd", clevel=3, shuffle=hdf5plugin.Blosc.NOSHUFFLE))
@@ -374,8 +376,9 @@ def _open_shard(path: Path) -> Any:
 
             return zarr.open_group(str(path), mode="r")
         import h5py
-        import hdf5plugin  # noqa: F401  registers the blosc filter; reading blosc shards fails without it
 
+        with contextlib.suppress(ImportError):  # uncompressed shards read without it
+            import hdf5plugin  # noqa: F401  registers the blosc filter; reading blosc shards fails without it
         return h5py.File(path, "r")
     except Exception as exc:  # h5py and zarr raise many error types for damaged files
         raise InputError(f"cannot open shard {path}: {exc.__class__.__name__}: {exc}") from None

@@ -173,11 +173,12 @@ def _dilated_mean(f: torch.Tensor, k: int, d: int) -> torch.Tensor:
     """Mean over k x k taps spaced d apart, valid: (B, C, H, W) -> (B, C, H - (k-1)d, W - (k-1)d)."""
     span = (k - 1) * d
     h, w = f.shape[-2] - span, f.shape[-1] - span
-    acc = torch.zeros(f.shape[0], f.shape[1], h, w, dtype=f.dtype, device=f.device)
+    # Summed in at least fp32: k^2 fp16/bf16 additions would lose the mean's low bits (autocast runs in 16 bits).
+    acc = torch.zeros(f.shape[0], f.shape[1], h, w, dtype=torch.promote_types(f.dtype, torch.float32), device=f.device)
     for a in range(k):
         for b in range(k):
             acc += f[:, :, a * d : a * d + h, b * d : b * d + w]
-    return acc / (k * k)
+    return (acc / (k * k)).to(f.dtype)
 
 
 class PerPatchEncoder(nn.Module):

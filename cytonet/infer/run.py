@@ -466,6 +466,10 @@ def run_infer(
             "remove the output folder first, or run once with one process and --overwrite"
         )
     device = device or torch.device("cpu")
+    if device.type == "cuda":
+        # Before any reader thread allocates pinned memory: the pinned allocator, like every CUDA call without
+        # a device, uses the current device, and a rank with local rank > 0 would open a context on GPU 0.
+        torch.cuda.set_device(device)
     check_precision(icfg.precision, device, "infer.precision")  # before --overwrite removes anything
     clf = load_classifier(cfg.resolve_path(icfg.model_from))
     check_model_settings(cfg, clf)  # before --overwrite removes anything, and before anything is written
