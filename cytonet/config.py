@@ -170,13 +170,16 @@ class ImportConfig:
     labels: str = ""
     """Optional area label image of the same shape (same formats as ``image``)."""
     coords: str = ""
-    """Optional coordinate map (H x W x 3, mm in the reference space; same formats)."""
+    """Optional coordinate map (H x W x 3 in the reference space; same formats)."""
+    coords_unit: Literal["mm", "um"] = "mm"
+    """Unit of the values in ``coords``; ``um`` maps are divided by 1000 (section stores hold mm)."""
     depth: str = ""
     """Optional cortical depth map (H x W, 0 at the pial surface, 1 at the white-matter border)."""
     label_names: dict[int, str] = field(default_factory=dict)
     """Names of the label ids, e.g. ``{0: background, 1: white_matter, 2: hOc1}``."""
-    pixel_size_um: float = 2.0
-    """In-plane pixel size of the image."""
+    pixel_size_um: float | None = None
+    """In-plane pixel size of the image; null: the one the image file states (OME-TIFF, ImageJ TIFF, OME-Zarr),
+    refused if it states none. A value given must agree with the file's, if it states one."""
     brain: str = "B01"
     """Brain identifier written into the metadata."""
     section_index: int = 0
@@ -187,7 +190,8 @@ class ImportConfig:
     """Folder the section store is written to; relative paths lie below ``run.root_dir``; ``--out`` overrides."""
 
     def validate(self, prefix: str) -> None:
-        _check(self.pixel_size_um > 0, f"{prefix}.pixel_size_um", self.pixel_size_um, "> 0")
+        if self.pixel_size_um is not None:
+            _check(self.pixel_size_um > 0, f"{prefix}.pixel_size_um", self.pixel_size_um, "> 0, or null (the file's)")
         _check(self.section_index >= 0, f"{prefix}.section_index", self.section_index, ">= 0")
         _check(
             bool(self.brain) and all(ch.isalnum() or ch in "-_." for ch in self.brain) and self.brain[0] != ".",

@@ -527,3 +527,353 @@ def test_cli_import(tmp_path: Path) -> None:
     (line,) = error_lines(unknown.stderr)
     assert "importer.imagee" in line and "valid keys" in line
     assert tree_digest(out) == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pixel size stated by the file
+
+
+def ome_tif(path: Path, image: np.ndarray, **physical: Any) -> Path:
+    """An OME-TIFF whose OME-XML carries ``physical`` (PhysicalSizeX, PhysicalSizeXUnit, ...)."""
+    tifffile.imwrite(path, image, tile=(64, 64), metadata={"axes": "YX", **physical})
+    return path
+
+
+def ome_zarr(path: Path, image: np.ndarray, units: str | None, scale: float, **extra: Any) -> Path:
+    """An OME-Zarr (NGFF 0.4) multiscale group of ``image`` as 1 x 1 x 1 x H x W, levels 0 and 1."""
+    root = zarr.open_group(str(path), mode="w")
+    root.create_array("0", data=image[None, None, None], chunks=(1, 1, 1, 64, 64))
+    root.create_array("1", data=image[None, None, None, ::2, ::2], chunks=(1, 1, 1, 64, 64))
+    axes: list[dict[str, Any]] = [
+        {"name": "t", "type": "time"},
+        {"name": "c", "type": "channel"},
+        {"name": "z", "type": "space"},
+        {"name": "y", "type": "space"},
+        {"name": "x", "type": "space"},
+    ]
+    for axis in axes[2:]:
+        if units:
+            axis["unit"] = units
+    datasets = [
+        {"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 1, s, s]}]}
+        for level, s in ((0, scale), (1, 2 * scale))
+    ]
+    root.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": datasets, **extra}]
+    return path
+
+
+def stored_pixel_size(path: Path) -> tuple[float, str]:
+    meta = open_section(path).meta
+    return meta.pixel_size_um, meta.extra["pixel_size_source"]
+
+
+def test_pixel_size_from_ome_tiff(tmp_path: Path) -> None:
+    image = rand_u8((H, W), seed=20)
+    ome = ome_tif(tmp_path / "scan.ome.tif", image, PhysicalSizeX=0.5, PhysicalSizeY=0.5)
+    # importer.pixel_size_um=1.5 contradicts the file: refused, naming both values and the key (old code: 1.5).
+    _expect_input_error(
+        make_cfg(image=ome), tmp_path / "bad", "scan.ome.tif", "0.5 µm", "pixel_size_um=1.5", "PhysicalSizeX"
+    )
+    # null takes the file's; the same value given explicitly (to within rounding) is accepted.
+    path = import_section(make_cfg(image=ome, pixel_size_um=None), tmp_path / "a", overwrite=False)
+    assert stored_pixel_size(path) == (0.5, "OME-XML PhysicalSizeX/Y")
+    np.testing.assert_array_equal(open_section(path).read("image"), image)
+    path = import_section(make_cfg(image=ome, pixel_size_um=0.50001), tmp_path / "b", overwrite=False)
+    assert stored_pixel_size(path) == (0.50001, "importer.pixel_size_um")
+    # Units are converted: mm and nm; the default unit (none given) is µm.
+    for name, physical in {
+        "mm.ome.tif": {
+            "PhysicalSizeX": 0.0005,
+            "PhysicalSizeXUnit": "mm",
+            "PhysicalSizeY": 0.0005,
+            "PhysicalSizeYUnit": "mm",
+        },
+        "nm.ome.tif": {
+            "PhysicalSizeX": 500,
+            "PhysicalSizeXUnit": "nm",
+            "PhysicalSizeY": 500,
+            "PhysicalSizeYUnit": "nm",
+        },
+    }.items():
+        f = ome_tif(tmp_path / name, image, **physical)
+        path = import_section(make_cfg(image=f, pixel_size_um=None), tmp_path / name.replace(".", "_"), overwrite=False)
+        assert stored_pixel_size(path)[0] == pytest.approx(0.5)
+        _expect_input_error(make_cfg(image=f, pixel_size_um=2.0), tmp_path / "bad", name, "pixel_size_um=2")
+    # Anisotropic pixels are refused, whatever the config says.
+    aniso = ome_tif(tmp_path / "aniso.ome.tif", image, PhysicalSizeX=0.5, PhysicalSizeY=0.25)
+    for value in (None, 0.5):
+        _expect_input_error(
+            make_cfg(image=aniso, pixel_size_um=value), tmp_path / "bad", "aniso.ome.tif", "anisotropic", "0.25"
+        )
+    # An OME-TIFF without PhysicalSize states none: importer.pixel_size_um is needed.
+    plain = ome_tif(tmp_path / "plain.ome.tif", image)
+    _expect_input_error(
+        make_cfg(image=plain, pixel_size_um=None),
+        tmp_path / "bad",
+        "plain.ome.tif",
+        "no pixel size",
+        "importer.pixel_size_um",
+    )
+    assert stored_pixel_size(import_section(make_cfg(image=plain), tmp_path / "c", overwrite=False))[0] == 1.5
+
+
+def test_pixel_size_from_imagej_tiff_and_plain_tiff_tags(tmp_path: Path) -> None:
+    image = rand_u8((H, W), seed=21)
+    tifffile.imwrite(tmp_path / "ij.tif", image, imagej=True, resolution=(2.0, 2.0), metadata={"unit": "micron"})
+    path = import_section(make_cfg(image=tmp_path / "ij.tif", pixel_size_um=None), tmp_path / "a", overwrite=False)
+    assert stored_pixel_size(path)[0] == pytest.approx(0.5)
+    _expect_input_error(make_cfg(image=tmp_path / "ij.tif"), tmp_path / "bad", "ij.tif", "ImageJ", "0.5 µm")
+    # Plain resolution tags are placeholders as often as not (72 dpi; libvips writes 10 px/cm): ignored.
+    tifffile.imwrite(tmp_path / "dpi.tif", image, resolution=(72.0, 72.0), resolutionunit="inch")
+    tifffile.imwrite(tmp_path / "cm.tif", image, resolution=(10.0, 10.0), resolutionunit="centimeter")
+    for name in ("dpi.tif", "cm.tif"):
+        path = import_section(make_cfg(image=tmp_path / name), tmp_path / name.replace(".", "_"), overwrite=False)
+        assert stored_pixel_size(path) == (1.5, "importer.pixel_size_um")
+        _expect_input_error(
+            make_cfg(image=tmp_path / name, pixel_size_um=None), tmp_path / "bad", name, "no pixel size"
+        )
+
+
+def test_pixel_size_from_ome_zarr_scale(tmp_path: Path) -> None:
+    image = rand_u8((H, W), seed=22)
+    um = ome_zarr(tmp_path / "um.ome.zarr", image, "micrometer", 0.5)
+    path = import_section(make_cfg(image=um, pixel_size_um=None), tmp_path / "a", overwrite=False)
+    assert stored_pixel_size(path) == (0.5, "OME-Zarr multiscales scale")
+    np.testing.assert_array_equal(open_section(path).read("image"), image)
+    _expect_input_error(make_cfg(image=um), tmp_path / "bad", "um.ome.zarr", "0.5 µm", "pixel_size_um=1.5")
+    # The scale of the level imported: level 1 named in the spec, or opened as the array's folder.
+    path = import_section(make_cfg(image=f"{um}:1", pixel_size_um=None), tmp_path / "b", overwrite=False)
+    assert stored_pixel_size(path)[0] == 1.0
+    path = import_section(make_cfg(image=um / "1", pixel_size_um=None), tmp_path / "b2", overwrite=False)
+    assert stored_pixel_size(path)[0] == 1.0
+    # Units are converted; the multiscale's own scale applies after the dataset's.
+    mm = ome_zarr(tmp_path / "mm.ome.zarr", image, "millimeter", 0.0005)
+    assert stored_pixel_size(import_section(make_cfg(image=mm, pixel_size_um=None), tmp_path / "c", overwrite=False))[
+        0
+    ] == pytest.approx(0.5)
+    both = ome_zarr(
+        tmp_path / "both.ome.zarr",
+        image,
+        "micrometer",
+        0.5,
+        coordinateTransformations=[{"type": "scale", "scale": [1, 1, 1, 4, 4]}],
+    )
+    assert stored_pixel_size(
+        import_section(make_cfg(image=both, pixel_size_um=None), tmp_path / "d", overwrite=False)
+    ) == (2.0, "OME-Zarr multiscales scale")
+    # A scale without a unit is no pixel size: importer.pixel_size_um is needed (and is then used).
+    bare = ome_zarr(tmp_path / "bare.ome.zarr", image, None, 0.5)
+    _expect_input_error(
+        make_cfg(image=bare, pixel_size_um=None), tmp_path / "bad", "bare.ome.zarr", "no unit", "importer.pixel_size_um"
+    )
+    assert stored_pixel_size(import_section(make_cfg(image=bare), tmp_path / "e", overwrite=False))[0] == 1.5
+
+
+def test_pixel_size_of_other_layers_and_section_stores(tmp_path: Path) -> None:
+    image = rand_u8((H, W), seed=23)
+    ome = ome_tif(tmp_path / "scan.ome.tif", image, PhysicalSizeX=0.5, PhysicalSizeY=0.5)
+    labels = ome_tif(tmp_path / "labels.ome.tif", np.zeros((H, W), np.uint16), PhysicalSizeX=1.0, PhysicalSizeY=1.0)
+    _expect_input_error(
+        make_cfg(image=ome, labels=labels, pixel_size_um=None),
+        tmp_path / "bad",
+        "labels.ome.tif",
+        "states a pixel size of 1 µm",
+        "image's is 0.5 µm",
+    )
+    # A cytonet section store states its pixel size: its full-resolution layers re-import without a setting.
+    for backend in ("zarr", "hdf5"):
+        store = import_section(make_cfg(backend, image=ome, pixel_size_um=None), tmp_path / backend, overwrite=False)
+        spec = f"{store}:image" if backend == "hdf5" else str(store / "image")
+        again = import_section(make_cfg(image=spec, pixel_size_um=None), tmp_path / f"re_{backend}", overwrite=False)
+        assert stored_pixel_size(again)[0] == 0.5
+        np.testing.assert_array_equal(open_section(again).read("image"), image)
+        # Its image levels are smaller: the store's pixel size is not theirs.
+        level = f"{store}:image_x2" if backend == "hdf5" else str(store / "image_x2")
+        _expect_input_error(make_cfg(image=level, pixel_size_um=None), tmp_path / "bad", "image_x2", "no pixel size")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TIFF photometric interpretations
+
+
+def test_tiff_photometric_miniswhite_and_palette(tmp_path: Path) -> None:
+    image = rand_u8((H, W), seed=24)
+    tifffile.imwrite(tmp_path / "white.tif", image, photometric="miniswhite", tile=(64, 64))
+    path = import_section(make_cfg(image=tmp_path / "white.tif"), tmp_path / "a", overwrite=False)
+    np.testing.assert_array_equal(open_section(path).read("image"), 255 - image)  # old code: stored raw
+    assert open_section(path).meta.extra["image_conversion"] == {
+        "rule": "copy",
+        "lo": 0,
+        "hi": 255,
+        "inverted_max": 255,
+    }
+    # uint16 min-is-white: inverted before the percentile mapping (memory-mapped, uncompressed).
+    deep = np.random.default_rng(24).integers(1000, 60000, (H, W)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "white16.tif", deep, photometric="miniswhite")
+    tifffile.imwrite(tmp_path / "black16.tif", (65535 - deep).astype(np.uint16))
+    white = import_section(make_cfg(image=tmp_path / "white16.tif"), tmp_path / "b", overwrite=False)
+    black = import_section(make_cfg(image=tmp_path / "black16.tif"), tmp_path / "c", overwrite=False)
+    np.testing.assert_array_equal(open_section(white).read("image"), open_section(black).read("image"))
+    # Labels are ids: a min-is-white label image is not inverted.
+    tifffile.imwrite(tmp_path / "labels.tif", (image % 7).astype(np.uint8), photometric="miniswhite")
+    path = import_section(
+        make_cfg(image=tmp_path / "white.tif", labels=tmp_path / "labels.tif"), tmp_path / "d", overwrite=False
+    )
+    np.testing.assert_array_equal(open_section(path).read("labels"), image % 7)
+    # Float min-is-white is refused.
+    tifffile.imwrite(tmp_path / "whitef.tif", image.astype(np.float32) / 255, photometric="miniswhite")
+    _expect_input_error(make_cfg(image=tmp_path / "whitef.tif"), tmp_path / "bad", "whitef.tif", "MINISWHITE", "float")
+
+    # Palette: a grey palette gives its grey (here a reversed ramp), a colour one the luma of each colour.
+    ramp = np.arange(256)[::-1].astype(np.uint16) * 257
+    tifffile.imwrite(tmp_path / "pgrey.tif", image, photometric="palette", colormap=np.stack([ramp] * 3))
+    path = import_section(make_cfg(image=tmp_path / "pgrey.tif"), tmp_path / "e", overwrite=False)
+    np.testing.assert_array_equal(open_section(path).read("image"), 255 - image)  # old code: the indices
+    assert open_section(path).meta.extra["image_conversion"]["rule"] == "palette-grey"
+    colours = np.random.default_rng(25).integers(0, 256, (3, 256)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "pcolour.tif", image, photometric="palette", colormap=colours * 257, tile=(64, 64))
+    path = import_section(make_cfg(image=tmp_path / "pcolour.tif"), tmp_path / "f", overwrite=False)
+    luma = np.clip(np.rint(np.array(LUMA_WEIGHTS) @ colours), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(open_section(path).read("image"), luma[image])
+    assert open_section(path).meta.extra["image_conversion"]["rule"] == "palette-luma"
+
+
+@pytest.mark.parametrize(
+    ("photometric", "kwargs"),
+    [
+        ("separated", {"shape": (H, W, 4)}),
+        ("cielab", {"shape": (H, W, 3)}),
+        ("ycbcr", {"shape": (H, W, 3), "subsampling": (1, 1)}),
+    ],
+    ids=["cmyk", "cielab", "ycbcr-raw"],
+)
+def test_tiff_photometric_refused(tmp_path: Path, photometric: str, kwargs: dict[str, Any]) -> None:
+    data = rand_u8(kwargs.pop("shape"), seed=26)
+    tifffile.imwrite(tmp_path / "colour.tif", data, photometric=photometric, **kwargs)
+    # Old code: converted as if RGB(A).
+    _expect_input_error(
+        make_cfg(image=tmp_path / "colour.tif"), tmp_path / "out", "colour.tif", photometric.upper(), "not supported"
+    )
+
+
+def test_tiff_jpeg_ycbcr_is_decoded_as_rgb(tmp_path: Path) -> None:
+    rgb = rand_u8((H, W, 3), seed=27)
+    tifffile.imwrite(tmp_path / "ycc.tif", rgb, photometric="ycbcr", compression="jpeg", tile=(64, 64))
+    decoded = tifffile.imread(tmp_path / "ycc.tif")  # RGB, lossy
+    path = import_section(make_cfg(image=tmp_path / "ycc.tif"), tmp_path / "out", overwrite=False)
+    luma = np.clip(np.rint(decoded.astype(np.float64) @ np.array(LUMA_WEIGHTS)), 0, 255).astype(np.uint8)
+    assert np.abs(open_section(path).read("image").astype(int) - luma.astype(int)).max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Coordinate units, axis layouts, output folder
+
+
+def test_coords_in_micrometres(tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "img.tif", rand_u8((H, W)))
+    rng = np.random.default_rng(28)
+    coords_um = (rng.random((H, W, 3)) * 1000 + np.array([50000, 60000, 40000])).astype(np.float32)
+    coords_um[:4, :4] = np.nan  # outside the brain: ignored by the check
+    write_h5(tmp_path / "um.h5", {"xyz": coords_um})
+    # Old code: stored as if mm.
+    _expect_input_error(
+        make_cfg(image=tmp_path / "img.tif", coords=tmp_path / "um.h5"),
+        tmp_path / "bad",
+        "um.h5",
+        "[50000",
+        "mm",
+        "importer.coords_unit=um",
+    )
+    path = import_section(
+        make_cfg(image=tmp_path / "img.tif", coords=tmp_path / "um.h5", coords_unit="um"),
+        tmp_path / "a",
+        overwrite=False,
+    )
+    np.testing.assert_allclose(open_section(path).read("coords"), coords_um / 1000, rtol=1e-7)
+    # A stray value in a band the subsample skips is caught while copying, and nothing is left behind.
+    coords_mm = coords_um / 1000
+    coords_mm[7 * 16 + 3, 11] = [1e5, 0, 0]  # band 7 of 10 (16-row bands): not among the 8 sampled
+    write_h5(tmp_path / "mm.h5", {"xyz": coords_mm})
+    out = tmp_path / "mid"
+    _expect_input_error(
+        make_cfg(image=tmp_path / "img.tif", coords=tmp_path / "mm.h5", chunk_px=16),
+        out,
+        "mm.h5",
+        "100000",
+        "rows 0:128",
+    )
+    assert not (out / "B07_s0012.import.yaml").exists()
+
+
+def test_channels_first_with_trailing_singleton_axis(tmp_path: Path) -> None:
+    rgb = rand_u8((3, H, W), seed=29)
+    coords = np.random.default_rng(29).normal(size=(3, H, W)).astype(np.float32)
+    write_h5(tmp_path / "s.h5", {"rgb": rgb[..., None], "xyz": coords[..., None]})  # 3 x H x W x 1
+    cfg = make_cfg(image=f"{tmp_path / 's.h5'}:rgb", coords=f"{tmp_path / 's.h5'}:xyz")
+    r = open_section(import_section(cfg, tmp_path / "out", overwrite=False))  # old code: broadcast ValueError
+    luma = np.clip(np.rint(np.moveaxis(rgb, 0, -1).astype(np.float64) @ np.array(LUMA_WEIGHTS)), 0, 255)
+    assert np.abs(r.read("image").astype(int) - luma.astype(int)).max() <= 1
+    np.testing.assert_array_equal(r.read("coords"), np.moveaxis(coords, 0, -1))
+
+
+def test_ome_zarr_rgb_with_singleton_t_and_z(tmp_path: Path) -> None:
+    rgb = rand_u8((3, H, W), seed=30)
+    luma = np.clip(np.rint(np.moveaxis(rgb, 0, -1).astype(np.float64) @ np.array(LUMA_WEIGHTS)), 0, 255).astype(int)
+    # bioformats2raw layout: a root group (bioformats2raw.layout) with one multiscale group per image, t,c,z,y,x.
+    root = zarr.open_group(str(tmp_path / "b2r.zarr"), mode="w")
+    root.attrs["bioformats2raw.layout"] = 3
+    series = root.create_group("0")
+    series.create_array("0", data=rgb[None, :, None], chunks=(1, 1, 1, 64, 64))
+    series.create_array("1", data=rgb[None, :, None, ::2, ::2], chunks=(1, 1, 1, 64, 64))
+    axes = [
+        {"name": "t", "type": "time", "unit": "second"},
+        {"name": "c", "type": "channel"},
+        {"name": "z", "type": "space", "unit": "micrometer"},
+        {"name": "y", "type": "space", "unit": "micrometer"},
+        {"name": "x", "type": "space", "unit": "micrometer"},
+    ]
+    datasets = [
+        {"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [1, 1, 1, 0.5 * 2**i, 0.5 * 2**i]}]}
+        for i in (0, 1)
+    ]
+    series.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": datasets}]
+    root.create_group("OME").attrs["series"] = ["0"]
+    # Old code: "unsupported shape" (and the root group alone: "holds 2 arrays").
+    for spec in (tmp_path / "b2r.zarr", f"{tmp_path / 'b2r.zarr'}:0/0"):
+        path = import_section(
+            make_cfg(image=spec, pixel_size_um=None), tmp_path / f"out{len(str(spec))}", overwrite=False
+        )
+        assert np.abs(open_section(path).read("image").astype(int) - luma).max() <= 1
+        assert stored_pixel_size(path)[0] == 0.5
+    # Without axes metadata, a 5-D array is read as t, c, z, y, x (the OME-Zarr order).
+    write_h5(tmp_path / "tczyx.h5", {"img": rgb[None, :, None]})
+    path = import_section(make_cfg(image=tmp_path / "tczyx.h5"), tmp_path / "h5", overwrite=False)
+    assert np.abs(open_section(path).read("image").astype(int) - luma).max() <= 1
+    # A z (or t) axis of more than one plane is refused, naming it.
+    stack = zarr.open_group(str(tmp_path / "stack.zarr"), mode="w")
+    stack.create_array("0", data=np.zeros((1, 1, 2, H, W), np.uint8))
+    stack.attrs["multiscales"] = [{"version": "0.4", "axes": axes, "datasets": [{"path": "0"}]}]
+    _expect_input_error(make_cfg(image=tmp_path / "stack.zarr"), tmp_path / "bad", "stack.zarr", "axis 'z'", "size 2")
+
+
+def test_output_folder_that_is_a_file(tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "img.tif", rand_u8((H, W)))
+    afile = tmp_path / "afile"
+    afile.write_bytes(b"keep me")
+    for out in (afile, afile / "sub"):
+        with pytest.raises(OutputExistsError, match="afile exists and is not a folder"):
+            import_section(make_cfg(image=tmp_path / "img.tif"), out, overwrite=True)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "B07").write_bytes(b"not a brain folder")
+    with pytest.raises(OutputExistsError, match="B07 exists and is not a folder"):
+        import_section(make_cfg(image=tmp_path / "img.tif"), tmp_path / "out", overwrite=True)
+    assert afile.read_bytes() == b"keep me"
+    assert (tmp_path / "out" / "B07").read_bytes() == b"not a brain folder"
+    # From the command line: one error line, exit 1, no "unexpected NotADirectoryError".
+    config = tmp_path / "import.yaml"
+    config.write_text(yaml.safe_dump({"importer": {"pixel_size_um": 2.0}}))
+    res = cli("import", config, "importer.image=img.tif", "--out", afile, cwd=tmp_path)
+    assert res.returncode == 1
+    (line,) = error_lines(res.stderr)
+    assert "afile" in line and "not a folder" in line and "unexpected" not in line
+    assert afile.read_bytes() == b"keep me"

@@ -15,10 +15,24 @@ Inputs, given as strings in ``cfg.importer``:
   JPEG and JPEG 2000 are decoded through ``imagecodecs``, a dependency; a codec it lacks is refused up front).
 - HDF5: ``file.h5:/path/to/dataset`` (also ``.hdf5``, ``.hdf``, ``.he5``); without ``:dataset`` the file must hold
   exactly one dataset.
-- zarr (v2 or v3): ``path.zarr`` (an array, an OME-Zarr multiscale group whose level 0 is taken, or a group
-  holding exactly one array) or ``path.zarr:array/in/group``.
+- zarr (v2 or v3): ``path.zarr`` (an array, an OME-Zarr multiscale group whose level 0 is taken, the first
+  image of a bioformats2raw layout, or a group holding exactly one array) or ``path.zarr:array/in/group``.
 
-Size-1 leading axes are dropped (``1 x H x W``, ``1 x 1 x 1 x H x W`` OME-Zarr), as is a size-1 last axis.
+Axes: an OME-Zarr array's axes come from its multiscale metadata (``t``, ``c``, ``z``, ``y``, ``x``; a 5-D array
+without it is read as ``t, c, z, y, x``): ``y`` and ``x`` are the image, a ``c`` axis of size > 1 the channels,
+and every other axis must have size 1 (one plane). Other arrays: size-1 leading axes are dropped
+(``1 x H x W``), as is a size-1 last axis, and a first or last axis of 3 or 4 is the channel axis.
+
+Pixel size: ``importer.pixel_size_um`` null (the default) takes the one the image file states; a value given
+there must agree with it (within :data:`PIXEL_SIZE_RTOL`), else the import is refused naming both. Read from:
+OME-TIFF ``PhysicalSizeX/Y`` (``PhysicalSizeX/YUnit``, default µm), an ImageJ TIFF's calibration (``unit`` and
+``XResolution/YResolution``), OME-Zarr ``coordinateTransformations`` scale of the dataset imported (with the
+axes' ``unit``; a scale without a unit is no pixel size), a ``pixel_size_um`` attribute of an HDF5 dataset or
+zarr array, or of the group of a cytonet section store when the array is its full-resolution layer. Plain TIFF
+``XResolution/ResolutionUnit`` tags are ignored: writers fill them with placeholders (72 dpi, or libvips' 10
+pixels per cm) that cannot be told from real values. A file stating none needs ``importer.pixel_size_um``; a
+file stating different X and Y sizes (anisotropic pixels) is refused. Labels, depth or coordinates files that
+state a pixel size must agree with the image's.
 
 Layers and conversions:
 
@@ -28,9 +42,17 @@ Layers and conversions:
   :data:`SAMPLE_PIXELS` values) and are recorded in the store's ``extra.image_conversion`` attribute. A float
   image must hold finite values in [0, 1], mapped to ``round(255 x)``. RGB / RGBA uint8 (``H x W x 3|4`` or
   ``3|4 x H x W``) becomes grey ``round(0.299 R + 0.587 G + 0.114 B)`` (ITU-R BT.601 luma); alpha is ignored.
+  TIFF photometric interpretations: min-is-black and RGB as above (JPEG-compressed YCbCr is decoded to RGB);
+  a min-is-white unsigned integer image is inverted first (``2**bits - 1 - v``, recorded as ``inverted_max``;
+  a float one is refused); a palette image becomes the grey of its colour map (``palette-grey`` when R = G = B,
+  else ``palette-luma``, the luma of each colour); CMYK (SEPARATED), CIE L*a*b*, undecoded YCbCr and the rest
+  are refused. Labels, depth and coordinates are values, not intensities: their photometric is not applied.
   Anything else is refused with an :class:`~cytonet.errors.InputError`.
 - ``labels`` (optional): any integer dtype with ids in 0..65535 -> uint16, same H x W as the image.
-- ``coords`` (optional): float, ``H x W x 3`` or ``3 x H x W``, mm -> float32 ``H x W x 3``.
+- ``coords`` (optional): float, ``H x W x 3`` or ``3 x H x W``, mm (or µm with ``importer.coords_unit=um``,
+  divided by 1000) -> float32 ``H x W x 3`` in mm. A map with a finite value farther than :data:`COORDS_MAX_MM`
+  from the origin is refused (no brain is that large: the map is in another unit); a subsample is checked before
+  the store is created, every value while copying.
 - ``depth`` (optional): float ``H x W`` -> float32; NaN outside the cortex. Values outside [0, 1] are logged.
 
 Label table (``SectionMeta.label_table``): with a label image, it holds ``0: background``,
@@ -46,21 +68,24 @@ Replacing: an existing store of the section (in either backend: a ``.zarr`` and 
 both be listed by :func:`~cytonet.data.sections.list_sections`) is replaced only with ``overwrite``, and only
 once the new store is complete.
 
-Bad inputs (missing, truncated or corrupt files, unknown dataset keys, unsupported formats, dtypes or shapes,
-shape mismatches) raise :class:`~cytonet.errors.InputError` naming the file; an existing output store raises
-:class:`~cytonet.errors.OutputExistsError` unless ``overwrite`` is set.
+Bad inputs (missing, truncated or corrupt files, unknown dataset keys, unsupported formats, dtypes, shapes or
+photometric interpretations, shape mismatches, pixel sizes missing or disagreeing) raise
+:class:`~cytonet.errors.InputError` naming the file; an existing output store raises
+:class:`~cytonet.errors.OutputExistsError` unless ``overwrite`` is set, as does an output folder (or its brain
+folder) that exists as a file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +126,43 @@ UINT16_PERCENTILES = (0.1, 99.9)
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 #: A TIFF strip or tile larger than this is decoded whole; warn, because it is held in memory at once.
 LARGE_SEGMENT_BYTES = 256 << 20
+#: Relative difference within which two pixel sizes agree (file vs config, X vs Y): float32 and decimal
+#: rounding of stated sizes stay far below it; 0.1% over a 20000 px section is 20 px.
+PIXEL_SIZE_RTOL = 1e-3
+#: No finite coordinate (mm) of a brain section lies farther than this from the origin of a reference space;
+#: a map that does is in another unit (µm maps of human brains reach tens of thousands).
+COORDS_MAX_MM = 1000.0
+#: Micrometres per unit of length, by the names OME-XML (UnitsLength), OME-Zarr (UDUNITS-2) and ImageJ use.
+UM_PER_UNIT = {
+    "m": 1e6,
+    "meter": 1e6,
+    "dm": 1e5,
+    "decimeter": 1e5,
+    "cm": 1e4,
+    "centimeter": 1e4,
+    "mm": 1e3,
+    "millimeter": 1e3,
+    "µm": 1.0,
+    "um": 1.0,
+    "micrometer": 1.0,
+    "micron": 1.0,
+    "microns": 1.0,
+    "nm": 1e-3,
+    "nanometer": 1e-3,
+    "pm": 1e-6,
+    "picometer": 1e-6,
+    "å": 1e-4,
+    "angstrom": 1e-4,
+    "in": 25400.0,
+    "inch": 25400.0,
+    "thou": 25.4,
+}
+#: Units that say "no physical size" (an uncalibrated image), not a length one could convert.
+NO_LENGTH_UNITS = ("", "pixel", "pixels", "px", "reference frame")
+#: TIFF photometric interpretations of an image that are imported (others are refused).
+IMAGE_PHOTOMETRICS = ("MINISBLACK", "RGB", "MINISWHITE", "PALETTE")
+#: JPEG compressions whose YCbCr data tifffile decodes to RGB.
+JPEG_COMPRESSIONS = (6, 7, 33007, 34892)
 
 _KEYED_SPEC = re.compile(r"^(?P<path>.+?\.(?:h5|hdf5|hdf|he5|zarr))(?::(?P<key>.*))?$", re.IGNORECASE)
 
@@ -109,13 +171,29 @@ _KEYED_SPEC = re.compile(r"^(?P<path>.+?\.(?:h5|hdf5|hdf|he5|zarr))(?::(?P<key>.
 # Opening sources
 
 
+@dataclass(frozen=True)
+class StatedPixelSize:
+    """A pixel size an input file states, in µm, and where in the file it was found."""
+
+    y_um: float
+    x_um: float
+    origin: str
+    """e.g. ``OME-XML PhysicalSizeX/Y``, for messages and the store's ``extra.pixel_size_source``."""
+
+    def describe(self) -> str:
+        if math.isclose(self.y_um, self.x_um, rel_tol=PIXEL_SIZE_RTOL):
+            return f"{self.x_um:g} µm ({self.origin})"
+        return f"{self.x_um:g} µm in x and {self.y_um:g} µm in y ({self.origin})"
+
+
 @dataclass
 class Source:
     """One input array, seen as ``H x W`` or ``H x W x C``, readable in bands of rows.
 
-    ``array`` is any lazily sliceable array (zarr.Array, h5py.Dataset, numpy.memmap); ``prefix`` indexes away
-    leading size-1 axes; ``channels`` says where a channel axis sits (``None``, ``"last"`` or ``"first"``);
-    ``drop_last`` removes a trailing size-1 axis.
+    ``array`` is any lazily sliceable array (zarr.Array, h5py.Dataset, numpy.memmap). ``roles`` (set by
+    :func:`_layout`) says what each of its axes is: ``y``, ``x``, ``c`` (channels), ``""`` (a size-1 axis indexed
+    away) or ``"?"`` (an axis of an array whose layout is not understood: the layer checks refuse such arrays
+    before anything is read).
     """
 
     spec: str
@@ -123,20 +201,30 @@ class Source:
     array: Any
     raw_shape: tuple[int, ...]
     dtype: np.dtype[Any]
-    prefix: tuple[int, ...] = ()
-    channels: str | None = None
-    drop_last: bool = False
+    axis_names: tuple[str, ...] | None = None
+    """Names the file gives the axes (OME-Zarr ``t``, ``c``, ``z``, ``y``, ``x``), if it names them."""
+    roles: tuple[str, ...] = ()
+    pixel_size: StatedPixelSize | None = None
+    """The pixel size the file states, if any."""
+    pixel_size_note: str = ""
+    """Why a pixel size found in the file is unusable (a unit that is no length, a scale without a unit)."""
+    photometric: str = ""
+    """TIFF PhotometricInterpretation name (``MINISBLACK``, ``PALETTE``, ...); empty for other formats."""
+    colormap: np.ndarray | None = None
+    """TIFF palette, ``3 x 2**bits`` uint16, of a ``PALETTE`` image."""
+    bits_per_sample: int = 0
+    invert_max: int | None = None
+    """Set for a min-is-white image: every value ``v`` is read as ``invert_max - v``."""
     closers: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """Canonical shape: ``(H, W)`` or ``(H, W, C)``."""
-        core = self.raw_shape[len(self.prefix) :]
-        if self.drop_last:
-            core = core[:-1]
-        if self.channels == "first":
-            return (*core[1:], core[0])
-        return core
+        """Canonical shape: ``(H, W)`` or ``(H, W, C)`` (the kept axes in file order if not understood)."""
+        sizes = dict(zip(self.roles, self.raw_shape, strict=True))
+        if "y" in sizes and "x" in sizes:
+            hw = (sizes["y"], sizes["x"])
+            return (*hw, sizes["c"]) if "c" in sizes else hw
+        return tuple(n for role, n in zip(self.roles, self.raw_shape, strict=True) if role)
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -148,12 +236,8 @@ class Source:
     def read_rows(self, y0: int, y1: int, xstep: int = 1) -> np.ndarray:
         """Rows ``y0:y1`` (every ``xstep``-th column) as ``h x W`` or ``h x W x C``; only those rows are read."""
         rows, cols = slice(y0, y1), slice(None, None, xstep)
-        if self.channels == "first":
-            index: tuple[Any, ...] = (*self.prefix, slice(None), rows, cols)
-        else:
-            index = (*self.prefix, rows, cols)
-            if self.drop_last:
-                index = (*index, 0)
+        picks = {"y": rows, "x": cols, "": 0}
+        index = tuple(picks.get(role, slice(None)) for role in self.roles)
         try:
             block = np.asarray(self.array[index])
         except Exception as exc:  # backends raise their own types (TiffFileError, OSError, zarr errors, ...)
@@ -161,8 +245,14 @@ class Source:
                 f"{self.spec}: reading rows {y0}:{y1} failed, the file may be truncated or corrupt "
                 f"({exc.__class__.__name__}: {exc})"
             ) from None
-        if self.channels == "first":
-            block = np.moveaxis(block, 0, -1)
+        kept = [role for role in self.roles if role]
+        order = [kept.index(role) for role in ("y", "x", "c") if role in kept]
+        if order != sorted(order):
+            block = np.transpose(block, order)
+        if self.invert_max is not None:
+            if self.invert_max < np.iinfo(block.dtype).max:
+                block = np.minimum(block, self.invert_max)  # values above 2**bits - 1 would wrap around
+            block = np.subtract(self.invert_max, block, dtype=block.dtype)
         return block
 
     def close(self) -> None:
@@ -200,6 +290,8 @@ def open_source(spec: str, what: str) -> Source:
         raise InputError(f"{what} {spec}: unsupported input format {path.suffix or '(no suffix)'!r}; {FORMATS_HELP}")
     try:
         _layout(source)
+        if what == "image":
+            _image_photometric(source)
     except InputError:
         source.close()
         raise
@@ -207,23 +299,80 @@ def open_source(spec: str, what: str) -> Source:
 
 
 def _layout(src: Source) -> None:
-    """Drop size-1 leading / trailing axes and find a channel axis of 3 or 4 (set on ``src``)."""
+    """Set ``src.roles``: from the file's axis names, else the OME-Zarr 5-D convention, else the shape."""
     shape = src.raw_shape
+    if any(n == 0 for n in shape):
+        raise InputError(f"{src.describe()}: the array is empty")
+    roles = _roles_from_names(src) if src.axis_names is not None else None
+    if roles is None and len(shape) == 5 and shape[0] == 1 and shape[2] == 1:
+        roles = ("", "c" if shape[1] > 1 else "", "", "y", "x")  # OME-Zarr's t, c, z, y, x
+    src.roles = roles if roles is not None else _roles_from_shape(shape)
+
+
+def _roles_from_names(src: Source) -> tuple[str, ...] | None:
+    """Roles from named axes: ``y``/``x`` are the image, ``c`` the channels, any other axis must have size 1."""
+    names, shape = src.axis_names or (), src.raw_shape
+    if len(names) != len(shape) or len(set(names)) != len(names) or "y" not in names or "x" not in names:
+        log.info("%s: axes %s do not fit shape %s or lack y and x; ignoring them", src.spec, names, shape)
+        return None
+    roles = []
+    for name, n in zip(names, shape, strict=True):
+        if name in ("y", "x"):
+            roles.append(name)
+        elif n == 1:
+            roles.append("")
+        elif name == "c":
+            roles.append("c")
+        else:
+            raise InputError(
+                f"{src.describe()}: axis {name!r} (of axes {', '.join(names)}) has size {n}; only one plane is "
+                "supported: every axis other than y, x and c must have size 1"
+            )
+    return tuple(roles)
+
+
+def _roles_from_shape(shape: tuple[int, ...]) -> tuple[str, ...]:
+    """Roles from the shape alone: size-1 leading and last axes dropped, a channel axis of 3 or 4 first or last."""
     lead = 0
     while len(shape) - lead > 2 and shape[lead] == 1:
         lead += 1
     core = shape[lead:]
-    src.prefix = (0,) * lead
-    if len(core) > 2 and core[-1] == 1:
-        src.drop_last = True
+    trail = len(core) > 2 and core[-1] == 1
+    if trail:
         core = core[:-1]
-    if len(core) == 3:
-        if core[-1] in (3, 4):
-            src.channels = "last"
-        elif core[0] in (3, 4):
-            src.channels = "first"
-    if any(n == 0 for n in shape):
-        raise InputError(f"{src.describe()}: the array is empty")
+    body: tuple[str, ...]
+    if len(core) == 2:
+        body = ("y", "x")
+    elif len(core) == 3 and core[-1] in (3, 4):
+        body = ("y", "x", "c")
+    elif len(core) == 3 and core[0] in (3, 4):
+        body = ("c", "y", "x")
+    else:
+        body = ("?",) * len(core)
+    return ("",) * lead + body + (("",) if trail else ())
+
+
+def _image_photometric(src: Source) -> None:
+    """Check a TIFF image's photometric interpretation; set up the inversion of a min-is-white one."""
+    photometric = src.photometric
+    if not photometric:  # not a TIFF
+        return
+    if photometric not in IMAGE_PHOTOMETRICS:
+        raise InputError(
+            f"image {src.describe()}: TIFF photometric interpretation {photometric} is not supported "
+            f"(supported: {', '.join(IMAGE_PHOTOMETRICS)}, and JPEG-compressed YCBCR); save the image as "
+            "greyscale or RGB"
+        )
+    if photometric == "MINISWHITE":
+        if src.dtype.kind == "f":
+            raise InputError(
+                f"image {src.describe()}: TIFF photometric MINISWHITE (0 is white) on a float image is not "
+                "supported; save it as min-is-black (1 - v) or as integers"
+            )
+        if src.dtype.kind == "u":
+            bits = src.bits_per_sample if 0 < src.bits_per_sample <= 8 * src.dtype.itemsize else 8 * src.dtype.itemsize
+            src.invert_max = (1 << bits) - 1
+            log.info("image %s: TIFF photometric MINISWHITE; values inverted (%d - v)", src.spec, src.invert_max)
 
 
 def _open_tiff(spec: str, path: Path) -> Source:
@@ -268,6 +417,12 @@ def _open_tiff(spec: str, path: Path) -> Source:
         page = pages[0]
         _check_tiff_extent(spec, path, page)
         _check_tiff_codecs(spec, page)
+        keyframe: Any = page.keyframe  # the page itself, or the page whose tags a TiffFrame shares
+        photometric = str(getattr(keyframe.photometric, "name", keyframe.photometric))
+        if photometric == "YCBCR" and keyframe.compression in JPEG_COMPRESSIONS:
+            photometric = "RGB"  # tifffile's JPEG decoder converts YCbCr to RGB
+        colormap = None if keyframe.colormap is None else np.asarray(keyframe.colormap)
+        pixel_size, note = _tiff_pixel_size(tif, keyframe)
         array: Any = None
         closers: list[Callable[[], None]] = [tif.close]
         if page.is_memmappable:
@@ -292,7 +447,83 @@ def _open_tiff(spec: str, path: Path) -> Source:
         raise InputError(
             f"{spec}: cannot read the TIFF structure, it may be truncated or corrupt ({exc.__class__.__name__}: {exc})"
         ) from None
-    return Source(spec, array, tuple(int(n) for n in array.shape), np.dtype(array.dtype), closers=closers)
+    return Source(
+        spec,
+        array,
+        tuple(int(n) for n in array.shape),
+        np.dtype(array.dtype),
+        pixel_size=pixel_size,
+        pixel_size_note=note,
+        photometric=photometric,
+        colormap=colormap,
+        bits_per_sample=int(keyframe.bitspersample),
+        closers=closers,
+    )
+
+
+def _um_per_unit(unit: str) -> float | None:
+    """Micrometres per ``unit`` (a name from :data:`UM_PER_UNIT`, any case; ImageJ's escaped µ too)."""
+    name = unit.strip().replace("\\u00B5", "µ").replace("\\u00b5", "µ").replace("\u03bc", "µ").lower()
+    return UM_PER_UNIT.get(name)
+
+
+def _stated_size(y: float, x: float, y_unit: str, x_unit: str, origin: str) -> tuple[StatedPixelSize | None, str]:
+    """A pixel size from two values and their units, or None and why it is unusable ("" if none is stated)."""
+    if y_unit.strip().lower() in NO_LENGTH_UNITS and x_unit.strip().lower() in NO_LENGTH_UNITS:
+        return None, ""
+    y_factor, x_factor = _um_per_unit(y_unit), _um_per_unit(x_unit)
+    if y_factor is None or x_factor is None:
+        unit = y_unit if y_factor is None else x_unit
+        return None, f"its {origin} unit {unit!r} is not a length cytonet knows"
+    y_um, x_um = y * y_factor, x * x_factor
+    if not (math.isfinite(y_um) and math.isfinite(x_um) and y_um > 0 and x_um > 0):
+        return None, f"its {origin} ({y} {y_unit}, {x} {x_unit}) is not a positive size"
+    return StatedPixelSize(y_um, x_um, origin), ""
+
+
+def _tiff_pixel_size(tif: Any, page: Any) -> tuple[StatedPixelSize | None, str]:
+    """The pixel size an OME-TIFF (OME-XML) or ImageJ TIFF (calibration) states; plain resolution tags are not
+    used (see the module docstring)."""
+    if tif.is_ome and tif.ome_metadata:
+        return _ome_xml_pixel_size(tif.ome_metadata)
+    imagej = tif.imagej_metadata or {}
+    unit = str(imagej.get("unit", ""))
+    if unit.strip().lower() in NO_LENGTH_UNITS:
+        return None, ""
+    x_res, y_res = page.resolution  # pixels per unit
+    if not (x_res > 0 and y_res > 0):
+        return None, f"its ImageJ resolution {page.resolution} is not positive"
+    return _stated_size(1.0 / y_res, 1.0 / x_res, unit, unit, "ImageJ calibration (unit, XResolution/YResolution)")
+
+
+def _ome_xml_pixel_size(xml: str) -> tuple[StatedPixelSize | None, str]:
+    """``PhysicalSizeX/Y`` of the first image (series 0) of an OME-XML document; the default unit is µm."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        return None, f"its OME-XML cannot be parsed ({exc})"
+    image = next((el for el in root if el.tag.rsplit("}", 1)[-1] == "Image"), None)
+    pixels = None if image is None else next((el for el in image if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None, ""
+    x, y = pixels.get("PhysicalSizeX"), pixels.get("PhysicalSizeY")
+    if x is None and y is None:
+        return None, ""
+    if x is None or y is None:
+        return None, f"its OME-XML states only PhysicalSize{'X' if y is None else 'Y'}"
+    try:
+        x_value, y_value = float(x), float(y)
+    except ValueError:
+        return None, f"its OME-XML PhysicalSizeX/Y ({x!r}, {y!r}) are not numbers"
+    return _stated_size(
+        y_value,
+        x_value,
+        pixels.get("PhysicalSizeYUnit", "µm"),
+        pixels.get("PhysicalSizeXUnit", "µm"),
+        "OME-XML PhysicalSizeX/Y",
+    )
 
 
 def _tiff_hw(axes: str, shape: tuple[int, ...]) -> tuple[int, int]:
@@ -376,23 +607,126 @@ def _open_hdf5(spec: str, path: Path, key: str) -> Source:
             )
         shape = tuple(int(n) for n in (ds.shape or ()))
         dtype = np.dtype(ds.dtype)
+        pixel_size, note = _attr_pixel_size(dict(ds.attrs), dict(ds.parent.attrs), shape, "HDF5")
     except InputError:
         f.close()
         raise
     except Exception as exc:
         f.close()
         raise InputError(f"{spec}: cannot read the HDF5 file ({exc.__class__.__name__}: {exc})") from None
-    return Source(spec, ds, shape, dtype, closers=[f.close])
+    return Source(spec, ds, shape, dtype, pixel_size=pixel_size, pixel_size_note=note, closers=[f.close])
+
+
+def _attr_value(value: Any) -> Any:
+    """An attribute as written: cytonet's HDF5 section stores keep JSON text; bytes and numpy scalars unwrap."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return json.loads(value)
+    return value.tolist() if isinstance(value, np.ndarray | np.generic) else value
+
+
+def _attr_pixel_size(
+    attrs: dict[str, Any], group_attrs: dict[str, Any], shape: tuple[int, ...], fmt: str
+) -> tuple[StatedPixelSize | None, str]:
+    """A ``pixel_size_um`` attribute of the array, or of the group of a cytonet section store whose ``shape``
+    attribute is the array's (its full-resolution layers; its image levels are smaller)."""
+    origin = f"{fmt} attribute pixel_size_um"
+    value = _attr_value(attrs["pixel_size_um"]) if "pixel_size_um" in attrs else None
+    if value is None and "pixel_size_um" in group_attrs and "format_version" in group_attrs:
+        store_shape = _attr_value(group_attrs.get("shape"))
+        if isinstance(store_shape, list) and [int(n) for n in store_shape] == list(shape[:2]):
+            value = _attr_value(group_attrs["pixel_size_um"])
+            origin = f"{fmt} section store attribute pixel_size_um"
+    if value is None:
+        return None, ""
+    try:
+        um = float(value)
+    except (TypeError, ValueError):
+        return None, f"its {origin} {value!r} is not a number"
+    return _stated_size(um, um, "µm", "µm", origin)
+
+
+def _multiscales(attrs: dict[str, Any]) -> Any:
+    """The OME-Zarr ``multiscales`` list of a group's attributes (NGFF 0.4: top level, 0.5: under ``ome``)."""
+    return attrs.get("multiscales") or dict(attrs.get("ome") or {}).get("multiscales")
 
 
 def _zarr_level0(group: Any) -> str | None:
     """Path of the full-resolution array of an OME-Zarr multiscale group (NGFF 0.4 or 0.5), else None."""
-    attrs = dict(group.attrs)
-    multiscales: Any = attrs.get("multiscales") or dict(attrs.get("ome") or {}).get("multiscales")
     try:
-        return str(multiscales[0]["datasets"][0]["path"])
+        return str(_multiscales(dict(group.attrs))[0]["datasets"][0]["path"])
     except (TypeError, KeyError, IndexError):
         return None
+
+
+@dataclass
+class NgffInfo:
+    """What an OME-Zarr multiscale group says about one of its arrays."""
+
+    axis_names: tuple[str, ...] | None = None
+    pixel_size: StatedPixelSize | None = None
+    note: str = ""
+
+
+def _ngff_info(group_attrs: dict[str, Any], name: str) -> NgffInfo:
+    """Axes and pixel size of the dataset ``name`` of a multiscale group (empty if it is not listed there)."""
+    for multiscale in _multiscales(group_attrs) or []:
+        try:
+            datasets = [d for d in multiscale["datasets"] if str(d["path"]).strip("/") == name]
+        except (TypeError, KeyError):
+            continue
+        if datasets:
+            try:
+                return _ngff_dataset_info(multiscale, datasets[0])
+            except (TypeError, KeyError, ValueError, IndexError) as exc:
+                return NgffInfo(
+                    note=f"its OME-Zarr multiscales metadata is malformed ({exc.__class__.__name__}: {exc})"
+                )
+    return NgffInfo()
+
+
+def _ngff_dataset_info(multiscale: dict[str, Any], dataset: dict[str, Any]) -> NgffInfo:
+    axes = multiscale.get("axes")
+    if not axes:
+        return NgffInfo()
+    names: list[str] = []
+    units: list[str] = []
+    for axis in axes:
+        if isinstance(axis, str):  # NGFF 0.3: plain names
+            axis = {"name": axis}
+        name, kind = str(axis.get("name", "")).lower(), str(axis.get("type", "")).lower()
+        names.append("c" if kind == "channel" and name not in ("y", "x") else name)
+        units.append(str(axis.get("unit") or ""))
+    info = NgffInfo(axis_names=tuple(names))
+    if "y" not in names or "x" not in names:
+        return info
+    scale = [1.0] * len(names)
+    # The dataset's transformations, then the multiscale's own (applied after them).
+    for transforms in (dataset.get("coordinateTransformations"), multiscale.get("coordinateTransformations")):
+        for transform in transforms or []:
+            if transform.get("type") != "scale":
+                continue
+            if "scale" not in transform:
+                info.note = "its OME-Zarr scale is stored in a separate file (a 'path' transformation)"
+                return info
+            values = [float(v) for v in transform["scale"]]
+            if len(values) != len(names):
+                info.note = f"its OME-Zarr scale {values} does not match the axes {names}"
+                return info
+            scale = [a * b for a, b in zip(scale, values, strict=True)]
+    iy, ix = names.index("y"), names.index("x")
+    sy, sx, uy, ux = scale[iy], scale[ix], units[iy], units[ix]
+    if not uy and not ux:
+        if (sy, sx) != (1.0, 1.0):
+            info.note = f"its OME-Zarr scale for y, x is ({sy:g}, {sx:g}) but the axes give no unit"
+        return info
+    if not uy or not ux:
+        info.note = f"its OME-Zarr y, x axes give units {uy!r} and {ux!r}"
+        return info
+    info.pixel_size, info.note = _stated_size(sy, sx, uy, ux, "OME-Zarr multiscales scale")
+    return info
 
 
 def _open_zarr(spec: str, path: Path, key: str) -> Source:
@@ -403,10 +737,12 @@ def _open_zarr(spec: str, path: Path, key: str) -> Source:
     except Exception as exc:  # zarr raises its own error types for a folder that is no zarr store
         raise InputError(f"{spec}: not a readable zarr array or group ({exc.__class__.__name__}: {exc})") from None
     try:
+        parent_attrs: dict[str, Any] = {}
+        name = path.name
         if isinstance(node, zarr.Group):
-            arrays = sorted(name for name, obj in node.members(max_depth=None) if isinstance(obj, zarr.Array))
+            arrays = sorted(n for n, obj in node.members(max_depth=None) if isinstance(obj, zarr.Array))
             if not key:
-                key = _zarr_level0(node) or ""
+                key = _zarr_level0(node) or _bioformats2raw_level0(spec, node) or ""
                 if key:
                     log.info("%s: OME-Zarr multiscale group; importing level 0 %r", spec, key)
                 elif len(arrays) == 1:
@@ -421,16 +757,40 @@ def _open_zarr(spec: str, path: Path, key: str) -> Source:
                 raise InputError(
                     f"{spec}: no array {key!r} in {path} (available arrays: {', '.join(arrays) or 'none'})"
                 )
+            group_path, _, name = key.rpartition("/")
+            parent_attrs = dict((node[group_path] if group_path else node).attrs)
             node = node[key]
         elif key:
             raise InputError(f"{spec}: {path} is a zarr array, not a group; drop ':{key}'")
+        elif any((path.parent / m).exists() for m in ("zarr.json", ".zgroup")):
+            with contextlib.suppress(Exception):  # the folder above may hold a group (an OME-Zarr level)
+                parent_attrs = dict(zarr.open_group(str(path.parent), mode="r").attrs)
         shape = tuple(int(n) for n in node.shape)
         dtype = np.dtype(node.dtype)
+        ngff = _ngff_info(parent_attrs, name)
+        pixel_size, note = ngff.pixel_size, ngff.note
+        if pixel_size is None and not note:
+            pixel_size, note = _attr_pixel_size(dict(node.attrs), parent_attrs, shape, "zarr")
     except InputError:
         raise
     except Exception as exc:
         raise InputError(f"{spec}: cannot read the zarr store ({exc.__class__.__name__}: {exc})") from None
-    return Source(spec, node, shape, dtype)
+    return Source(spec, node, shape, dtype, axis_names=ngff.axis_names, pixel_size=pixel_size, pixel_size_note=note)
+
+
+def _bioformats2raw_level0(spec: str, root: Any) -> str | None:
+    """Level 0 of the first image of a bioformats2raw layout (a root group of one multiscale group per image)."""
+    if "bioformats2raw.layout" not in dict(root.attrs):
+        return None
+    series = sorted(
+        (n for n, obj in root.groups() if _zarr_level0(obj)),
+        key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n),
+    )
+    if not series:
+        return None
+    if len(series) > 1:
+        log.info("%s: bioformats2raw layout with %d images; importing the first, %r", spec, len(series), series[0])
+    return f"{series[0]}/{_zarr_level0(root[series[0]])}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -442,12 +802,20 @@ class ImageConversion:
     """How one image band becomes uint8 (see the module docstring for the rules)."""
 
     kind: str
-    """``copy`` (uint8), ``uint16-percentile``, ``float-unit`` or ``rgb-luma``."""
+    """``copy`` (uint8), ``uint16-percentile``, ``float-unit``, ``rgb-luma``, ``palette-grey`` or
+    ``palette-luma``."""
     lo: float = 0.0
     hi: float = 255.0
+    inverted_max: int | None = None
+    """Set when a min-is-white image was inverted (``inverted_max - v``) before the rule."""
+    lut: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """uint8 grey of each palette index (``palette-*`` rules)."""
 
     def to_attrs(self) -> dict[str, Any]:
-        return {"rule": self.kind, "lo": self.lo, "hi": self.hi}
+        attrs: dict[str, Any] = {"rule": self.kind, "lo": self.lo, "hi": self.hi}
+        if self.inverted_max is not None:
+            attrs["inverted_max"] = self.inverted_max
+        return attrs
 
 
 def _band_ranges(height: int, band_rows: int) -> list[tuple[int, int]]:
@@ -457,7 +825,11 @@ def _band_ranges(height: int, band_rows: int) -> list[tuple[int, int]]:
 def image_kind(src: Source) -> str:
     """Which conversion rule applies to the image ``src`` (checks shape and dtype; reads no pixels)."""
     shape, dt = src.shape, src.dtype
-    if len(shape) == 3 and src.channels is not None:
+    if src.photometric == "PALETTE":
+        if len(shape) != 2 or dt.kind != "u" or src.colormap is None or np.ndim(src.colormap) != 2:
+            raise InputError(f"image {src.describe()}: a TIFF palette image needs H x W indices and a colour map")
+        return "palette"
+    if len(shape) == 3 and "c" in src.roles and shape[2] in (3, 4):
         if dt == np.uint8:
             return "rgb-luma"
         raise InputError(f"image {src.describe()}: a colour image must be uint8; {IMAGE_ALLOWED}")
@@ -475,26 +847,50 @@ def image_kind(src: Source) -> str:
 def image_conversion(src: Source, band_rows: int) -> ImageConversion:
     """Decide how ``src`` becomes uint8; for uint16, estimate the percentiles from a subsample."""
     kind = image_kind(src)
+    if kind == "palette":
+        return _palette_conversion(src)
     if kind == "float-unit":
         return ImageConversion(kind, 0.0, 1.0)
     if kind == "uint16-percentile":
         lo, hi = _uint16_percentiles(src, band_rows)
         log.info("image %s: uint16 mapped to uint8 by [%g, %g] -> [0, 255]", src.spec, lo, hi)
-        return ImageConversion(kind, lo, hi)
-    return ImageConversion(kind)
+        return ImageConversion(kind, lo, hi, inverted_max=src.invert_max)
+    return ImageConversion(kind, inverted_max=src.invert_max)
 
 
-def _uint16_percentiles(src: Source, band_rows: int) -> tuple[float, float]:
-    """The :data:`UINT16_PERCENTILES` of a subsample (inverted-CDF definition, from a 65536-bin histogram)."""
+def _palette_conversion(src: Source) -> ImageConversion:
+    """A palette image's grey per index: the palette itself when it is grey, else the luma of its colours."""
+    cmap = np.asarray(src.colormap, dtype=np.float64)
+    if cmap.shape[0] != 3:
+        raise InputError(f"image {src.describe()}: TIFF colour map of shape {cmap.shape}, expected 3 x N")
+    # The TIFF colour map is 16-bit; like libtiff, take one whose values all fit 8 bits as an 8-bit map.
+    cmap8 = cmap if cmap.max() < 256 else cmap / 257.0
+    if (cmap[0] == cmap[1]).all() and (cmap[1] == cmap[2]).all():
+        kind, grey = "palette-grey", cmap8[0]
+    else:
+        kind, grey = "palette-luma", np.asarray(LUMA_WEIGHTS) @ cmap8
+        log.warning("image %s: colour palette converted to grey by its luma (0.299 R + 0.587 G + 0.114 B)", src.spec)
+    lut = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+    return ImageConversion(kind, lut=lut)
+
+
+def _sample_rows(src: Source, band_rows: int) -> Iterator[np.ndarray]:
+    """A subsample of ``src``: at most :data:`SAMPLE_BANDS` bands spread evenly, strided to at most about
+    :data:`SAMPLE_PIXELS` pixels."""
     h, w = src.hw
     bands = _band_ranges(h, band_rows)
     picks = sorted(set(np.linspace(0, len(bands) - 1, min(SAMPLE_BANDS, len(bands))).round().astype(int).tolist()))
     rows_read = sum(bands[i][1] - bands[i][0] for i in picks)
     step = max(1, math.ceil(math.sqrt(rows_read * w / SAMPLE_PIXELS)))
-    counts = np.zeros(1 << 16, dtype=np.int64)
     for i in picks:
         y0, y1 = bands[i]
-        sample = src.read_rows(y0, y1, xstep=step)[::step]
+        yield src.read_rows(y0, y1, xstep=step)[::step]
+
+
+def _uint16_percentiles(src: Source, band_rows: int) -> tuple[float, float]:
+    """The :data:`UINT16_PERCENTILES` of a subsample (inverted-CDF definition, from a 65536-bin histogram)."""
+    counts = np.zeros(1 << 16, dtype=np.int64)
+    for sample in _sample_rows(src, band_rows):
         counts += np.bincount(sample.astype(np.uint16, copy=False).ravel(), minlength=1 << 16)
     cdf = np.cumsum(counts)
     lo, hi = (float(np.searchsorted(cdf, q / 100.0 * cdf[-1])) for q in UINT16_PERCENTILES)
@@ -507,6 +903,14 @@ def convert_image_band(band: np.ndarray, conv: ImageConversion, src: Source, y0:
     """One band of the image as uint8 (h x W); float work happens in place in one float32 buffer."""
     if conv.kind == "copy":
         return band
+    if conv.lut is not None:
+        top = int(band.max()) if band.size else 0
+        if top >= conv.lut.size:
+            raise InputError(
+                f"image {src.spec}: palette index {top} in rows {y0}:{y0 + band.shape[0]} is beyond the "
+                f"{conv.lut.size} colours of the TIFF colour map"
+            )
+        return conv.lut[band]
     if conv.kind == "uint16-percentile":
         f = band.astype(np.float32)
         f -= np.float32(conv.lo)
@@ -573,6 +977,50 @@ def check_coords(src: Source, image: Source) -> None:
     _check_same_hw(src, "coords", image)
 
 
+def coords_to_mm(band: np.ndarray, unit: str) -> np.ndarray:
+    """A band of the coordinate map as float32 mm (``unit``: ``mm`` or ``um``)."""
+    if unit == "um":
+        # Divided in float32 or the source's higher precision (float16 would lose digits), then stored as float32.
+        return (band.astype(np.promote_types(band.dtype, np.float32), copy=False) / 1000.0).astype(np.float32)
+    return band.astype(np.float32, copy=False)
+
+
+class CoordsRange:
+    """Per-axis range of the finite values of a coordinate map (mm), refused beyond :data:`COORDS_MAX_MM`."""
+
+    def __init__(self) -> None:
+        self.lo = np.full(3, np.inf)
+        self.hi = np.full(3, -np.inf)
+
+    def add(self, band_mm: np.ndarray) -> None:
+        values = band_mm.reshape(-1, 3)
+        finite = np.isfinite(values).all(axis=1)
+        if finite.any():
+            values = values[finite] if not finite.all() else values
+            self.lo = np.minimum(self.lo, values.min(axis=0))
+            self.hi = np.maximum(self.hi, values.max(axis=0))
+
+    def check(self, src: Source, unit: str, where: str) -> None:
+        if not np.isfinite(self.lo).all():
+            return
+        if max(np.abs(self.lo).max(), np.abs(self.hi).max()) <= COORDS_MAX_MM:
+            return
+        spans = ", ".join(f"[{self.lo[i]:g}, {self.hi[i]:g}]" for i in range(3))
+        raise InputError(
+            f"coords {src.spec}: the finite coordinates span {spans} mm on its 3 axes ({where}, reading the values "
+            f"as importer.coords_unit={unit}); no brain reaches {COORDS_MAX_MM:g} mm from the origin, so the map "
+            "is in another unit: set importer.coords_unit=um for a map in micrometres, or convert it to mm"
+        )
+
+
+def precheck_coords(src: Source, unit: str, band_rows: int) -> None:
+    """Refuse a coordinate map in the wrong unit from a subsample, before anything is written."""
+    seen = CoordsRange()
+    for sample in _sample_rows(src, band_rows):
+        seen.add(coords_to_mm(sample, unit))
+    seen.check(src, unit, "a subsample of its rows")
+
+
 def check_depth(src: Source, image: Source) -> None:
     if len(src.shape) != 2 or src.dtype.kind != "f":
         raise InputError(f"depth {src.describe()}: need a float H x W depth map (NaN outside the cortex)")
@@ -623,7 +1071,9 @@ def import_section(cfg: Config, out: Path, *, overwrite: bool) -> Path:
             check_coords(sources["coords"], image)
         if "depth" in sources:
             check_depth(sources["depth"], image)
+        pixel_size_um, pixel_size_source = resolve_pixel_size(imp.pixel_size_um, sources)
         # Inputs first (opening them reads headers only), then the output, then the passes that read data.
+        _check_output_folders(out, imp.brain)
         if target.exists() and not overwrite:
             raise OutputExistsError(f"{target} already exists; pass --overwrite to replace it")
         # The same section in the other backend would be listed twice by list_sections.
@@ -636,11 +1086,13 @@ def import_section(cfg: Config, out: Path, *, overwrite: bool) -> Path:
         conversion = image_conversion(image, band_rows)
         h, w = image.hw
         found = scan_labels(sources["labels"], band_rows) if "labels" in sources else None
+        if "coords" in sources:
+            precheck_coords(sources["coords"], imp.coords_unit, band_rows)
         meta = SectionMeta(
             brain=imp.brain,
             section_index=imp.section_index,
             z_mm=imp.z_mm,
-            pixel_size_um=imp.pixel_size_um,
+            pixel_size_um=pixel_size_um,
             shape=(h, w),
             label_table=build_label_table(imp.label_names, found),
             seed=None,
@@ -649,6 +1101,7 @@ def import_section(cfg: Config, out: Path, *, overwrite: bool) -> Path:
                 "config": config_to_dict(cfg),
                 "sources": {layer: _absolute(src.spec) for layer, src in sources.items()},
                 "image_conversion": conversion.to_attrs(),
+                "pixel_size_source": pixel_size_source,
             },
         )
         log.info("import: %s (%d x %d %s, %s) -> %s", image.spec, h, w, image.dtype, conversion.kind, target)
@@ -663,7 +1116,7 @@ def import_section(cfg: Config, out: Path, *, overwrite: bool) -> Path:
             image_levels=store_cfg.image_levels,
         ) as writer:
             for layer in layers:
-                _copy_layer(writer, layer, sources[layer], conversion, band_rows)
+                _copy_layer(writer, layer, sources[layer], conversion, band_rows, imp.coords_unit)
         for other in others:
             log.warning("import: removing %s, the previous store of this section in another backend", other)
             if other.is_dir():
@@ -675,9 +1128,68 @@ def import_section(cfg: Config, out: Path, *, overwrite: bool) -> Path:
     return target
 
 
-def _copy_layer(writer: SectionWriter, layer: str, src: Source, conversion: ImageConversion, band_rows: int) -> None:
+def resolve_pixel_size(configured: float | None, sources: dict[str, Source]) -> tuple[float, str]:
+    """The section's pixel size (µm) and where it comes from: ``importer.pixel_size_um``, checked against the
+    size the image file states, or (null) the file's; every other layer's stated size must agree."""
+    image = sources["image"]
+    for layer, src in sources.items():
+        stated = src.pixel_size
+        if stated is not None and not math.isclose(stated.y_um, stated.x_um, rel_tol=PIXEL_SIZE_RTOL):
+            raise InputError(
+                f"{layer} {src.spec}: the file states anisotropic pixels, {stated.describe()}; only square pixels "
+                "are supported (resample the image to one pixel size)"
+            )
+    stated = image.pixel_size
+    if configured is None:
+        if stated is None:
+            why = f" ({image.pixel_size_note})" if image.pixel_size_note else ""
+            raise InputError(
+                f"image {image.spec}: the file states no pixel size{why}; set importer.pixel_size_um (µm), "
+                "e.g. importer.pixel_size_um=2"
+            )
+        value, origin = stated.x_um, stated.origin
+        log.info("image %s: pixel size %g µm from the file (%s)", image.spec, value, origin)
+    else:
+        if stated is not None and not math.isclose(stated.x_um, configured, rel_tol=PIXEL_SIZE_RTOL):
+            raise InputError(
+                f"image {image.spec}: the file states a pixel size of {stated.describe()}, but "
+                f"importer.pixel_size_um={configured:g}; set importer.pixel_size_um={stated.x_um:g} (or null to "
+                "take the file's)"
+            )
+        if stated is None and image.pixel_size_note:
+            log.warning("image %s: %s; using importer.pixel_size_um=%g", image.spec, image.pixel_size_note, configured)
+        value, origin = float(configured), "importer.pixel_size_um"
+    for layer, src in sources.items():
+        if layer != "image" and src.pixel_size is not None:
+            if not math.isclose(src.pixel_size.x_um, value, rel_tol=PIXEL_SIZE_RTOL):
+                raise InputError(
+                    f"{layer} {src.spec}: the file states a pixel size of {src.pixel_size.describe()}, but the "
+                    f"image's is {value:g} µm (from {origin} for {image.spec}); {layer} must be on the image's grid"
+                )
+    return value, origin
+
+
+def _check_output_folders(out: Path, brain: str) -> None:
+    """Refuse an output folder (or its brain folder, or a folder above) that exists as something else."""
+    for folder in (out / brain, out, *out.parents):
+        if folder.is_dir():
+            return
+        if folder.exists() or folder.is_symlink():
+            fix = "another --out or importer.brain" if folder == out / brain else "another --out"
+            raise OutputExistsError(f"import: output {folder} exists and is not a folder (give {fix})")
+
+
+def _copy_layer(
+    writer: SectionWriter,
+    layer: str,
+    src: Source,
+    conversion: ImageConversion,
+    band_rows: int,
+    coords_unit: str = "mm",
+) -> None:
     """Copy one layer band by band (``band_rows`` full-width rows: whole chunk rows of the output)."""
     depth_range = [math.inf, -math.inf]
+    coords_range = CoordsRange()
     for y0, y1 in _band_ranges(src.hw[0], band_rows):
         band = src.read_rows(y0, y1)
         if layer == "image":
@@ -690,7 +1202,9 @@ def _copy_layer(writer: SectionWriter, layer: str, src: Source, conversion: Imag
                 depth_range[0] = min(depth_range[0], float(np.nanmin(band)))
                 depth_range[1] = max(depth_range[1], float(np.nanmax(band)))
         else:
-            band = band.astype(np.float32, copy=False)
+            band = coords_to_mm(band, coords_unit)
+            coords_range.add(band)
+            coords_range.check(src, coords_unit, f"rows 0:{y1}")
         writer.write(layer, y0, 0, band)
         log.debug("import: %s rows %d:%d written", layer, y0, y1)
     if layer == "depth" and (depth_range[0] < 0 or depth_range[1] > 1):
