@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cytonet import __version__
-from cytonet.config import Config, config_to_yaml, load_config
+from cytonet.config import Config, config_to_yaml, expand_user, load_config
 from cytonet.errors import ConfigError, CytonetError, UsageError
 from cytonet.log import setup_logging
 from hpc.env import LaunchEnv, LaunchEnvError  # wrong launcher variables: a usage error, like a bad flag
@@ -43,7 +43,31 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so every usage error takes the same path (exit 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+        # main() prints "cytonet: error: " before the message: the prog is named only in the help hint.
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+class _CommandParser(_Parser):
+    """A command's parser: options may come before, between or after CONFIG and the overrides
+    (``cytonet synth CONFIG --out DIR synth.n_brains=2``).
+
+    The subparsers action of the top-level parser calls ``parse_known_args``; it is routed to argparse's
+    intermixed parsing, which parses the options first and then the positionals from what is left (plain
+    parsing ends the ``nargs="*"`` overrides at the first option and rejects later ones as unrecognized).
+    """
+
+    _intermixed = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._intermixed:  # the two passes of parse_known_intermixed_args call back in here
+            return super().parse_known_args(args, namespace)
+        self._intermixed = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixed = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +86,11 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
+def _out(args: argparse.Namespace) -> Path | None:
+    """``--out`` as a path (``~`` expanded, as the shell does not in ``--out=~/x``), None when not given."""
+    return expand_user(args.out, "--out") if args.out else None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Commands
 
@@ -77,7 +106,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from cytonet.pipeline import run_synth
 
     cfg = _load(args)
-    out = Path(args.out) if args.out else cfg.resolve_path(cfg.synth.out_dir)
+    out = _out(args) or cfg.resolve_path(cfg.synth.out_dir)
     run_synth(cfg, out, overwrite=args.overwrite, preview=args.preview, workers=args.workers)
     return EXIT_OK
 
@@ -86,20 +115,27 @@ def cmd_import(args: argparse.Namespace) -> int:
     from cytonet.data.importer import import_section
 
     cfg = _load(args)
-    out = Path(args.out) if args.out else cfg.resolve_path(cfg.importer.out_dir)
+    out = _out(args) or cfg.resolve_path(cfg.importer.out_dir)
     path = import_section(cfg, out, overwrite=args.overwrite)
     print(path)
     return EXIT_OK
 
 
+def demo_config(args: argparse.Namespace) -> Config:
+    """The demo's config: configs/demo.yaml, the overrides, and ``--out`` as ``run.root_dir``.
+
+    ``--out`` is set as the string given (``~`` expanded), not parsed as an override's YAML value: ``try #2``
+    would lose its comment-like tail, and ``2024-06-01``, ``null``, ``on`` or ``0755`` would stop being strings.
+    """
+    out = _out(args)
+    flags = {"run.root_dir": ("--out", str(out))} if out is not None else None
+    return load_config(demo_config_path(), args.overrides, flags=flags)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cytonet.pipeline import run_demo
 
-    overrides = list(args.overrides)
-    if args.out:
-        overrides.append(f"run.root_dir={args.out}")
-    cfg = load_config(demo_config_path(), overrides)
-    run_demo(cfg, overwrite=args.overwrite, workers=args.workers)
+    run_demo(demo_config(args), overwrite=args.overwrite, workers=args.workers)
     return EXIT_OK
 
 
@@ -152,7 +188,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     launch, task_id, num_tasks = _array_share(args, cfg)
-    out = Path(args.out) if args.out else cfg.resolve_path(cfg.extract.out_dir)
+    out = _out(args) or cfg.resolve_path(cfg.extract.out_dir)
     result = run_extract(
         cfg,
         out,
@@ -183,7 +219,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     result = run_infer(
         cfg,
         env,
-        Path(args.out) if args.out else None,
+        _out(args),
         task_id=task_id,
         num_tasks=num_tasks,
         overwrite=args.overwrite,
@@ -222,7 +258,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     setup_logging("DEBUG" if args.debug else cfg.run.log_level)
     paths = compute_features(
         cfg,
-        Path(args.out) if args.out else None,
+        _out(args),
         splits=args.split or None,
         dense=args.dense,
         encoder_path=args.encoder,
@@ -238,9 +274,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     setup_logging("DEBUG" if args.debug else cfg.run.log_level)
-    result = run_analysis(
-        cfg, None, Path(args.out) if args.out else None, encoder_path=args.encoder, overwrite=args.overwrite
-    )
+    result = run_analysis(cfg, None, _out(args), encoder_path=args.encoder, overwrite=args.overwrite)
     print(result.report)
     return EXIT_OK
 
@@ -358,7 +392,7 @@ def _train_command(kind: str) -> Callable[[argparse.Namespace], int]:
         setup_logging("DEBUG" if args.debug else cfg.run.log_level, env.rank, env.world_size)
         resume = False if args.overwrite else args.resume
         try:
-            run_stage(cfg, env, kind, out=Path(args.out) if args.out else None, resume=resume, fresh=args.overwrite)  # type: ignore[arg-type]
+            run_stage(cfg, env, kind, out=_out(args), resume=resume, fresh=args.overwrite)  # type: ignore[arg-type]
         except Preempted as exc:
             log.warning("%s", exc)
             return exc.exit_code
@@ -471,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit codes: 0 ok, 1 runtime failure, 2 usage or config error.",
     )
     parser.add_argument("--version", action="version", version=f"cytonet {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_CommandParser)
     for c in COMMANDS:
         p = sub.add_parser(c.name, help=c.help, description=c.help)
         if c.positionals:
@@ -479,7 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
         if c.takes_config:
             p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
         p.add_argument(
-            "overrides", nargs="*", metavar="section.key=value", help="dotted overrides, e.g. synth.n_brains=2"
+            "overrides",
+            nargs="*",
+            default=[],  # not "required": an empty list is a valid value
+            metavar="section.key=value",
+            help="dotted overrides, e.g. synth.n_brains=2 (before or after the options)",
         )
         if c.writes:
             p.add_argument("--out", metavar="DIR", help="output folder (default: from the config)")
@@ -505,7 +543,11 @@ def main(argv: list[str] | None = None) -> int:
         if not argv or argv[0] in ("-h", "--help"):
             parser.print_help()
             return EXIT_OK if argv else EXIT_USAGE
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            command = getattr(args, "command", None)
+            hint = f"cytonet {command} --help" if command else "cytonet --help"
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (see `{hint}`)")
         if not getattr(args, "command", None):
             parser.print_help()
             return EXIT_USAGE

@@ -14,6 +14,7 @@ are properties; nothing here is rewritten at run time.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +36,17 @@ def check_value(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 
 _check = check_value
+
+
+def expand_user(path: str | Path, key: str = "") -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded (``run.root_dir=~/runs`` means the home folder, not a
+    folder named ``~``); raises :class:`ConfigError` naming ``key`` (else the path) when it cannot be expanded."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as exc:  # ~user of an unknown user, or no home folder at all
+        where = f"{key}={str(path)!r}" if key else f"path {str(path)!r}"
+        raise ConfigError(f"{where} is invalid: cannot expand '~' ({exc})") from None
+
 
 #: Factors a section store's image level may have (powers of two, like every image pyramid).
 IMAGE_LEVEL_FACTORS = (2, 4, 8, 16, 32, 64)
@@ -813,10 +825,15 @@ class Config:
         """Epochs of the scratch baseline: ``scratch.epochs``, or pretrain + probe epochs when it is 0."""
         return self.scratch.epochs or self.pretrain.epochs + self.probe.epochs
 
+    @property
+    def root_path(self) -> Path:
+        """``run.root_dir`` as a path, ``~`` expanded."""
+        return expand_user(self.run.root_dir, "run.root_dir")
+
     def resolve_path(self, path: str) -> Path:
-        """A configured path: absolute as given, relative ones below ``run.root_dir``."""
-        p = Path(path)
-        return p if p.is_absolute() else Path(self.run.root_dir) / p
+        """A configured path, ``~`` expanded: absolute as given, relative ones below ``run.root_dir``."""
+        p = expand_user(path)
+        return p if p.is_absolute() else self.root_path / p
 
     def validate(self) -> None:
         """Validate every section, then the rules that span sections."""
@@ -871,6 +888,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
+        finite = [e for e in errors if e.endswith("expected a finite number")]
+        if finite:  # a number, but inf or nan: say so rather than "expected float or null"
+            raise ConfigError(finite[0])
         raise ConfigError(f"{key}={value!r} is invalid: expected {_type_name(tp)}")
     if tp is type(None):
         if value is not None:
@@ -885,15 +905,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} is invalid: expected an integer")
         return value
     if tp is float:
+        number = value
         if isinstance(value, str):
             # YAML 1.1 reads 1e-6 (no dot) as a string; accept any numeric spelling.
             try:
-                value = float(value)
+                number = float(value)
             except ValueError:
                 raise ConfigError(f"{key}={value!r} is invalid: expected a number") from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(number, bool) or not isinstance(number, int | float):
             raise ConfigError(f"{key}={value!r} is invalid: expected a number")
-        return float(value)
+        try:
+            number = float(number)
+        except OverflowError:  # an integer with hundreds of digits
+            number = math.inf
+        if not math.isfinite(number):
+            # inf passes every lower bound (`dist.timeout_s > 0`) and then fails deep inside a library (an
+            # OverflowError when the process group starts); nan makes every comparison false. Refused here, once.
+            raise ConfigError(f"{key}={value!r} is invalid: expected a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}={value!r} is invalid: expected a string")
@@ -959,6 +988,56 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping holds the same key twice (plain YAML keeps the last value and drops the first silently)."""
+
+    def __init__(self, key: str, line: int, first_line: int) -> None:
+        super().__init__(f"key '{key}' appears twice, on lines {first_line} and {line}")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys: a section written twice would otherwise lose its first
+    block without a word. Merge keys (``<<: *base``) may still be overridden, as YAML intends."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        self._check_duplicates(node, "", set())
+        return self.construct_document(node)
+
+    def _check_duplicates(self, node: yaml.Node, prefix: str, seen: set[int]) -> None:
+        if id(node) in seen:  # an alias of a node already checked (or a recursive structure)
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                name = prefix
+                if isinstance(key_node, yaml.ScalarNode):
+                    key = self.construct_object(key_node)
+                    name = _join(prefix, str(key))
+                    line = key_node.start_mark.line + 1
+                    try:
+                        if key in first:
+                            raise DuplicateKeyError(name, line, first[key])
+                        first[key] = line
+                    except TypeError:  # unhashable: the constructor reports it
+                        pass
+                self._check_duplicates(value_node, name, seen)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_duplicates(item, f"{prefix}[{i}]", seen)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> Python data, safely, refusing duplicate keys (:class:`DuplicateKeyError`)."""
+    return yaml.load(text, Loader=StrictLoader)  # a SafeLoader: builds only plain data, never objects
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ``["synth.n_brains=2", "loss.kind=distance"]`` into a nested dict; values are parsed as YAML."""
     nested: dict[str, Any] = {}
@@ -967,7 +1046,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise UsageError(f"override {item!r} is malformed: use section.key=value (e.g. synth.n_brains=2)")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = parse_yaml(raw) if raw != "" else ""
+        except DuplicateKeyError as exc:
+            raise UsageError(f"override {item!r}: {exc}") from None
         except yaml.YAMLError as exc:
             raise UsageError(f"override {item!r}: value is not valid YAML ({exc.__class__.__name__})") from None
         node = nested
@@ -992,12 +1073,18 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping safely; errors name the file."""
+    """Read a YAML mapping safely (every config and site profile goes through here); errors name the file.
+    A key written twice in one mapping is refused, naming the key and both lines."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = parse_yaml(p.read_text())
+    except DuplicateKeyError as exc:
+        raise ConfigError(
+            f"config file {str(p)!r}, line {exc.line}: key '{exc.key}' is written twice (first on line "
+            f"{exc.first_line}); YAML would silently keep only the last one: merge them"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
     if data is None:
@@ -1007,17 +1094,41 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Load ``path`` (None: defaults only), apply dotted ``overrides`` and validate."""
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    *,
+    flags: dict[str, tuple[str, Any]] | None = None,
+) -> Config:
+    """Load ``path`` (None: defaults only), apply dotted ``overrides`` and validate.
+
+    ``flags`` maps dotted keys to (command-line flag, value), e.g. ``{"run.root_dir": ("--out", "runs/x #2")}``:
+    values set verbatim after the overrides, never parsed as YAML (a folder named ``2024-06-01``, ``null`` or
+    ``x #2`` stays that string); errors about them name the flag.
+    """
     data = read_yaml(path) if path is not None else {}
     data = _merge(data, parse_overrides(overrides or []))
+    for key, (_, value) in (flags or {}).items():
+        *parents, last = key.split(".")
+        node = data
+        for part in parents:
+            child = node.get(part, {})
+            if not isinstance(child, dict):
+                break  # the file's own value of the section is refused by the type check below
+            node[part] = child = dict(child)
+            node = child
+        else:
+            node[last] = value
     try:
         return config_from_dict(data)
     except ConfigError as exc:
-        # Name where the bad value came from: an override on the command line, or the file.
+        # Name where the bad value came from: a flag or an override on the command line, or the file.
         text = str(exc)
         keys = [item.split("=", 1)[0].strip() for item in overrides or []]
-        if any(text.startswith(f"{key}=") for key in keys):
+        flag = next((f for key, (f, _) in (flags or {}).items() if text.startswith(f"{key}=")), None)
+        if flag is not None:
+            where = f" (set by {flag})"
+        elif any(text.startswith((f"{key}=", f"{key}[")) for key in keys):
             where = " (set by a command-line override)"
         else:
             where = f" (in {path})" if path is not None else ""

@@ -1,6 +1,8 @@
 """Pipeline steps as the CLI runs them: each step writes into its own folder, saves the resolved config
 there, and leaves a done marker holding the settings it ran with, so that a rerun (``cytonet demo`` twice,
-or a requeued job) skips finished steps and refuses to mix outputs of different settings.
+or a requeued job) skips finished steps and refuses to mix outputs of different settings. A step records its
+settings in a started marker before it writes anything: a rerun with the same settings after an interruption
+(a killed process, a lost node) redoes the step in place, while other settings are still refused.
 
 Entry points: :func:`run_synth`, :func:`run_demo`.
 """
@@ -12,9 +14,10 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cytonet.config import Config, config_to_dict, save_config
 from cytonet.errors import CytonetError, OutputExistsError
@@ -22,12 +25,19 @@ from cytonet.errors import CytonetError, OutputExistsError
 log = logging.getLogger(__name__)
 
 DONE_MARKER = ".cytonet-done.json"
+#: Written when a step starts (before any output), holding its settings; replaced by the done marker at the end.
+STARTED_MARKER = ".cytonet-started.json"
+MARKERS = (DONE_MARKER, DONE_MARKER + ".tmp", STARTED_MARKER, STARTED_MARKER + ".tmp")
 #: The files ``run_synth`` writes into its folder beside the section stores (kept by ``synth --overwrite``).
-SYNTH_OWN_FILES = (DONE_MARKER, DONE_MARKER + ".tmp", "config.resolved.yaml", "config.resolved.yaml.tmp", "preview.png")
+SYNTH_OWN_FILES = (*MARKERS, "config.resolved.yaml", "config.resolved.yaml.tmp", "preview.png")
+#: What ``run_demo`` itself writes into the run folder (beside the steps' folders).
+DEMO_OWN_FILES = ("config.resolved.yaml", "config.resolved.yaml.tmp", "results.txt", "inference-overlay.png")
+
+StepAction = Literal["skip", "run", "resume"]
 
 
-def _done_settings(out: Path) -> dict[str, Any] | None:
-    marker = out / DONE_MARKER
+def _marker_settings(out: Path, name: str) -> dict[str, Any] | None:
+    marker = out / name
     if not marker.is_file():
         return None
     try:
@@ -37,39 +47,62 @@ def _done_settings(out: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _same(recorded: dict[str, Any] | None, settings: dict[str, Any]) -> bool:
+    return recorded == json.loads(json.dumps(settings))
+
+
 def step_is_done(out: Path, settings: dict[str, Any]) -> bool:
     """True when ``out`` holds a finished step that ran with exactly ``settings``."""
-    return _done_settings(out) == json.loads(json.dumps(settings))
+    return _same(_marker_settings(out, DONE_MARKER), settings)
+
+
+def step_was_started(out: Path, settings: dict[str, Any]) -> bool:
+    """True when ``out`` holds an unfinished step (interrupted, or still running) started with ``settings``."""
+    return _same(_marker_settings(out, STARTED_MARKER), settings)
+
+
+def _write_marker(out: Path, name: str, settings: dict[str, Any]) -> None:
+    tmp = out / (name + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))
+    tmp.replace(out / name)
 
 
 def mark_done(out: Path, settings: dict[str, Any]) -> None:
-    """Record that the step in ``out`` finished with ``settings`` (atomic replace)."""
-    tmp = out / (DONE_MARKER + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))
-    tmp.replace(out / DONE_MARKER)
+    """Record that the step in ``out`` finished with ``settings`` (atomic replace); drops the started marker
+    (after the done marker is in place: a kill between the two leaves a finished step)."""
+    _write_marker(out, DONE_MARKER, settings)
+    (out / STARTED_MARKER).unlink(missing_ok=True)
 
 
-def prepare_step(out: Path, settings: dict[str, Any], overwrite: bool, what: str) -> bool:
-    """Decide whether a step must run. Returns False (skip) when ``out`` already holds the same finished step.
+def prepare_step(out: Path, settings: dict[str, Any], overwrite: bool, what: str) -> StepAction:
+    """Decide whether a step must run: ``"skip"`` when ``out`` already holds the same finished step, ``"resume"``
+    when it holds an unfinished one started with the same ``settings`` (the step redoes its work in place),
+    ``"run"`` otherwise (an empty or new folder, or any folder with ``overwrite``).
 
     Raises :class:`OutputExistsError` when ``out`` holds anything else and ``overwrite`` is not set, so that
-    nothing existing is replaced by accident.
+    nothing existing is replaced by accident. Before returning "run" or "resume" it records ``settings`` in the
+    started marker, before the step writes anything, and removes a done marker.
     """
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{what}: output {out} exists and is not a folder")
     if not overwrite and step_is_done(out, settings):
         log.info("%s: %s already holds a finished run with these settings; skipping", what, out)
-        return False
-    if out.is_dir() and any(p.name != DONE_MARKER for p in out.iterdir()) and not overwrite:
-        raise OutputExistsError(
-            f"{what}: output folder {out} is not empty and holds no finished run with these settings; "
-            "pass --overwrite to replace it or choose another --out"
-        )
-    marker = out / DONE_MARKER
-    if marker.exists():
-        marker.unlink()  # the step is about to change the folder: it is no longer a finished run
+        return "skip"
+    action: StepAction = "run"
+    if out.is_dir() and any(p.name not in MARKERS for p in out.iterdir()) and not overwrite:
+        if not step_was_started(out, settings):
+            raise OutputExistsError(
+                f"{what}: output folder {out} is not empty and holds no finished run with these settings; "
+                "pass --overwrite to replace it or choose another --out"
+            )
+        log.info("%s: %s holds an unfinished run with these settings; redoing it", what, out)
+        action = "resume"
     out.mkdir(parents=True, exist_ok=True)
-    return True
+    # The started marker first: a process killed from here on leaves a folder that a rerun with these settings
+    # may redo (a done marker of other settings beside it is stale: only --overwrite gets here past one).
+    _write_marker(out, STARTED_MARKER, settings)
+    (out / DONE_MARKER).unlink(missing_ok=True)  # the folder is about to change: no longer a finished run
+    return action
 
 
 def run_synth(cfg: Config, out: Path, *, overwrite: bool, preview: bool, workers: int = 1) -> list[Path]:
@@ -83,9 +116,14 @@ def run_synth(cfg: Config, out: Path, *, overwrite: bool, preview: bool, workers
         # Refuse a folder with foreign files before prepare_step changes it (generate_dataset checks again and
         # deletes the stale stores of an earlier config once the new ones are written).
         stale_outputs(cfg.synth, out, cfg.sections.backend, SYNTH_OWN_FILES)
-    if prepare_step(out, settings, overwrite, "synth"):
+    action = prepare_step(out, settings, overwrite, "synth")
+    if action != "skip":
         save_config(cfg, out)
         started = time.perf_counter()
+        # A resumed run writes every store again, through generate_dataset's overwrite path: it refuses foreign
+        # files, removes the .partial stores the killed run left, and replaces the stores it finished (the same
+        # image bytes, as the generator is deterministic, but their attributes hold the whole resolved config,
+        # whose keys outside `settings` may have changed), so the folder ends as an uninterrupted run leaves it.
         paths = generate_dataset(
             cfg.synth,
             out,
@@ -93,7 +131,7 @@ def run_synth(cfg: Config, out: Path, *, overwrite: bool, preview: bool, workers
             chunk_px=cfg.sections.chunk_px,
             compression=cfg.sections.compression,
             image_levels=cfg.sections.image_levels,
-            overwrite=overwrite,
+            overwrite=overwrite or action == "resume",
             workers=workers,
             extra_attrs={"config": resolved},
             own_files=SYNTH_OWN_FILES,
@@ -201,14 +239,64 @@ def run_demo_analysis(
     return analysis.report
 
 
+def demo_entries(cfg: Config) -> set[str]:
+    """Names of the entries a demo writes directly into its run folder: its own files and the first part of
+    every step folder that lies below ``run.root_dir``."""
+    root = cfg.root_path
+    names = set(DEMO_OWN_FILES)
+    for path in (
+        cfg.synth.out_dir,
+        cfg.extract.sections_dir,
+        cfg.extract.out_dir,
+        cfg.pretrain.out_dir,
+        cfg.probe.out_dir,
+        cfg.scratch.out_dir,
+        cfg.infer.out_dir,
+        cfg.analysis.out_dir,
+    ):
+        resolved = cfg.resolve_path(path)
+        if resolved.is_relative_to(root) and resolved != root:
+            names.add(resolved.relative_to(root).parts[0])
+    return names
+
+
+def check_demo_root(cfg: Config, overwrite: bool) -> Path:
+    """The demo's run folder, refused (without ``overwrite``) when it holds anything a demo does not write:
+    the demo saves its config and results there, which must not land in (or replace files of) a folder of
+    something else. A new or empty folder, or a demo's own (finished, interrupted, other settings: the steps
+    judge those), passes."""
+    root = cfg.root_path
+    if root.exists() and not root.is_dir():
+        raise OutputExistsError(f"demo: output {root} exists and is not a folder")
+    if root.is_dir() and not overwrite:
+        foreign = sorted(p.name for p in root.iterdir() if p.name not in demo_entries(cfg))
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise OutputExistsError(
+                f"demo: output folder {root} holds {foreign[0]}{more}, which the demo does not write; choose "
+                "another --out (or pass --overwrite to run the demo in this folder anyway)"
+            )
+    return root
+
+
 def run_demo(cfg: Config, *, overwrite: bool, workers: int = 2) -> None:
     """The main job end to end on the built-in synthetic brains: synth, extract, pretrain (torchrun, 2
     processes), probe and scratch, the seed 002 Fig. 2 table, then whole-section inference on the held-out
     sections with its pixel accuracy before and after clean-up and an overlay PNG, and the analysis (clusters,
-    embeddings, NMF factors) with a static HTML report whose path it prints. Finished steps are skipped on a rerun."""
-    root = Path(cfg.run.root_dir)
+    embeddings, NMF factors) with a static HTML report whose path it prints. Finished steps are skipped on a rerun.
+
+    The run folder's ``config.resolved.yaml`` is written at the end, once every step has accepted the settings
+    (a step refuses a folder holding another run): a refused rerun leaves the one describing the outputs there.
+    The torchrun steps read the config from a temporary file meanwhile.
+    """
+    root = check_demo_root(cfg, overwrite)
     root.mkdir(parents=True, exist_ok=True)
-    config_path = save_config(cfg, root)
+    with tempfile.TemporaryDirectory(prefix="cytonet-demo-") as tmp:
+        _run_demo_steps(cfg, root, save_config(cfg, Path(tmp)), overwrite=overwrite, workers=workers)
+    save_config(cfg, root)
+
+
+def _run_demo_steps(cfg: Config, root: Path, config_path: Path, *, overwrite: bool, workers: int) -> None:
     started = time.perf_counter()
     timings: dict[str, float] = {}
 

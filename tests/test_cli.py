@@ -132,3 +132,172 @@ def test_an_aborting_process_prints_its_stack_and_failure_messages_keep_it() -> 
     kept = tail(r.stderr + launcher_report)
     assert 'File "<string>", line 4' in kept and kept.endswith("agent line 1999")
     assert tail("short") == "short"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where options and overrides may go; one-line usage errors
+
+
+def test_overrides_may_follow_the_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    demo = str(REPO / "configs" / "demo.yaml")
+    assert main(["check-config", demo, "--debug", "synth.n_brains=2", "synth.seed=7"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert (resolved["synth"]["n_brains"], resolved["synth"]["seed"]) == (2, 7)
+    # After --out and --overwrite too: the override reaches the command (which then fails on the missing image).
+    missing = tmp_path / "nothing.tif"
+    code = main(["import", demo, "--out", str(tmp_path / "out"), "--overwrite", f"importer.image={missing}"])
+    assert code == 1 and str(missing) in capsys.readouterr().err
+
+
+def test_usage_errors_name_the_program_once() -> None:
+    r = run("check-config", str(REPO / "configs" / "demo.yaml"), "--bogus")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cytonet: cytonet" not in lines[0], r.stderr
+    assert lines[0].startswith("cytonet: error: unrecognized arguments: --bogus") and "check-config --help" in lines[0]
+    r = run("features", str(REPO / "configs" / "demo.yaml"), "--split", "nope")
+    assert r.returncode == 2 and r.stderr.count("cytonet") == 2 and "cytonet features --help" in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --out: taken as typed (never parsed as YAML), ~ expanded
+
+#: A tiny brain at 32 um/px (188 x 250 px): about 0.2 s a section.
+TINY_SYNTH = [
+    "synth.pixel_size_um=32",
+    "synth.n_areas=3",
+    "synth.brain_width_mm=8",
+    "synth.brain_height_mm=6",
+    "synth.cortex_thickness_mm=[1.0,1.4]",
+    "sections.chunk_px=64",
+    "sections.image_levels=[]",
+]
+
+
+def _block_synth(root: Path) -> None:
+    """Make the demo's first step refuse ``root`` at once (its sections folder holds a file of someone else)."""
+    (root / "sections").mkdir(parents=True)
+    (root / "sections" / "mine.txt").write_text("not the demo's")
+
+
+@pytest.mark.parametrize(
+    ("out", "as_yaml"),
+    [
+        ("runs/try #2", "runs/try"),  # YAML: a comment; with --overwrite the demo redid another run
+        ("2024-06-01", None),  # YAML: a date, refused as run.root_dir
+        ("null", None),
+        ("on", None),
+        ("0755", None),
+        ("~/demo", "~/demo"),  # a folder named ~ in the working folder
+    ],
+)
+def test_demo_out_is_the_folder_as_typed(
+    out: str, as_yaml: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    wanted = Path(out).expanduser()
+    _block_synth(wanted)
+    if as_yaml is not None:
+        _block_synth(tmp_path / as_yaml)  # the folder YAML made of it: stop there too rather than run a demo
+    assert main(["demo", "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert f"synth: output folder {wanted / 'sections'} is not empty" in err, err
+    if as_yaml is not None:
+        assert sorted(p.name for p in (tmp_path / as_yaml).iterdir()) == ["sections"]  # nothing written there
+
+
+def test_out_expands_the_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `--out=~/x` reaches the program unexpanded (the shell expands ~ only at the start of a word).
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    demo = str(REPO / "configs" / "demo.yaml")
+    assert main(["synth", demo, *TINY_SYNTH, "synth.n_brains=1", "synth.sections_per_brain=1", "--out=~/brains"]) == 0
+    assert (tmp_path / "home" / "brains" / "B00" / "B00_s0000.zarr").is_dir()
+    assert not (tmp_path / "~").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The demo's run folder: its config is saved only where the demo may write, once the steps accepted it
+
+
+def test_demo_refuses_a_folder_of_something_else_and_saves_no_config_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "data"
+    _block_synth(root)
+    (root / "notes.txt").write_text("mine")
+    assert main(["demo", "--out", str(root)]) == 1
+    assert f"{root} holds notes.txt, which the demo does not write" in capsys.readouterr().err
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt", "sections"]
+
+
+def test_demo_rerun_refused_by_a_step_keeps_the_run_folders_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "demo"
+    _block_synth(root)
+    (root / "config.resolved.yaml").write_text("run:\n  seed: 5\n")  # the config of the outputs there
+    assert main(["demo", "--out", str(root), "run.seed=6"]) == 1
+    assert "synth: output folder" in capsys.readouterr().err
+    assert (root / "config.resolved.yaml").read_text() == "run:\n  seed: 5\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An interrupted step
+
+
+def _synth(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cytonet.cli", "synth", str(REPO / "configs" / "demo.yaml"), *TINY_SYNTH,
+            "synth.n_brains=3", "synth.sections_per_brain=3", *extra, "--workers", "1", "--out", str(out)]  # fmt: skip
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_an_interrupted_synth_is_redone_by_a_rerun_with_the_same_settings(tmp_path: Path) -> None:
+    import shutil
+    import signal
+    import time
+
+    from cytonet.data.sections import list_sections
+    from cytonet.pipeline import DONE_MARKER, STARTED_MARKER
+
+    # Kill a real synth once its first section store is finished (9 stores, ~0.2 s each).
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_synth(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out.is_dir() and list_sections(out)) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    done = list_sections(out)
+    assert proc.returncode == -signal.SIGKILL and 1 <= len(done) < 9, done
+    assert (out / STARTED_MARKER).is_file() and not (out / DONE_MARKER).exists()
+    assert (out / "config.resolved.yaml").is_file()
+    if not list(out.rglob("*.partial")):  # killed between two stores: leave the next one half-written
+        name = "B02/B02_s0002.zarr.partial"
+        shutil.copytree(done[0], out / name)
+        shutil.rmtree(out / name / "labels")
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(out, interrupted)
+
+    # Other settings: still refused without --overwrite, and nothing changes.
+    before = _tree(interrupted)
+    r = subprocess.run(_synth(interrupted, "synth.seed=1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "pass --overwrite" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert _tree(interrupted) == before
+
+    # The same settings: the step is redone, and the folder ends as an uninterrupted run leaves it.
+    r = subprocess.run(_synth(out), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "unfinished run with these settings" in r.stderr
+    whole = tmp_path / "whole"
+    r = subprocess.run(_synth(whole), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not list(out.rglob("*.partial")) and len(list_sections(out)) == 9
+    assert _tree(out) == _tree(whole)
+    # ...which a further rerun finds finished.
+    r = subprocess.run(_synth(out), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "already holds a finished run" in r.stderr

@@ -167,3 +167,78 @@ def test_scratch_epochs_default_to_pretrain_plus_probe() -> None:
         load_config(None, ["pretrain.epochs=0"])
     with pytest.raises(ConfigError, match="preempt_signals"):
         load_config(None, ["pretrain.preempt_signals=[SIGKILL]"])
+
+
+def test_a_key_written_twice_is_refused_naming_key_file_and_line(tmp_path: Path) -> None:
+    # Plain YAML keeps the last block: importer.pixel_size_um and importer.brain would silently be lost.
+    p = tmp_path / "dup.yaml"
+    p.write_text(
+        "importer:\n  pixel_size_um: 0.5\n  brain: B07\nsections:\n  chunk_px: 256\nimporter:\n  section_index: 12\n"
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    msg = str(exc.value)
+    assert str(p) in msg and "'importer'" in msg and "line 6" in msg and "line 1" in msg
+    p.write_text("synth:\n  n_brains: 2\n  seed: 1\n  n_brains: 3\n")
+    with pytest.raises(ConfigError, match=r"line 4: key 'synth\.n_brains' is written twice \(first on line 2\)"):
+        load_config(p)
+    # Site profiles are read by the same reader.
+    from hpc.site import load_profile
+
+    site = tmp_path / "site.yaml"
+    site.write_text((Path(__file__).resolve().parent.parent / "configs" / "sites" / "local.yaml").read_text())
+    load_profile(site)
+    site.write_text(site.read_text() + "\n" + site.read_text())
+    with pytest.raises(ConfigError, match=rf"{site}.*written twice"):
+        load_profile(site)
+    # A merge key may still be overridden (that is what it is for), and a duplicate in an override is refused.
+    q = tmp_path / "merge.yaml"
+    q.write_text("synth:\n  <<: {n_brains: 2, seed: 1}\n  seed: 4\n")
+    assert load_config(q).synth.seed == 4 and load_config(q).synth.n_brains == 2
+    with pytest.raises(UsageError, match="appears twice"):
+        load_config(None, ["synth.cortex_thickness_mm={a: 1, a: 2}"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("dist.timeout_s=inf", "dist.timeout_s"),  # accepted before, then OverflowError when the group starts
+        ("dist.timeout_s=.inf", "dist.timeout_s"),
+        ("synth.pixel_size_um=nan", "synth.pixel_size_um"),
+        ("synth.pixel_size_um=.NaN", "synth.pixel_size_um"),
+        ("importer.pixel_size_um=.inf", "importer.pixel_size_um"),
+        ("extract.pixel_size_um=.inf", "extract.pixel_size_um"),  # float or null
+        ("optim.base_lr=1e999", "optim.base_lr"),
+        ("loss.radius_mm=" + "9" * 400, "loss.radius_mm"),  # an integer too large for a float
+        ("synth.cortex_thickness_mm=[2, .inf]", r"synth.cortex_thickness_mm\[1\]"),
+        ("augment.alpha_range=[.nan, 1]", r"augment.alpha_range\[0\]"),
+    ],
+)
+def test_non_finite_numbers_are_refused_naming_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{key}=.* is invalid: expected a finite number"):
+        load_config(None, [override])
+
+
+def test_non_finite_number_in_a_file_names_the_file(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("synth:\n  pixel_size_um: .inf\n")
+    with pytest.raises(ConfigError, match=rf"synth.pixel_size_um=inf is invalid: expected a finite number \(in {p}\)"):
+        load_config(p)
+
+
+def test_home_folder_is_expanded_in_configured_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_config(None, ["run.root_dir=~/runs", "extract.out_dir=~/patches"])
+    assert cfg.root_path == tmp_path / "home" / "runs"
+    assert cfg.resolve_path(cfg.synth.out_dir) == tmp_path / "home" / "runs" / "sections"
+    assert cfg.resolve_path(cfg.extract.out_dir) == tmp_path / "home" / "patches"
+    assert cfg.run.root_dir == "~/runs"  # the config keeps what was written; paths are derived
+
+
+@pytest.mark.parametrize("value", ["runs/try #2", "2024-06-01", "null", "on", "0755", "~", "[a]", "x: y"])
+def test_flag_values_are_set_verbatim(value: str) -> None:
+    # What `cytonet demo --out DIR` sets: the folder name as typed, never parsed as YAML.
+    cfg = load_config(None, ["run.seed=3"], flags={"run.root_dir": ("--out", value)})
+    assert cfg.run.root_dir == value and cfg.run.seed == 3
+    with pytest.raises(ConfigError, match=r"run.root_dir='' is invalid: give a folder path \(set by --out\)"):
+        load_config(None, ["run.root_dir=elsewhere"], flags={"run.root_dir": ("--out", "")})

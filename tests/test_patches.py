@@ -159,3 +159,64 @@ def test_not_a_store(tmp_path: Path) -> None:
         PatchStore(tmp_path)
     with pytest.raises(InputError, match=r"manifest\.json"):
         PatchStore(tmp_path / "nothing")
+
+
+def _set(manifest: dict, key: str, value: object) -> None:
+    node = manifest
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    if isinstance(node, list):
+        node[int(last)] = value
+    elif value is KeyError:
+        del node[last]
+    else:
+        node[last] = value
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "named"),
+    [
+        ("shards", 5, "'shards'"),
+        ("shards.0", {}, r"'shards\[0\]\.name'"),
+        ("shards.1.first", "8", r"'shards\[1\]\.first'"),
+        ("shards.1.n", None, r"'shards\[1\]\.n'"),
+        ("shards.1.split", "validation", r"'shards\[1\]\.split'"),
+        ("shards.2.name", "../../elsewhere.h5", r"'shards\[2\]\.name'"),
+        ("shards.0", "shard-00000.h5", r"'shards\[0\]'"),
+        ("geometry", [], "'geometry'"),
+        ("geometry.stored_px", KeyError, r"'geometry\.stored_px'"),
+        ("areas", ["a", "b"], "'areas'"),
+        ("areas", {"two": "hOc1"}, "'areas'"),
+        ("brains", "B00", "'brains'"),
+        ("splits.train", 24, r"'splits\.train'"),
+        ("splits.test.n", -1, r"'splits\.test\.n'"),
+        ("counts", KeyError, "'counts' is missing"),
+        ("counts.area", {"train": 3}, r"'counts\.area'"),
+        ("n_patches", "48", "'n_patches'"),
+        ("backend", "tiff", "'backend'"),
+        ("sections.0", "B00_s0000", r"'sections\[0\]'"),
+    ],
+)
+def test_a_malformed_manifest_names_the_file_and_key(
+    stores: dict[str, Path], tmp_path: Path, key: str, value: object, named: str
+) -> None:
+    manifest = json.loads((stores["hdf5-none"] / MANIFEST).read_text())
+    _set(manifest, key, value)
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=rf"{tmp_path / MANIFEST}: manifest key {named}"):
+        PatchStore(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"a store"', "null"])
+def test_a_manifest_that_is_not_an_object_is_refused(tmp_path: Path, text: str) -> None:
+    (tmp_path / MANIFEST).write_text(text)
+    with pytest.raises(InputError, match=rf"{tmp_path / MANIFEST}: the manifest must be a JSON object"):
+        PatchStore(tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "cytonet.cli", "store", "info", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and MANIFEST in r.stderr and "Traceback" not in r.stderr and "unexpected" not in r.stderr

@@ -404,6 +404,119 @@ def read_shard_columns(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any
     return cols, attrs
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_count(v: Any) -> bool:
+    return _is_int(v) and v >= 0
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _is_str_map(v: Any, value_ok: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and value_ok(x) for k, x in v.items())
+
+
+def _is_area_key(k: str) -> bool:
+    try:
+        int(k)
+    except ValueError:
+        return False
+    return True
+
+
+def check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
+    """``manifest`` (parsed ``manifest.json``) if its structure is what :class:`PatchStore` and ``store
+    info|check`` read; else :class:`InputError` naming ``path`` and the first bad key (a damaged or hand-edited
+    manifest would otherwise fail later with a bare KeyError, TypeError or AttributeError)."""
+
+    def need(ok: bool, key: str, expected: str, value: Any) -> None:
+        if not ok:
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise InputError(f"{path}: manifest key '{key}' must be {expected}, got {shown}")
+
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path}: the manifest must be a JSON object, got a {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise InputError(
+            f"{path}: format {manifest.get('format')!r} version "
+            f"{manifest.get('format_version')!r} is not supported (expected {FORMAT} {FORMAT_VERSION})"
+        )
+    required = ("geometry", "backend", "compression", "n_patches", "areas", "brains", "sections", "splits")
+    missing = [k for k in (*required, "counts", "shards", "extract") if k not in manifest]
+    if missing:
+        raise InputError(f"{path}: manifest key '{missing[0]}' is missing")
+    geometry = manifest["geometry"]
+    need(isinstance(geometry, dict), "geometry", "an object", geometry)
+    for key, ok, expected in (
+        ("crop_px", _is_count, "a non-negative integer"),
+        ("stored_px", _is_count, "a non-negative integer"),
+        ("pad_px", _is_count, "a non-negative integer"),
+        ("pixel_size_um", _is_number, "a number"),
+        ("max_shift_mm", _is_number, "a number"),
+    ):
+        need(ok(geometry.get(key)), f"geometry.{key}", expected, geometry.get(key))
+    backend = manifest["backend"]
+    need(isinstance(backend, str) and backend in SHARD_SUFFIXES, "backend", f"one of {sorted(SHARD_SUFFIXES)}", backend)
+    need(isinstance(manifest["compression"], str), "compression", "a string", manifest["compression"])
+    need(_is_count(manifest["n_patches"]), "n_patches", "a non-negative integer", manifest["n_patches"])
+    areas = manifest["areas"]
+    need(
+        _is_str_map(areas, lambda v: isinstance(v, str)) and all(_is_area_key(k) for k in areas),
+        "areas",
+        'an object of area id -> name ({"2": "hOc1", ...})',
+        areas,
+    )
+    brains = manifest["brains"]
+    need(isinstance(brains, list) and all(isinstance(b, str) for b in brains), "brains", "a list of names", brains)
+    sections = manifest["sections"]
+    need(isinstance(sections, list), "sections", "a list of section entries", sections)
+    for i, entry in enumerate(sections):
+        need(isinstance(entry, dict), f"sections[{i}]", "an object", entry)
+        need(isinstance(entry.get("name"), str), f"sections[{i}].name", "a string", entry.get("name"))
+    splits = manifest["splits"]
+    need(isinstance(splits, dict), "splits", "an object of split -> {start, n}", splits)
+    for split, info in splits.items():
+        need(isinstance(info, dict), f"splits.{split}", "an object with start and n", info)
+        for key in ("start", "n"):
+            need(_is_count(info.get(key)), f"splits.{split}.{key}", "a non-negative integer", info.get(key))
+    counts = manifest["counts"]
+    need(isinstance(counts, dict), "counts", "an object with split, area and brain counts", counts)
+    need(
+        _is_str_map(counts.get("split"), _is_count), "counts.split", "an object of split -> count", counts.get("split")
+    )
+    for key in ("area", "brain"):
+        value = counts.get(key)
+        need(
+            _is_str_map(value, lambda per: _is_str_map(per, _is_count)),
+            f"counts.{key}",
+            f"an object of split -> {{{key} -> count}}",
+            value,
+        )
+    need(isinstance(manifest["extract"], dict), "extract", "an object (the extraction settings)", manifest["extract"])
+    shards = manifest["shards"]
+    need(isinstance(shards, list), "shards", "a list of shard entries", shards)
+    for i, entry in enumerate(shards):
+        key = f"shards[{i}]"
+        need(isinstance(entry, dict), key, "an object with name, split, n, first and meta_sha256", entry)
+        name = entry.get("name")
+        need(
+            isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name,
+            f"{key}.name",
+            "a file name inside the store",
+            name,
+        )
+        need(entry.get("split") in SPLITS, f"{key}.split", f"one of {list(SPLITS)}", entry.get("split"))
+        for field in ("n", "first"):
+            need(_is_count(entry.get(field)), f"{key}.{field}", "a non-negative integer", entry.get(field))
+        need(isinstance(entry.get("meta_sha256"), str), f"{key}.meta_sha256", "a string", entry.get("meta_sha256"))
+    return manifest
+
+
 class PatchStore:
     """Read access to a finished patch store (any backend). Picklable; handles open lazily per process.
 
@@ -420,14 +533,10 @@ class PatchStore:
             hint = " (extraction unfinished: rerun `cytonet extract` until every task is done)" if partial else ""
             raise InputError(f"{self.path} is not a patch store: {MANIFEST} is missing{hint}")
         try:
-            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            data = json.loads(manifest_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(f"{manifest_path}: cannot read the manifest: {exc}") from None
-        if self.manifest.get("format") != FORMAT or self.manifest.get("format_version") != FORMAT_VERSION:
-            raise InputError(
-                f"{manifest_path}: format {self.manifest.get('format')!r} version "
-                f"{self.manifest.get('format_version')!r} is not supported (expected {FORMAT} {FORMAT_VERSION})"
-            )
+        self.manifest: dict[str, Any] = check_manifest(data, manifest_path)
         self.geometry = PatchGeometry.from_dict(self.manifest["geometry"])
         self.backend: str = self.manifest["backend"]
         self.compression: str = self.manifest["compression"]
