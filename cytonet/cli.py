@@ -80,6 +80,7 @@ class Command:
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None
     positionals: Callable[[argparse.ArgumentParser], None] | None = None
     """Positional arguments that come before CONFIG (e.g. ``submit``'s command name)."""
+    takes_overrides: bool = True
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -233,8 +234,6 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def cmd_store(args: argparse.Namespace) -> int:
     from cytonet.data.patches import check_store, describe_store
 
-    if args.overrides:
-        raise UsageError(f"store takes no overrides, got {args.overrides}")
     if args.action == "info":
         print(describe_store(args.path))
     else:
@@ -432,6 +431,7 @@ COMMANDS: list[Command] = [
         takes_config=False,
         writes=False,
         extra_args=_store_args,
+        takes_overrides=False,
     ),
     Command(
         "pretrain",
@@ -501,8 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cytonet",
         description="Cytoarchitectonic mapping of whole histological brain sections: synthetic data, sharded patch "
         "stores, distributed contrastive pretraining, evaluation and whole-section inference.",
-        epilog="Shape of every command: cytonet <command> CONFIG [section.key=value ...] [--out DIR] [--overwrite]. "
-        "Exit codes: 0 ok, 1 runtime failure, 2 usage or config error.",
+        epilog="Most commands take the shape cytonet <command> CONFIG [section.key=value ...] [--out DIR] "
+        "[--overwrite] (see cytonet <command> --help). Exit codes: 0 ok, 1 runtime failure, 2 usage or config error.",
     )
     parser.add_argument("--version", action="version", version=f"cytonet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", parser_class=_CommandParser)
@@ -512,13 +512,16 @@ def build_parser() -> argparse.ArgumentParser:
             c.positionals(p)
         if c.takes_config:
             p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
-        p.add_argument(
-            "overrides",
-            nargs="*",
-            default=[],  # not "required": an empty list is a valid value
-            metavar="section.key=value",
-            help="dotted overrides, e.g. synth.n_brains=2 (before or after the options)",
-        )
+        if c.takes_overrides:
+            p.add_argument(
+                "overrides",
+                nargs="*",
+                default=[],  # not "required": an empty list is a valid value
+                metavar="section.key=value",
+                help="dotted overrides, e.g. synth.n_brains=2 (before or after the options)",
+            )
+        else:
+            p.set_defaults(overrides=[])
         if c.writes:
             p.add_argument("--out", metavar="DIR", help="output folder (default: from the config)")
             p.add_argument("--overwrite", action="store_true", help="replace existing outputs")

@@ -1128,7 +1128,12 @@ def load_config(
         flag = next((f for key, (f, _) in (flags or {}).items() if text.startswith(f"{key}=")), None)
         if flag is not None:
             where = f" (set by {flag})"
-        elif any(text.startswith((f"{key}=", f"{key}[")) for key in keys):
+        elif any(
+            text.startswith((f"{key}=", f"{key}["))
+            or f"unknown key '{key}'" in text
+            or f"unknown key '{key.split('.')[0]}' in the top level" in text
+            for key in keys
+        ):
             where = " (set by a command-line override)"
         else:
             where = f" (in {path})" if path is not None else ""

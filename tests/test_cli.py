@@ -301,3 +301,10 @@ def test_an_interrupted_synth_is_redone_by_a_rerun_with_the_same_settings(tmp_pa
     # ...which a further rerun finds finished.
     r = subprocess.run(_synth(out), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "already holds a finished run" in r.stderr
+
+
+def test_store_shows_and_takes_no_overrides(tmp_path: Path) -> None:
+    r = run("store", "--help")
+    assert r.returncode == 0 and "section.key=value" not in r.stdout
+    r = run("store", "info", str(tmp_path), "synth.n_brains=2")
+    assert r.returncode == 2 and "unrecognized arguments: synth.n_brains=2" in r.stderr

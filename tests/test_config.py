@@ -242,3 +242,14 @@ def test_flag_values_are_set_verbatim(value: str) -> None:
     assert cfg.run.root_dir == value and cfg.run.seed == 3
     with pytest.raises(ConfigError, match=r"run.root_dir='' is invalid: give a folder path \(set by --out\)"):
         load_config(None, ["run.root_dir=elsewhere"], flags={"run.root_dir": ("--out", "")})
+
+
+def test_unknown_key_of_an_override_is_blamed_on_the_override(tmp_path: Path) -> None:
+    from cytonet.errors import ConfigError
+
+    for override in ("synth.bogus=1", "bogus.x=1"):
+        with pytest.raises(ConfigError, match=r"\(set by a command-line override\)$"):
+            load_config(CONFIGS[0].parent / "demo.yaml", [override])
+    (tmp_path / "c.yaml").write_text("synth:\n  bogus: 1\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'synth.bogus'.*\(in .*c.yaml\)$"):
+        load_config(tmp_path / "c.yaml", ["synth.n_brains=2"])
