@@ -1,20 +1,36 @@
 """Run a command; when it exits with the requeue status (75 after a preemption checkpoint), requeue this SLURM job.
 
-Usage (the last line of ``slurm/train.sbatch``)::
+Usage (the last line of ``slurm/train.sbatch``, exec'd by the batch shell)::
 
-    python -m hpc.requeue [--exit-code 75] -- srun python -m hpc.torchrun -- pretrain CONFIG
+    exec python -m hpc.requeue [--exit-code 75] [--max-requeues N] -- \\
+        srun --kill-on-bad-exit=0 python -m hpc.torchrun ...
 
-The training loop turns SIGUSR1 or SIGTERM on any rank into a checkpoint of all ranks and exit status 75
+The training loop turns SIGUSR1 (or SIGTERM) on any rank into a checkpoint of all ranks and exit status 75
 (``pretrain.requeue_exit_code``); this wrapper turns that status into ``scontrol requeue <job>`` so the job goes
 back to the queue and, when it runs again, resumes from the run folder. Any other status is passed through.
-Signals the wrapper itself receives (``--signal=B:USR1@N``, ``scancel -b``, the time limit's TERM) are forwarded
-to the command: srun passes them on to every task of the step.
+
+Signals that reach the wrapper itself:
+
+- SIGUSR1 and SIGUSR2 (``--signal=B:USR1@N``, ``scancel -b --signal=USR1``) are passed on to the command; srun
+  forwards them as they are to every task of its step, so they ask for a checkpoint.
+- SIGTERM, SIGINT, SIGHUP and SIGQUIT mean the job is ending: a plain ``scancel``, the hard time limit, a
+  preemption without the user signal. They are never passed to srun, which answers TERM, HUP and QUIT by
+  SIGKILLing every task at once ("forcing job termination", no checkpoint) and INT by printing the tasks' state;
+  srun gets the job's own TERM from its step anyway. After one, the job is not requeued even if the command
+  still exits 75 (the tasks may checkpoint on the TERM they got within ``KillWait``): ``scontrol requeue``
+  accepts a cancelled job, and a cancelled job must stay cancelled. Resubmitting resumes from the checkpoint.
+  A command other than srun (the wrapper run by hand) gets them passed on.
+
+``--max-requeues N`` (the site profile's ``max_requeues``, default 10): a job already requeued N times
+(``$SLURM_RESTART_COUNT``) is not requeued again and ends with the command's status, so that a job that cannot
+make progress (a signal that always comes before training starts) stops.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import signal
 import subprocess
@@ -25,8 +41,12 @@ from hpc.env import LaunchEnv, detect
 
 log = logging.getLogger("hpc.requeue")
 
-#: Signals passed on to the command (srun forwards each of them to the step's tasks).
-FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+#: Passed on to the command: srun forwards these as they are to every task of its step (a checkpoint request).
+FORWARDED = (signal.SIGUSR1, signal.SIGUSR2)
+#: The job is ending: never requeue after one; passed on to a command other than srun only (see the module doc).
+ENDING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+#: ``--max-requeues`` when not given (the site profile's default ``max_requeues``).
+DEFAULT_MAX_REQUEUES = 10
 
 
 def requeue_target(env: LaunchEnv) -> str | None:
@@ -36,29 +56,77 @@ def requeue_target(env: LaunchEnv) -> str | None:
     return f"{env.job_id}_{env.array_task_id}" if env.is_array_task else env.job_id
 
 
-def run(command: list[str], exit_code: int = 75, env: LaunchEnv | None = None) -> int:
-    """Run ``command``; requeue the job when it exits with ``exit_code``. Returns the command's status."""
-    proc = subprocess.Popen(command)
+def _is_srun(command: list[str]) -> bool:
+    return os.path.basename(command[0]) == "srun"
 
-    def forward(signum: int, frame: FrameType | None) -> None:
-        if proc.poll() is None:
+
+def run(command: list[str], exit_code: int = 75, env: LaunchEnv | None = None, max_requeues: int | None = None) -> int:
+    """Run ``command``; requeue the job when it exits with ``exit_code``, unless an ending signal arrived or the job
+    has been requeued ``max_requeues`` times already (None: no limit). Returns the command's status."""
+    proc: subprocess.Popen[bytes] | None = None
+    pending: list[int] = []  # signals that came before the command started
+    ending: list[str] = []
+    pass_ending = not _is_srun(command)
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        if signum in ENDING:
+            ending.append(signal.Signals(signum).name)
+            log.warning(
+                "received %s: the job is ending (scancel, time limit or preemption); it will not be requeued",
+                ending[-1],
+            )
+            if not pass_ending:
+                return
+        if proc is None:
+            pending.append(signum)
+        elif proc.poll() is None:
             proc.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    # Installed before the command starts, so that no signal finds the wrapper with its default action.
+    previous = {sig: signal.signal(sig, handle) for sig in (*FORWARDED, *ENDING)}
     try:
+        proc = subprocess.Popen(command)
+        for signum in pending:
+            proc.send_signal(signum)
         status = proc.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if status != exit_code:
         return status
-    target = requeue_target(env or detect())
+    if ending:
+        log.warning(
+            "exit status %d after %s: not requeueing a job that is being ended; resubmit it to resume from its "
+            "checkpoint",
+            status,
+            ending[0],
+        )
+        return status
+    env = env or detect()
+    target = requeue_target(env)
     if target is None:
         log.warning("exit status %d asks for a requeue, but this is not a SLURM job: rerun to resume", status)
         return status
+    if max_requeues is not None and env.restart_count >= max_requeues:
+        log.error(
+            "exit status %d asks for a requeue, but job %s has been requeued %d times already (max_requeues %d): "
+            "not requeueing it again. If it keeps stopping before it makes progress, check that the time limit "
+            "leaves room for signal_lead_s; resubmit to resume from its checkpoint",
+            status,
+            target,
+            env.restart_count,
+            max_requeues,
+        )
+        return status
     # Said before asking: a granted requeue ends this batch script at once (SIGTERM to the step), often before
     # anything after `scontrol requeue` would run.
-    log.warning("exit status %d: requeueing job %s; it resumes from its checkpoint when it runs again", status, target)
+    log.warning(
+        "exit status %d: requeueing job %s (requeue %d%s); it resumes from its checkpoint when it runs again",
+        status,
+        target,
+        env.restart_count + 1,
+        "" if max_requeues is None else f" of at most {max_requeues}",
+    )
     r = subprocess.run(["scontrol", "requeue", target], capture_output=True, text=True, check=False)
     if r.returncode != 0:
         log.error("`scontrol requeue %s` failed (%d): %s; resubmit to resume", target, r.returncode, r.stderr.strip())
@@ -68,14 +136,23 @@ def run(command: list[str], exit_code: int = 75, env: LaunchEnv | None = None) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hpc.requeue", description=__doc__.split("\n\n")[0])
     parser.add_argument("--exit-code", type=int, default=75, help="status that asks for a requeue (default 75)")
+    parser.add_argument(
+        "--max-requeues",
+        type=int,
+        default=DEFAULT_MAX_REQUEUES,
+        help="do not requeue a job that $SLURM_RESTART_COUNT says was requeued this often already "
+        f"(default {DEFAULT_MAX_REQUEUES})",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARG ...]")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command after --")
+    if args.max_requeues < 0:
+        parser.error(f"--max-requeues={args.max_requeues} must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s hpc.requeue %(levelname)s %(message)s")
     log.info("running %s", shlex.join(command))
-    return run(command, args.exit_code)
+    return run(command, args.exit_code, max_requeues=args.max_requeues)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Site profiles: what differs between clusters (account, partition, limits, GPUs, environment set-up), in one
 small typed YAML file, so that the sbatch scripts and submitit jobs are never edited by hand.
 
-Entry points: :func:`load_profile` (path -> validated :class:`SiteProfile`), :func:`parse_time_limit`.
+Entry points: :func:`load_profile` (path -> validated :class:`SiteProfile`), :func:`parse_time_limit` (and
+:func:`parse_time_limit_s`).
 Loading reuses the config machinery of ``cytonet/config.py``: unknown keys are refused with the list of valid
 ones, types are checked, and :meth:`SiteProfile.validate` names the key, the value and the fix. Shipped
 profiles: ``configs/sites/example.yaml`` (a GPU cluster, commented) and ``configs/sites/local.yaml`` (the
@@ -23,6 +24,7 @@ from pathlib import Path
 from cytonet.config import build_dataclass, read_yaml
 from cytonet.config import check_value as _check
 from cytonet.errors import ConfigError
+from hpc.requeue import DEFAULT_MAX_REQUEUES
 
 #: SLURM time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 _TIME_RE = re.compile(r"^(?:(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?|(\d+)(?::(\d+)(?::(\d+))?)?)$")
@@ -30,22 +32,34 @@ _TIME_RE = re.compile(r"^(?:(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?|(\d+)(?::(\d+)(?::
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-\[\]()]+$")
 _OPTION_RE = re.compile(r"^--[a-z][a-z0-9-]*(=[A-Za-z0-9_.,:@%+=/\-\[\]()]+)?$")
 _MEM_RE = re.compile(r"^\d+[KMGT]?$")
+#: Job kinds that run the training loop: SLURM signals them ``signal_lead_s`` before their time limit.
+TRAIN_KINDS = ("pretrain", "probe", "scratch")
+#: Training time a job needs before the preemption signal (start-up, data, the first steps); see
+#: :meth:`SiteProfile.validate`.
+SIGNAL_MARGIN_S = 60
 
 
-def parse_time_limit(value: str) -> int:
-    """Minutes of a SLURM time limit (``"90"``, ``"01:30:00"``, ``"1-12"``); raises ValueError if malformed."""
+def parse_time_limit_s(value: str) -> int:
+    """Seconds of a SLURM time limit (``"90"``: 90 minutes, ``"01:30:00"``, ``"1-12"``); raises ValueError if
+    malformed."""
     m = _TIME_RE.match(value)
     if m is None:
         raise ValueError(value)
     if m.group(1) is not None:  # D-HH[:MM[:SS]]
         days, hours, mins, secs = (int(g or 0) for g in m.group(1, 2, 3, 4))
-        return days * 1440 + hours * 60 + mins + (1 if secs else 0)
+        return ((days * 24 + hours) * 60 + mins) * 60 + secs
     a, b, c = m.group(5, 6, 7)
     if c is not None:  # HH:MM:SS
-        return int(a) * 60 + int(b) + (1 if int(c) else 0)
+        return (int(a) * 60 + int(b)) * 60 + int(c)
     if b is not None:  # MM:SS
-        return int(a) + (1 if int(b) else 0)
-    return int(a)  # MM
+        return int(a) * 60 + int(b)
+    return int(a) * 60  # MM
+
+
+def parse_time_limit(value: str) -> int:
+    """Minutes of a SLURM time limit (``"90"``, ``"01:30:00"``, ``"1-12"``), seconds rounded up; raises ValueError
+    if malformed."""
+    return -(-parse_time_limit_s(value) // 60)
 
 
 @dataclass
@@ -110,13 +124,17 @@ class SiteProfile:
     array_parallelism: int = 4
     """At most this many array tasks run at once (the ``%N`` of ``--array``)."""
     signal_lead_s: int = 300
-    """Seconds before the time limit at which SLURM sends USR1: every rank checkpoints and the job is requeued."""
+    """Seconds before the time limit at which SLURM sends USR1 (submitit: USR2): every rank checkpoints and the job
+    is requeued. At least 60 s below each training time limit, or the signal would come before training starts;
+    slurmctld checks about every 30 s, so allow that plus one checkpoint."""
     python: str = ""
     """Python interpreter of the cytonet installation on the compute nodes (empty: the one rendering the script)."""
     job_name_prefix: str = "cytonet"
     """Job names are ``<prefix>-<kind>``."""
-    max_requeues: int = 10
-    """submitit: how many preemptions or time-outs a job may be requeued after."""
+    max_requeues: int = DEFAULT_MAX_REQUEUES
+    """How often a job may be requeued after a preemption or time-out checkpoint before it is left to fail
+    (submitit: ``max_num_timeout``; sbatch scripts: ``hpc.requeue --max-requeues`` against
+    ``$SLURM_RESTART_COUNT``, whose default is this default)."""
 
     @property
     def nproc_per_node(self) -> int:
@@ -178,6 +196,18 @@ class SiteProfile:
         _check(self.array_tasks >= 1, key("array_tasks"), self.array_tasks, ">= 1")
         _check(self.array_parallelism >= 1, key("array_parallelism"), self.array_parallelism, ">= 1")
         _check(self.signal_lead_s >= 1, key("signal_lead_s"), self.signal_lead_s, ">= 1 s (e.g. 300)")
+        for kind in TRAIN_KINDS:
+            # A signal before the training loop listens ends the job with the requeue status and no progress: it
+            # would be requeued again and again (until max_requeues).
+            limit = getattr(self.time, kind)
+            _check(
+                self.signal_lead_s + SIGNAL_MARGIN_S <= parse_time_limit_s(limit),
+                key("signal_lead_s"),
+                self.signal_lead_s,
+                f"the signal would come less than {SIGNAL_MARGIN_S} s after the start of a job with "
+                f"{key('time.' + kind)}={limit!r} ({parse_time_limit_s(limit)} s): lower {key('signal_lead_s')} or "
+                f"raise {key('time.' + kind)} to at least {key('signal_lead_s')} + {SIGNAL_MARGIN_S} s",
+            )
         _check(
             self.python == "" or ("\n" not in self.python and "\0" not in self.python),
             key("python"),

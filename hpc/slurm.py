@@ -168,7 +168,10 @@ def render(
     else:
         nodes = profile.pretrain_nodes if kind == "pretrain" else 1
         values.update(
-            nodes=str(nodes), signal_lead_s=str(profile.signal_lead_s), nproc_per_node=str(profile.nproc_per_node)
+            nodes=str(nodes),
+            signal_lead_s=str(profile.signal_lead_s),
+            nproc_per_node=str(profile.nproc_per_node),
+            max_requeues=str(profile.max_requeues),
         )
         name = "train.sbatch"
     script = _fill((TEMPLATE_DIR / name).read_text(), values, name)

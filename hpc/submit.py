@@ -11,9 +11,15 @@ Entry points: :func:`submit` (returns the submitit jobs), :class:`CytonetJob` (t
 
 Preemption and time-outs: SLURM (``--signal=USR2@signal_lead_s``) or ``scancel --signal=USR2`` sends USR2 to
 every task. submitit calls :meth:`CytonetJob.checkpoint` on task 0, which passes SIGUSR1 on to its cytonet
-process and waits until it has written its checkpoint and exited (75); the training loop's collective stop takes
-the other ranks along. submitit then requeues the job, and the rerun resumes from the run folder. The cytonet
-process runs as a child with USR2 ignored, so that the signal meant for submitit cannot kill it.
+process and waits until it has written its checkpoint and exited (75), at most :func:`checkpoint_wait_s` (less
+than ``signal_lead_s``: submitit must requeue before the time limit ends the job); the training loop's collective
+stop takes the other ranks along. submitit then requeues the job, and the rerun resumes from the run folder. The
+cytonet process runs as a child with USR2 ignored, so that the signal meant for submitit cannot kill it.
+
+A cytonet process that exits 75 (or is terminated) on its own, without submitit's checkpoint call (SIGTERM of a
+preemption with ``GraceTime``, a USR1 sent to it directly), has checkpointed too; on every task, rank 0 included,
+the job then waits to be requeued or ended by SLURM rather than report a failure that the requeued run would have
+to overwrite, and ends with :class:`JobPreemptedError` if neither comes within :data:`REQUEUE_WAIT_S`.
 """
 
 from __future__ import annotations
@@ -40,12 +46,31 @@ log = logging.getLogger(__name__)
 TRAIN_COMMANDS = ("pretrain", "probe", "scratch")
 ARRAY_COMMANDS = ("extract", "infer")
 COMMANDS = ("extract", "pretrain", "probe", "scratch", "infer")
-#: How long the checkpoint handler waits for the cytonet process to write its checkpoint and exit.
-CHECKPOINT_WAIT_S = 600.0
+#: Seconds the checkpoint handler leaves before the time limit: USR2 comes up to ~30 s late (slurmctld checks
+#: time limits about every 30 s), and submitit still has to requeue the job after the handler returns.
+CHECKPOINT_MARGIN_S = 60.0
+#: How long a task whose cytonet process stopped for a requeue waits for SLURM to requeue or end the job.
+REQUEUE_WAIT_S = 600.0
+
+
+def checkpoint_wait_s(signal_lead_s: float) -> float:
+    """How long the checkpoint handler waits for cytonet to write its checkpoint and exit, for a signal that comes
+    ``signal_lead_s`` before the time limit: all but :data:`CHECKPOINT_MARGIN_S` of it, and at least half of it
+    (short leads, e.g. the test cluster's 60 s)."""
+    return max(signal_lead_s - CHECKPOINT_MARGIN_S, signal_lead_s / 2)
+
+
+#: For the site profile's default ``signal_lead_s`` (300 s).
+DEFAULT_CHECKPOINT_WAIT_S = checkpoint_wait_s(300)
 
 
 class JobFailedError(CytonetError):
     """The cytonet command of a submitit job failed (carries its exit status)."""
+
+
+class JobPreemptedError(JobFailedError):
+    """The cytonet command checkpointed and stopped for a requeue (exit 75, or terminated after it), but SLURM
+    neither requeued nor ended the job: resubmit it to resume from the checkpoint."""
 
 
 def _ignore_usr2() -> None:
@@ -67,10 +92,21 @@ class CytonetJob(submitit.helpers.Checkpointable):
     """``cytonet <argv>`` as a checkpointable submitit job: preempted or timed out, it checkpoints, is requeued
     and resumes. Called with ``extra`` arguments by ``map_array`` (``--task-id i --num-tasks N``)."""
 
-    def __init__(self, argv: Sequence[str], python: str = "", requeue_exit_code: int = 75) -> None:
+    #: Seconds :meth:`checkpoint` waits for cytonet's checkpoint and exit (a class default too: jobs pickled by
+    #: an older cytonet lack the attribute).
+    checkpoint_wait_s: float = DEFAULT_CHECKPOINT_WAIT_S
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        python: str = "",
+        requeue_exit_code: int = 75,
+        checkpoint_wait_s: float = DEFAULT_CHECKPOINT_WAIT_S,
+    ) -> None:
         self.argv = list(argv)
         self.python = python or sys.executable
         self.requeue_exit_code = requeue_exit_code
+        self.checkpoint_wait_s = checkpoint_wait_s
         self._proc: subprocess.Popen[bytes] | None = None
 
     def command(self, extra: Sequence[str] = ()) -> list[str]:
@@ -89,13 +125,21 @@ class CytonetJob(submitit.helpers.Checkpointable):
         status = proc.returncode
         if status == 0:
             return shlex.join(cmd)
-        if status in (self.requeue_exit_code, -signal.SIGTERM) and env.rank != 0:
-            # Task 0 checkpoints and requeues the whole job, which ends this task; wait for that rather than
-            # report a failure the requeue would have to overwrite. SIGTERM is how SLURM ends the job's steps
-            # for that requeue: it can reach cytonet after its checkpoint, while it is still exiting (seen under
-            # load: killed 1.9 s after "checkpoint written"), and a failure reported then could be read as
-            # this task's result before the requeued run replaces it.
-            time.sleep(CHECKPOINT_WAIT_S)
+        if status in (self.requeue_exit_code, -signal.SIGTERM):
+            # cytonet checkpointed for a requeue. Task 0's checkpoint handler requeues the whole job, which ends
+            # every task (task 0 too, when the handler runs: submitit exits after requeueing); a preemption that
+            # reached cytonet as SIGTERM (GraceTime) is requeued or ended by SLURM. Wait for that rather than
+            # report a failure the requeued run would have to overwrite (and that could be read as the job's
+            # result before it does). SIGTERM is how SLURM ends the job's steps for a requeue: it can reach
+            # cytonet after its checkpoint, while it is still exiting (seen under load: killed 1.9 s after
+            # "checkpoint written"). Outside SLURM (the local executor) nothing would come.
+            if env.job_id is not None:
+                time.sleep(REQUEUE_WAIT_S)
+            raise JobPreemptedError(
+                f"`{shlex.join(cmd)}` stopped for a requeue (status {status}) but the job was not requeued"
+                + (f" within {REQUEUE_WAIT_S:.0f} s" if env.job_id is not None else "")
+                + ": resubmit it to resume from its checkpoint"
+            )
         raise JobFailedError(f"`{shlex.join(cmd)}` exited with status {status}")
 
     def __getstate__(self) -> dict[str, Any]:
@@ -109,13 +153,15 @@ class CytonetJob(submitit.helpers.Checkpointable):
         if proc is not None and proc.poll() is None:
             log.warning("preempted: asking cytonet (pid %d) to checkpoint", proc.pid)
             proc.send_signal(signal.SIGUSR1)
-            deadline = time.monotonic() + CHECKPOINT_WAIT_S
+            deadline = time.monotonic() + self.checkpoint_wait_s
             while not _has_exited(proc.pid) and time.monotonic() < deadline:
                 time.sleep(0.2)
             if _has_exited(proc.pid):
                 log.warning("cytonet has checkpointed and exited; requeueing")
             else:
-                log.error("cytonet did not exit within %.0f s; requeueing from its last checkpoint", CHECKPOINT_WAIT_S)
+                log.error(
+                    "cytonet did not exit within %.0f s; requeueing from its last checkpoint", self.checkpoint_wait_s
+                )
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)  # pickled without the process
 
 
@@ -195,7 +241,11 @@ def submit(
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     executor = make_executor(command, profile, out / "%j", local=local)
-    job = CytonetJob([command, str(config), *overrides], profile.python_path)
+    job = CytonetJob(
+        [command, str(config), *overrides],
+        profile.python_path,
+        checkpoint_wait_s=checkpoint_wait_s(profile.signal_lead_s),
+    )
     if command in ARRAY_COMMANDS:
         n = profile.array_tasks if array_tasks is None else array_tasks
         if n < 1:

@@ -242,6 +242,62 @@ def test_time_limit_signal_checkpoints_requeues_and_finishes(data: Path, tmp_pat
     assert_bitwise_equal(encoder(tmp_path / "limited"), encoder(tmp_path / "unlimited"))
 
 
+STAND_IN_PYTHON = """#!{python}
+# The interpreter of a rendered training script: hpc.requeue runs for real; in place of hpc.torchrun, a task that
+# waits for USR1 or TERM, "checkpoints" for 1 s and exits 75 (no signal within 120 s: exit 0).
+import os, signal, sys, time
+if sys.argv[1:3] == ["-m", "hpc.requeue"]:
+    os.execv({python!r}, [{python!r}, *sys.argv[1:]])
+got = []
+for sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(sig, lambda signum, frame: got.append(signal.Signals(signum).name))
+restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+open(os.path.join({ready!r}, "ready-" + restart), "w").close()
+end = time.monotonic() + 120
+while not got and time.monotonic() < end:
+    time.sleep(0.05)
+if got:
+    print(f"task got {{got[0]}} (restart {{restart}}): checkpoint, exit 75", flush=True)
+    time.sleep(1)
+    sys.exit(75)
+"""
+
+
+def test_usr1_to_the_batch_shell_requeues_and_a_plain_scancel_cancels(slurm_cluster: str, tmp_path: Path) -> None:
+    """The rendered training script with a stand-in task on the real cluster. `scancel -b --signal=USR1` (what
+    `--signal=B:USR1@N` does) reaches hpc.requeue, which the batch shell exec'd (bash itself would die of it),
+    and srun passes it to the task: checkpoint, 75, requeued. Then a plain `scancel`: the task gets TERM and
+    still exits 75 within KillWait, but a cancelled job stays cancelled (`scontrol requeue` would accept it)."""
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    python = tmp_path / "python"
+    python.write_text(STAND_IN_PYTHON.format(python=sys.executable, ready=str(ready)))
+    python.chmod(0o755)
+    site = yaml.safe_load(LOCAL_PROFILE.read_text())
+    site["python"] = str(python)
+    profile = tmp_path / "site.yaml"
+    profile.write_text(yaml.safe_dump(site))
+    config = write_config(tmp_path / "c.yaml", tmp_path, tmp_path / "sections")
+    script = tmp_path / "probe.sbatch"
+    cytonet("slurm", "probe", str(config), "--profile", str(profile), "--write", str(script))
+    job = sbatch(script, tmp_path)
+    try:
+        wait_for(lambda: (ready / "ready-0").exists() or not queued(job), "the task of the first run", 120)
+        subprocess.run(["scancel", "-b", "--signal=USR1", job], check=True)  # the batch shell only
+        wait_for(lambda: (ready / "ready-1").exists() or not queued(job), "the task of the requeued run", 120)
+        log = log_of(tmp_path, job)
+        assert (ready / "ready-1").exists(), log[-3000:]
+        assert "task got SIGUSR1 (restart 0)" in log and f"requeueing job {job}" in log, log[-3000:]
+        subprocess.run(["scancel", job], check=True)
+        wait_gone([job], 120)
+    finally:
+        subprocess.run(["scancel", job], check=False)
+    log = log_of(tmp_path, job)
+    assert job_state(job) == "CANCELLED", log[-3000:]
+    assert restarts(job) == 1, log[-3000:]
+    assert "received SIGTERM: the job is ending" in log, log[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # submitit
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ from cytonet.cli import build_parser
 from cytonet.errors import ConfigError, UsageError
 from hpc.env import LaunchEnvError, detect
 from hpc.requeue import requeue_target
-from hpc.site import SiteProfile, load_profile, parse_time_limit, profile_from_dict
+from hpc.site import SiteProfile, load_profile, parse_time_limit, parse_time_limit_s, profile_from_dict
 from hpc.slurm import KINDS, render
 from hpc.torchrun import torchrun_argv
 
@@ -104,8 +107,10 @@ def test_memory_per_node_and_cpus_per_task_go_where_they_belong() -> None:
     assert [kind for kind, text in scripts.items() if handover in text] == ["extract"]  # GPU jobs: --cpus-per-gpu
     cpu = render("pretrain", SiteProfile(cpus_per_task=16, mem="64G"), PAPER).script
     assert "#SBATCH --cpus-per-task=16\n" in cpu and "#SBATCH --mem=64G\n" in cpu
-    assert cpu.rindex("#SBATCH") < cpu.index(handover) < cpu.index("-m hpc.requeue -- srun ")
+    assert cpu.rindex("#SBATCH") < cpu.index(handover) < cpu.index("-m hpc.requeue --max-requeues=10 -- srun ")
     assert handover not in render("pretrain", SiteProfile(), PAPER).script
+    # The profile's max_requeues reaches the requeue wrapper of the training scripts.
+    assert "-m hpc.requeue --max-requeues=3 -- srun " in render("probe", SiteProfile(max_requeues=3), PAPER).script
     # Array tasks take their own, per-task memory where the profile gives one.
     sized = SiteProfile(gpus_per_node=4, mem="0", array_mem="48G")
     assert "#SBATCH --mem=48G\n" in render("infer", sized, PAPER).script
@@ -145,6 +150,8 @@ def test_unknown_profile_key_lists_the_valid_ones() -> None:
         ({"extra_sbatch": ["--constraint=a100 --exclusive"]}, r"extra_sbatch\[0\]"),
         ({"extra_sbatch": ["constraint=a100"]}, r"extra_sbatch\[0\]"),
         ({"array_parallelism": 0}, "array_parallelism"),
+        ({"time": {"probe": "5"}}, "signal_lead_s"),
+        ({"time": {"scratch": "6"}, "signal_lead_s": 301}, "signal_lead_s"),
     ],
 )
 def test_bad_profile_values_are_refused_naming_the_key(data: dict[str, object], key: str) -> None:
@@ -207,8 +214,10 @@ def test_hostile_config_path_and_overrides_stay_literal_under_bash(tmp_path: Pat
     assert argv == [
         "-m",
         "hpc.requeue",
+        "--max-requeues=10",
         "--",
         "srun",
+        "--kill-on-bad-exit=0",
         str(interpreter),
         "-m",
         "hpc.torchrun",
@@ -279,3 +288,222 @@ def test_requeue_wrapper_passes_other_statuses_through() -> None:
         timeout=60,
     )
     assert r.returncode == 75 and "not a SLURM job" in r.stderr, r.stderr
+
+
+def test_signal_lead_must_leave_training_time_before_it_naming_both_keys() -> None:
+    """USR1 before the training loop listens ends the job with 75 and no progress: it would be requeued forever
+    (time.probe '5' with the default lead of 300 s). One minute of margin; arrays take no signal."""
+    with pytest.raises(ConfigError, match=r"^site profile: signal_lead_s=300 .*time\.probe='5' \(300 s\)"):
+        profile_from_dict({"time": {"probe": "5"}})
+    assert profile_from_dict({"time": {"probe": "6"}}).signal_lead_s == 300  # 300 + 60 <= 360
+    assert profile_from_dict({"time": {"extract": "1", "infer": "1"}, "signal_lead_s": 300})
+    assert profile_from_dict({"time": {"pretrain": "3"}, "signal_lead_s": 100})  # the slow test's profile
+    assert parse_time_limit_s("2:30") == 150 and parse_time_limit_s("1-00:00:01") == 86401
+
+
+def test_batch_shell_execs_the_requeue_wrapper_and_srun_keeps_every_status(tmp_path: Path) -> None:
+    """The rendered training script under bash: the interpreter running hpc.requeue is the script's own process
+    (exec: a USR1 to the batch shell, `--signal=B:USR1` or `scancel -b`, reaches the wrapper instead of killing
+    bash and orphaning it), and srun is told not to kill the other nodes when the first one exits 75."""
+    record = tmp_path / "pid.json"
+    interpreter = tmp_path / "record-pid"
+    interpreter.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\njson.dump([os.getpid(), sys.argv[1:]], open({str(record)!r}, 'w'))\n"
+    )
+    interpreter.chmod(0o755)
+    script = tmp_path / "job.sbatch"
+    script.write_text(render("pretrain", SiteProfile(python=str(interpreter), pretrain_nodes=2), PAPER).script)
+    shell = subprocess.Popen(["bash", str(script)], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    _, err = shell.communicate(timeout=60)
+    assert shell.returncode == 0, err
+    pid, argv = json.loads(record.read_text())
+    assert pid == shell.pid
+    assert argv[:7] == [
+        "-m",
+        "hpc.requeue",
+        "--max-requeues=10",
+        "--",
+        "srun",
+        "--kill-on-bad-exit=0",
+        str(interpreter),
+    ]
+
+
+def fake_scontrol(bin_dir: Path, record: Path) -> None:
+    """An ``scontrol`` on ``bin_dir`` that appends its arguments to ``record``, one call a line."""
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/bash\necho "$*" >> {shlex.quote(str(record))}\n')
+    scontrol.chmod(0o755)
+
+
+def requeue_env(bin_dir: Path, **slurm: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return {**env, "PATH": f"{bin_dir}:{env['PATH']}", **slurm}
+
+
+@pytest.mark.parametrize(("restarts", "requeued"), [("", True), ("2", True), ("3", False), ("7", False)])
+def test_requeue_wrapper_stops_requeueing_after_max_requeues(tmp_path: Path, restarts: str, requeued: bool) -> None:
+    """A job that always stops with 75 (a signal before training starts, with nothing to resume) is requeued at
+    most --max-requeues times: then it ends with the status and says why."""
+    calls = tmp_path / "scontrol.txt"
+    fake_scontrol(tmp_path / "bin", calls)
+    slurm = {"SLURM_JOB_ID": "77", **({"SLURM_RESTART_COUNT": restarts} if restarts else {})}
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hpc.requeue",
+            "--max-requeues",
+            "3",
+            "--",
+            sys.executable,
+            "-c",
+            "raise SystemExit(75)",
+        ],
+        env=requeue_env(tmp_path / "bin", **slurm),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 75, r.stderr
+    if requeued:
+        assert calls.read_text() == "requeue 77\n", r.stderr
+        assert "requeueing job 77" in r.stderr
+    else:
+        assert not calls.exists(), calls.read_text()
+        assert f"requeued {restarts} times already (max_requeues 3): not requeueing" in r.stderr, r.stderr
+
+
+FAKE_SRUN = """#!{python}
+import os, signal, sys, time
+got = []
+def handle(signum, frame):
+    got.append(signal.Signals(signum).name)
+    with open({record!r}, "a") as f:
+        f.write(got[-1] + "\\n")
+for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, handle)
+open({ready!r}, "w").close()
+end = time.monotonic() + 30
+while time.monotonic() < end and not got:
+    time.sleep(0.02)
+sys.exit(75 if got else 1)  # any signal: a checkpoint, then the requeue status
+"""
+
+
+def start_wrapper(tmp_path: Path, command: str) -> tuple[subprocess.Popen[str], Path, Path]:
+    """hpc.requeue (job 77) around a stand-in ``command`` (named srun or not) that records the signals it gets
+    and exits 75 after the first one; returns the wrapper, the stand-in's record and scontrol's."""
+    bin_dir, record, ready, calls = tmp_path / "bin", tmp_path / "signals.txt", tmp_path / "ready", tmp_path / "sc.txt"
+    fake_scontrol(bin_dir, calls)
+    stand_in = bin_dir / command
+    stand_in.write_text(FAKE_SRUN.format(python=sys.executable, record=str(record), ready=str(ready)))
+    stand_in.chmod(0o755)
+    wrapper = subprocess.Popen(
+        [sys.executable, "-m", "hpc.requeue", "--", command, "--kill-on-bad-exit=0", "task"],
+        env=requeue_env(bin_dir, SLURM_JOB_ID="77"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    end = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < end:
+        time.sleep(0.02)
+    assert ready.exists(), wrapper.stderr.read() if wrapper.poll() is not None else "stand-in did not start"  # type: ignore[union-attr]
+    return wrapper, record, calls
+
+
+def test_requeue_wrapper_passes_usr1_to_srun_and_requeues(tmp_path: Path) -> None:
+    wrapper, record, calls = start_wrapper(tmp_path, "srun")
+    wrapper.send_signal(signal.SIGUSR1)  # --signal=B:USR1@N, scancel -b --signal=USR1
+    _, err = wrapper.communicate(timeout=60)
+    assert wrapper.returncode == 75, err
+    assert record.read_text() == "SIGUSR1\n"
+    assert calls.read_text() == "requeue 77\n", err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_requeue_wrapper_keeps_ending_signals_from_srun_and_does_not_requeue(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """scancel (or the time limit) sends TERM to the batch step and to every other step. srun would answer a
+    forwarded TERM or HUP by SIGKILLing its tasks at once (no checkpoint), so the wrapper keeps it; the tasks get
+    their own and may still checkpoint and exit 75, but a cancelled job is not requeued (`scontrol requeue`
+    accepts one)."""
+    wrapper, record, calls = start_wrapper(tmp_path, "srun")
+    wrapper.send_signal(sig)
+    time.sleep(1.0)
+    assert not record.exists(), f"srun got {record.read_text()}"
+    assert wrapper.poll() is None
+    srun_pid = int(subprocess.run(["pgrep", "-P", str(wrapper.pid)], capture_output=True, text=True).stdout.split()[0])
+    os.kill(srun_pid, signal.SIGTERM)  # what the step's own TERM does to srun; its tasks checkpoint: 75
+    _, err = wrapper.communicate(timeout=60)
+    assert wrapper.returncode == 75, err
+    assert not calls.exists(), calls.read_text()
+    assert f"received {sig.name}: the job is ending" in err and "not requeueing a job that is being ended" in err
+
+
+def test_requeue_wrapper_passes_ending_signals_to_a_command_other_than_srun(tmp_path: Path) -> None:
+    """Run by hand around hpc.torchrun (no srun): a TERM to the wrapper reaches the command."""
+    wrapper, record, calls = start_wrapper(tmp_path, "agent")
+    wrapper.send_signal(signal.SIGTERM)
+    _, err = wrapper.communicate(timeout=60)
+    assert wrapper.returncode == 75, err
+    assert record.read_text() == "SIGTERM\n"
+    assert not calls.exists(), calls.read_text()
+
+
+def test_submitit_checkpoint_wait_ends_before_the_time_limit() -> None:
+    """USR2 comes signal_lead_s before the time limit (up to ~30 s late): the handler must give up waiting for
+    cytonet early enough for submitit to requeue the job before SLURM ends it (a 600 s wait with a 300 s lead
+    ended jobs as TIMEOUT, not requeued)."""
+    from hpc.submit import CHECKPOINT_MARGIN_S, checkpoint_wait_s
+
+    for lead in (60, 100, 300, 900):
+        assert 0 < checkpoint_wait_s(lead) <= lead - 30
+    assert checkpoint_wait_s(300) == 300 - CHECKPOINT_MARGIN_S
+
+
+def test_submitit_checkpoint_handler_gives_up_after_its_wait(tmp_path: Path) -> None:
+    from hpc.submit import CytonetJob
+
+    job = CytonetJob(["pretrain", "c.yaml"], checkpoint_wait_s=0.5)
+    # A cytonet that does not react (still importing, say): the handler requeues after its wait anyway.
+    job._proc = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGUSR1, signal.SIG_IGN); time.sleep(30)"]
+    )
+    try:
+        time.sleep(0.5)
+        start = time.monotonic()
+        delayed = job.checkpoint()
+        assert 0.4 < time.monotonic() - start < 5
+        assert delayed.function is job
+    finally:
+        job._proc.kill()
+        job._proc.wait()
+
+
+@pytest.mark.parametrize("slurm", [False, True])
+def test_submitit_rank0_requeue_status_is_not_reported_as_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slurm: bool
+) -> None:
+    """Rank 0's cytonet exits 75 without submitit's checkpoint call (its SIGTERM of a preemption, which SLURM
+    requeues): the task waits to be requeued or ended like the other ranks, and only then, if neither came, ends
+    with JobPreemptedError, not as a failed command."""
+    import hpc.submit
+    from hpc.submit import CytonetJob, JobPreemptedError
+
+    for name in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(name)
+    if slurm:
+        monkeypatch.setenv("SLURM_JOB_ID", "77")
+        monkeypatch.setenv("SLURM_PROCID", "0")
+        monkeypatch.setenv("SLURM_NTASKS", "2")
+        monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setattr(hpc.submit, "REQUEUE_WAIT_S", 1.0)
+    job = CytonetJob(["pretrain", "c.yaml"])
+    monkeypatch.setattr(job, "command", lambda extra=(): [sys.executable, "-c", "raise SystemExit(75)"])
+    start = time.monotonic()
+    with pytest.raises(JobPreemptedError, match="resubmit it to resume"):
+        job()
+    assert (time.monotonic() - start >= 1.0) == slurm
