@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ringdata import tiny_synth
 
 from cytonet.cli import COMMANDS, main
 
@@ -163,15 +164,7 @@ def test_usage_errors_name_the_program_once() -> None:
 # --out: taken as typed (never parsed as YAML), ~ expanded
 
 #: A tiny brain at 32 um/px (188 x 250 px): about 0.2 s a section.
-TINY_SYNTH = [
-    "synth.pixel_size_um=32",
-    "synth.n_areas=3",
-    "synth.brain_width_mm=8",
-    "synth.brain_height_mm=6",
-    "synth.cortex_thickness_mm=[1.0,1.4]",
-    "sections.chunk_px=64",
-    "sections.image_levels=[]",
-]
+TINY_SYNTH = tiny_synth(32)
 
 
 def _block_synth(root: Path) -> None:

@@ -35,16 +35,7 @@ def test_usr1_to_the_agent_checkpoints_all_ranks_and_exits_75(tmp_path: Path) ->
     )
 
     def command(out: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "hpc.torchrun",
-            "--nproc-per-node=2",
-            "--",
-            "pretrain",
-            str(config),
-            f"pretrain.out_dir={out}",
-        ]
+        return pretrain_command(config, out)
 
     def launch(out: str) -> subprocess.Popen[str]:
         return subprocess.Popen(command(out), env=ENV, stderr=subprocess.PIPE, text=True)

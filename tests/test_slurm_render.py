@@ -177,6 +177,9 @@ def test_paths_that_cannot_go_on_sbatch_lines_are_refused(tmp_path: Path) -> Non
         render("pretrain", SiteProfile(), config)
 
 
+#: How the training scripts start a step: the requeue wrapper (the default profile's max_requeues) around srun.
+REQUEUE_SRUN = ["-m", "hpc.requeue", "--max-requeues=10", "--", "srun", "--kill-on-bad-exit=0"]
+
 HOSTILE_OVERRIDES = [
     "importer.image=a;touch PWNED_semicolon",
     "importer.labels=$(touch PWNED_subst)`touch PWNED_backtick`",
@@ -212,12 +215,7 @@ def test_hostile_config_path_and_overrides_stay_literal_under_bash(tmp_path: Pat
     assert r.returncode == 0, r.stderr
     argv = json.loads(record.read_text())
     assert argv == [
-        "-m",
-        "hpc.requeue",
-        "--max-requeues=10",
-        "--",
-        "srun",
-        "--kill-on-bad-exit=0",
+        *REQUEUE_SRUN,
         str(interpreter),
         "-m",
         "hpc.torchrun",
@@ -318,15 +316,7 @@ def test_batch_shell_execs_the_requeue_wrapper_and_srun_keeps_every_status(tmp_p
     assert shell.returncode == 0, err
     pid, argv = json.loads(record.read_text())
     assert pid == shell.pid
-    assert argv[:7] == [
-        "-m",
-        "hpc.requeue",
-        "--max-requeues=10",
-        "--",
-        "srun",
-        "--kill-on-bad-exit=0",
-        str(interpreter),
-    ]
+    assert argv[:7] == [*REQUEUE_SRUN, str(interpreter)]
 
 
 def fake_scontrol(bin_dir: Path, record: Path) -> None:

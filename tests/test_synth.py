@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ringdata import tiny_synth
 from scipy import ndimage
 
 from cytonet.config import SynthConfig
@@ -384,16 +385,7 @@ def test_preview(dataset: list[Path], tmp_path: Path) -> None:
 # `cytonet synth --overwrite`
 
 #: A tiny brain at 64 um/px (125 x 94 px): a section in a fraction of a second.
-TINY = [
-    "synth.sections_per_brain=1",
-    "synth.pixel_size_um=64",
-    "synth.n_areas=3",
-    "synth.brain_width_mm=8",
-    "synth.brain_height_mm=6",
-    "synth.cortex_thickness_mm=[1.0,1.4]",
-    "sections.chunk_px=64",
-    "sections.image_levels=[]",
-]
+TINY = ["synth.sections_per_brain=1", *tiny_synth(64)]
 
 
 def test_overwrite_leaves_exactly_the_new_dataset_and_never_foreign_files(tmp_path: Path) -> None:
