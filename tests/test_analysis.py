@@ -443,3 +443,22 @@ def test_analyze_rerun_is_skipped_and_other_settings_refused(analysed: Path, bra
         text=True,
     )
     assert r.returncode == 1 and "nowhere/encoder.pt does not exist" in r.stderr and "--encoder" in r.stderr
+
+
+def test_features_and_analysis_refuse_another_steps_folder(analysed: Path, brain: Path) -> None:
+    # `--out runs/probe` by mistake: nothing may be written there (not even config.resolved.yaml).
+    other = brain / "probe-like"
+    other.mkdir()
+    (other / "DONE").write_text("{}")
+    (other / "config.resolved.yaml").write_text("# the probe's own config\n")
+    for command in ("features", "analyze"):
+        r = subprocess.run(
+            [str(BIN / "cytonet"), command, str(brain / "c.yaml"), "--out", str(other)],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 1 and "but no analysis" in r.stderr, r.stderr[-2000:]
+    assert sorted(p.name for p in other.iterdir()) == ["DONE", "config.resolved.yaml"]
+    assert (other / "config.resolved.yaml").read_text() == "# the probe's own config\n"

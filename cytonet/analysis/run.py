@@ -91,6 +91,22 @@ def resolve_encoder(cfg: Config, encoder_path: str | Path | None) -> Path:
     return path
 
 
+def _check_folder(out: Path, overwrite: bool) -> None:
+    """Refuse (without ``overwrite``) a non-empty folder that holds no analysis: features and analysis write
+    their config and results there, which must not land in, or replace files of, another step's run folder
+    (``--out runs/probe``)."""
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a folder")
+    if overwrite or not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and not {"features", RESULT_FILE} & set(entries):
+        raise OutputExistsError(
+            f"{out} holds {entries[0]}{f' and {len(entries) - 1} more' if len(entries) > 1 else ''} but no analysis "
+            "(no features/ or analysis.json); choose another --out, or pass --overwrite to write into it anyway"
+        )
+
+
 def _inputs(cfg: Config, encoder_path: str | Path | None) -> tuple[Path, PatchStore]:
     """The encoder file and the patch store, checked to belong together (the encoder trained on this store)."""
     from cytonet.train.loop import check_encoder_store, load_encoder_file
@@ -244,6 +260,7 @@ def compute_features(
 ) -> list[Path]:
     """`cytonet features`: write the feature stores; returns their paths."""
     out = out or cfg.resolve_path(cfg.analysis.out_dir)
+    _check_folder(out, overwrite)
     enc, store = _inputs(cfg, encoder_path)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
@@ -321,6 +338,7 @@ def run_analysis(
     started = time.perf_counter()
     acfg = cfg.analysis
     out = out or cfg.resolve_path(acfg.out_dir)
+    _check_folder(out, overwrite)
     enc, store = _inputs(cfg, encoder_path)
     settings = _analysis_settings(cfg, enc, store)
     result = _finished(out, settings, overwrite)
