@@ -135,6 +135,14 @@ def init_distributed(env: DistEnv, cfg: DistConfig) -> torch.device:
                 f"local rank {env.local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
                 f"launch at most that many processes per node"
             )
+        if torch.cuda.device_count() == 1 and env.local_world_size > 1:
+            # Right when each rank was given its own GPU (srun --gpus-per-task=1); otherwise NCCL will refuse
+            # the ranks sharing it ("Duplicate GPU detected").
+            log.warning(
+                "local rank %d of %d sees a single GPU and uses it: launch at most one process per GPU",
+                env.local_rank,
+                env.local_world_size,
+            )
         torch.cuda.set_device(device)
     if not env.is_distributed:
         log.info("single process on %s (no process group)", device)

@@ -456,3 +456,10 @@ def test_training_log_keeps_each_step_once_across_a_resumption(tmp_path: Path) -
     steps = [line.split(",")[0] for line in (tmp_path / "train-log.csv").read_text().splitlines()]
     assert steps == ["step", "1", "2", "3", "4", "5", "6", "7", "8"]
     progress.close()
+    # Killed while writing the row of the step it resumes from: the row is whole but its newline is missing.
+    (tmp_path / "train-log.csv").write_text("step,epoch,loss,lr,images_per_s\n1,0,0.9,0.1,10.0\n2,0,0.8,0.1,10")
+    progress = Progress(tmp_path, "pretrain", 12, 2, active=True)
+    progress.update(3, 0, 0.7, 0.1, 10.0)
+    progress.close()
+    rows = (tmp_path / "train-log.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows] == ["step", "1", "2", "3"] and all(len(r.split(",")) == 5 for r in rows)

@@ -216,13 +216,19 @@ def _finished(out: Path) -> dict[str, Any] | None:
     return done
 
 
-def _folder_state(out: Path) -> tuple[str | None, dict[str, Any] | None, str | None]:
-    """(newest checkpoint's name, DONE's contents, error message) of a run folder, as rank 0 sees it."""
+def _shared_view(
+    cfg: Config, kind: Kind, store: PatchStore, out: Path
+) -> tuple[dict[str, Any], str | None, dict[str, Any] | None, str | None]:
+    """(the run's identity, newest checkpoint's name, DONE's contents, error message), as rank 0 sees them."""
     try:
+        encoder = _encoder_path(cfg)
+        identity = training_identity(
+            cfg, kind, store, file_sha256(encoder) if kind == "probe" and encoder.is_file() else None
+        )
         found = ckpt.latest_checkpoint(out)
-        return (found.name if found else None), _finished(out), None
-    except CytonetError as exc:
-        return None, None, str(exc)
+        return identity, (found.name if found else None), _finished(out), None
+    except (CytonetError, OSError) as exc:
+        return {}, None, None, str(exc)
 
 
 def _check_coordinates(store: PatchStore) -> None:
@@ -286,11 +292,11 @@ def _run(
 ) -> StageResult:
     config_dict = config_to_dict(cfg)
     store = PatchStore(cfg.resolve_path(cfg.extract.out_dir))
-    encoder_sha = file_sha256(_encoder_path(cfg)) if kind == "probe" and _encoder_path(cfg).is_file() else None
-    identity = training_identity(cfg, kind, store, encoder_sha)
-    # Rank 0 looks at the folder and every rank acts on what it saw: on a shared file system with attribute
-    # caching, ranks listing the folder themselves right after a requeue could resume from different steps.
-    latest_name, done, error = distributed.all_gather_object(_folder_state(out) if env.is_main else None)[0]
+    # Rank 0 looks at the folder and the inputs, and every rank acts on what it saw: on a shared file system with
+    # attribute caching, ranks looking themselves right after a requeue could see different files and decide
+    # differently (resume from different steps, or one finished and one refused).
+    shared = _shared_view(cfg, kind, store, out) if env.is_main else None
+    identity, latest_name, done, error = distributed.all_gather_object(shared)[0]
     if error:
         raise CytonetError(error)  # on every rank: none is left waiting in a collective
     latest = out / latest_name if latest_name else None
@@ -363,9 +369,21 @@ def _run(
 
     step, epoch = 0, 0
     if latest is not None:
-        state = ckpt.load_checkpoint(latest, kind=kind, identity=identity, config=config_dict)
-        if int(state["step"]) != int(distributed.all_gather_object(int(state["step"]))[0]):
-            raise ckpt.CheckpointError(f"{latest}: this rank read another step than rank 0 (a file system lag?)")
+        state, problem = None, None
+        try:
+            state = ckpt.load_checkpoint(latest, kind=kind, identity=identity, config=config_dict)
+        except CytonetError as exc:
+            problem = str(exc)
+        # Every rank learns every rank's outcome, so that all raise together (none waits in a collective).
+        outcomes = distributed.all_gather_object((problem, None if state is None else int(state["step"])))
+        problem = next((p for p, _ in outcomes if p), None)
+        if problem:
+            raise ckpt.CheckpointError(problem)
+        if len({step for _, step in outcomes}) > 1:
+            raise ckpt.CheckpointError(
+                f"{latest}: the ranks read different steps {[s for _, s in outcomes]} (a file system lag?)"
+            )
+        assert state is not None
         rngs = state["rng"]
         if len(rngs) != env.world_size:  # before the loader, whose position is per rank
             raise ckpt.CheckpointError(

@@ -23,10 +23,12 @@ def _truncate_log(path: Path, start_step: int) -> None:
     ones and a line cut short by a kill; rewritten through a temporary file."""
     if not path.exists():
         return
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh))
+    text = path.read_text()
+    rows = list(csv.reader(text.splitlines()))
     kept = [r for r in rows[1:] if len(r) == len(HEADER) and r[0].isdigit() and int(r[0]) <= start_step]
-    if rows and rows[0] == HEADER and len(kept) == len(rows) - 1:
+    # Rewritten unless every row is kept and the file ends its last line (a row cut short by a kill without its
+    # newline would have the next step's row glued onto it).
+    if rows and rows[0] == HEADER and len(kept) == len(rows) - 1 and text.endswith("\n"):
         return
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as fh:
