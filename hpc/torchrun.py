@@ -166,13 +166,15 @@ def run(torchrun_args: list[str], requeue_exit_code: int = 75) -> int:
     """torch.distributed.run in this process; returns 0, the requeue status, or 1."""
     install_handlers()
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args
+    from torch.distributed.run import get_args_parser, parse_args
     from torch.distributed.run import run as torch_run
 
-    # torch's launcher sets TORCHELASTIC_SIGNALS_TO_HANDLE from this option (default SIGTERM,SIGINT,SIGHUP,SIGQUIT)
-    # and its agent would then take SIGTERM itself: SIGTERM the workers, SIGKILL them 30 s later, exit 1. A later
+    # torch's launcher (2.9 and later) sets TORCHELASTIC_SIGNALS_TO_HANDLE from this option (default
+    # SIGTERM,SIGINT,SIGHUP,SIGQUIT) and its agent would then take SIGTERM itself: SIGTERM the workers, SIGKILL
+    # them 30 s later, exit 1. Older torch has no such option (and leaves SIGTERM to us). A later
     # --signals-to-handle in torchrun_args wins.
-    args = parse_args([f"--signals-to-handle={AGENT_SIGNALS}", *torchrun_args])
+    known = "--signals-to-handle" in get_args_parser()._option_string_actions
+    args = parse_args([f"--signals-to-handle={AGENT_SIGNALS}"] * known + torchrun_args)
     if _received:
         log.warning("received %s before the workers were started: not starting them, requeueing", _received[0])
         return requeue_exit_code

@@ -54,7 +54,8 @@ def test_cuda_fp32_inference_equals_cpu(root: Path, io_threads: int) -> None:
 
 def test_cuda_bf16_inference_is_close(root: Path) -> None:
     out = root / "cuda-bf16"
-    run_infer(base_config(root, "infer.precision=bf16"), DistEnv(), out, device=CUDA)
+    # "cuda" without an index (as bench_infer --device cuda passes it): the current device.
+    run_infer(base_config(root, "infer.precision=bf16"), DistEnv(), out, device=torch.device("cuda"))
     assert_maps_close(root / "cpu", out, atol=3e-2)
 
 

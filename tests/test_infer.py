@@ -762,6 +762,9 @@ def test_overwrite_removes_only_inference_volumes_of_its_format(tmp_path: Path) 
     assert run_infer(hdf5, DistEnv(), out).written == 1
     again = run_infer(hdf5, DistEnv(), out, overwrite=True)
     assert again.written == 1 and again.skipped == 0  # the inference volume was removed and written again
+    volume = out / "B00_s0000.h5"
+    volume.write_bytes(volume.read_bytes()[: volume.stat().st_size // 2])  # a writer killed mid-flush
+    assert run_infer(hdf5, DistEnv(), out, overwrite=True).written == 1  # still ours (its state folder): replaced
     data = store.read_bytes()
     with pytest.raises(OutputExistsError, match=rf"{store} is not a readable cytonet inference volume"):
         run_infer(hdf5, DistEnv(), store.parent, overwrite=True)
@@ -918,6 +921,9 @@ def test_3d_cleanup_of_a_brain_that_gained_a_section_equals_one_run(root: Path) 
     marker = json.loads((writers.state_dir(out, "B00_s0001") / "cleaned.json").read_text())
     assert marker == {"group": "B00", "members": ["B00_s0000", "B00_s0001"]}
     assert run(root, out, *both).cleaned == []  # type: ignore[attr-defined]
+    # A later run over one of them keeps its brain-wide clean-up (not redone from that section alone).
+    assert run(root, out, "infer.cleanup=knn3d", "infer.sections=[B00_s0000]").cleaned == []  # type: ignore[attr-defined]
+    assert_same_outputs(ref, out)
 
 
 def test_volume_lock_creates_once(tmp_path: Path) -> None:

@@ -15,8 +15,8 @@ build the block's pyramid levels, write them, then the done marker.
 
 Clean-up (``infer.cleanup``): once all blocks of a section (2D) or of a brain's sections (3D) are done, the
 first worker to notice takes a lock and writes ``labels/cleaned``; the others see its markers and skip. A
-marker names the sections cleaned together: a group whose sections are not all marked as cleaned with exactly
-this run's group (a brain mapped with more sections than before) is cleaned again.
+marker names the sections cleaned together: a group whose sections are not all marked as cleaned together with
+at least this run's group (a brain mapped with more sections than before) is cleaned again.
 
 Entry points: :func:`run_infer`, :func:`load_classifier`, :func:`select_sections`.
 """
@@ -467,6 +467,8 @@ def run_infer(
         )
     device = device or torch.device("cpu")
     if device.type == "cuda":
+        if device.index is None:  # "cuda": the current device, made explicit for set_device and the workers
+            device = torch.device("cuda", torch.cuda.current_device())
         # Before any reader thread allocates pinned memory: the pinned allocator, like every CUDA call without
         # a device, uses the current device, and a rank with local rank > 0 would open a context on GPU 0.
         torch.cuda.set_device(device)
@@ -841,10 +843,11 @@ def _cleanup_ready(
         names = sorted(j.name for j in members)
         lock = out / writers.STATE_DIR / f"cleanup-{key}.lock"
         with writers.exclusive_lock(lock):
-            # Cleaned already only if every member says it was cleaned with exactly this group: a brain that
-            # gained a section since (an earlier run over fewer of its sections), or a crash between two
-            # members' markers, is cleaned again, as one run over the whole group would have cleaned it.
-            if all(_cleaned_with(out, j.name) == names for j in members):
+            # Cleaned already if every member says it was cleaned together with (at least) all of this group: a
+            # brain that gained a section since (an earlier run over fewer of its sections), or a crash between
+            # two members' markers, is cleaned again, as one run over the whole group would have cleaned it; a
+            # later run over some of a brain's sections keeps their brain-wide clean-up.
+            if all(set(names) <= set(_cleaned_with(out, j.name) or ()) for j in members):
                 continue
             _clean_group(cfg, out, members, clf)
             for j in members:

@@ -426,7 +426,13 @@ def remove_outputs(out: Path, sections: list[str], fmt: str) -> None:
     checked first to be one that ``cytonet infer`` wrote (its settings attribute): anything else at a volume's
     path (a section store, when ``--out`` names a folder of them) is refused, and nothing is removed."""
     paths = [volume_path(out, section, fmt) for section in sections]
-    foreign = [p for p in paths if p.exists() and not _is_inference_volume(p, fmt)]
+    # A volume cytonet wrote but cannot read any more (a writer killed mid-flush) is still ours when inference's
+    # state folder for its section exists: only infer makes that.
+    foreign = [
+        p
+        for section, p in zip(sections, paths)
+        if p.exists() and not _is_inference_volume(p, fmt) and not state_dir(out, section).is_dir()
+    ]
     if foreign:
         raise OutputExistsError(
             f"{foreign[0]} is not a readable cytonet inference volume (no settings attribute), so --overwrite "
