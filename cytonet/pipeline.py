@@ -9,6 +9,8 @@ Entry points: :func:`run_synth`, :func:`run_demo`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +30,9 @@ log = logging.getLogger(__name__)
 DONE_MARKER = ".cytonet-done.json"
 #: Written when a step starts (before any output), holding its settings; replaced by the done marker at the end.
 STARTED_MARKER = ".cytonet-started.json"
-MARKERS = (DONE_MARKER, DONE_MARKER + ".tmp", STARTED_MARKER, STARTED_MARKER + ".tmp")
+#: Held (flock) by the process running a step: a started marker under a free lock is an interrupted step.
+STEP_LOCK = ".cytonet-step.lock"
+MARKERS = (DONE_MARKER, DONE_MARKER + ".tmp", STARTED_MARKER, STARTED_MARKER + ".tmp", STEP_LOCK)
 #: The files ``run_synth`` writes into its folder beside the section stores (kept by ``synth --overwrite``).
 SYNTH_OWN_FILES = (*MARKERS, "config.resolved.yaml", "config.resolved.yaml.tmp", "preview.png")
 #: What ``run_demo`` itself writes into the run folder (beside the steps' folders).
@@ -105,10 +110,28 @@ def prepare_step(out: Path, settings: dict[str, Any], overwrite: bool, what: str
     return action
 
 
+@contextlib.contextmanager
+def step_lock(out: Path, what: str) -> Iterator[None]:
+    """Hold the step's lock on ``out`` (an flock, released when the process ends, killed or not): a second
+    process with the same settings must not take a step that is still running for an interrupted one."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / STEP_LOCK, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputExistsError(
+                f"{what}: {out} is being written by another process right now (it holds {out / STEP_LOCK}); "
+                "wait for it to finish, or choose another --out"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def run_synth(cfg: Config, out: Path, *, overwrite: bool, preview: bool, workers: int = 1) -> list[Path]:
     """Generate the synthetic brains of ``cfg.synth`` into ``out`` (one store per section)."""
-    from cytonet.data.sections import list_sections
-    from cytonet.data.synth import generate_dataset, render_preview, stale_outputs
+    from cytonet.data.synth import render_preview, stale_outputs
 
     resolved = config_to_dict(cfg)
     settings = {"step": "synth", "synth": resolved["synth"], "sections": resolved["sections"]}
@@ -116,6 +139,20 @@ def run_synth(cfg: Config, out: Path, *, overwrite: bool, preview: bool, workers
         # Refuse a folder with foreign files before prepare_step changes it (generate_dataset checks again and
         # deletes the stale stores of an earlier config once the new ones are written).
         stale_outputs(cfg.synth, out, cfg.sections.backend, SYNTH_OWN_FILES)
+    with step_lock(out, "synth"):
+        paths = _synth_step(cfg, out, settings, overwrite=overwrite, workers=workers)
+    if preview and paths:
+        png = out / "preview.png"
+        render_preview(paths[0], png)
+        log.info("synth: preview of %s written to %s", paths[0].name, png)
+    return paths
+
+
+def _synth_step(cfg: Config, out: Path, settings: dict[str, Any], *, overwrite: bool, workers: int) -> list[Path]:
+    from cytonet.data.sections import list_sections
+    from cytonet.data.synth import generate_dataset
+
+    resolved = config_to_dict(cfg)
     action = prepare_step(out, settings, overwrite, "synth")
     if action != "skip":
         save_config(cfg, out)
@@ -138,12 +175,7 @@ def run_synth(cfg: Config, out: Path, *, overwrite: bool, preview: bool, workers
         )
         mark_done(out, settings)
         log.info("synth: wrote %d sections to %s in %.1f s", len(paths), out, time.perf_counter() - started)
-    paths = list_sections(out)
-    if preview and paths:
-        png = out / "preview.png"
-        render_preview(paths[0], png)
-        log.info("synth: preview of %s written to %s", paths[0].name, png)
-    return paths
+    return list_sections(out)
 
 
 def run_extract_step(cfg: Config, *, overwrite: bool, workers: int) -> Path:

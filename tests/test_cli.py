@@ -301,3 +301,23 @@ def test_store_shows_and_takes_no_overrides(tmp_path: Path) -> None:
     assert r.returncode == 0 and "section.key=value" not in r.stdout
     r = run("store", "info", str(tmp_path), "synth.n_brains=2")
     assert r.returncode == 2 and "unrecognized arguments: synth.n_brains=2" in r.stderr
+
+
+def test_a_synth_still_running_is_not_taken_for_an_interrupted_one(tmp_path: Path) -> None:
+    import fcntl
+
+    from cytonet.config import load_config
+    from cytonet.errors import OutputExistsError
+    from cytonet.pipeline import STARTED_MARKER, STEP_LOCK, run_synth
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", [*TINY_SYNTH, "synth.n_brains=1", "synth.sections_per_brain=1"])
+    out = tmp_path / "s"
+    run_synth(cfg, out, overwrite=False, preview=False)
+    (out / ".cytonet-done.json").rename(out / STARTED_MARKER)  # as a step still running with these settings
+    before = _tree(out)
+    with open(out / STEP_LOCK, "a+") as fh:  # ... held by its process
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(OutputExistsError, match="is being written by another process"):
+            run_synth(cfg, out, overwrite=False, preview=False)
+    assert _tree(out) == before
+    assert run_synth(cfg, out, overwrite=False, preview=False)  # its process gone (lock free): redone

@@ -790,6 +790,13 @@ def test_coords_in_micrometres(tmp_path: Path) -> None:
         overwrite=False,
     )
     np.testing.assert_allclose(open_section(path).read("coords"), coords_um / 1000, rtol=1e-7)
+    # An axis that is NaN everywhere (a map without z) does not hide the others from the check.
+    no_z = coords_um.copy()
+    no_z[..., 2] = np.nan
+    write_h5(tmp_path / "noz.h5", {"xyz": no_z})
+    _expect_input_error(
+        make_cfg(image=tmp_path / "img.tif", coords=tmp_path / "noz.h5"), tmp_path / "nz", "noz.h5", "[50000"
+    )
     # A stray value in a band the subsample skips is caught while copying, and nothing is left behind.
     coords_mm = coords_um / 1000
     coords_mm[7 * 16 + 3, 11] = [1e5, 0, 0]  # band 7 of 10 (16-row bands): not among the 8 sampled
@@ -845,6 +852,12 @@ def test_ome_zarr_rgb_with_singleton_t_and_z(tmp_path: Path) -> None:
         )
         assert np.abs(open_section(path).read("image").astype(int) - luma).max() <= 1
         assert stored_pixel_size(path)[0] == 0.5
+    # OME-Zarr 0.5 keeps the layout marker under "ome".
+    v05 = zarr.open_group(str(tmp_path / "b2r.zarr"), mode="r+")
+    del v05.attrs["bioformats2raw.layout"]
+    v05.attrs["ome"] = {"version": "0.5", "bioformats2raw.layout": 3}
+    path = import_section(make_cfg(image=tmp_path / "b2r.zarr", pixel_size_um=None), tmp_path / "v05", overwrite=False)
+    assert stored_pixel_size(path)[0] == 0.5
     # Without axes metadata, a 5-D array is read as t, c, z, y, x (the OME-Zarr order).
     write_h5(tmp_path / "tczyx.h5", {"img": rgb[None, :, None]})
     path = import_section(make_cfg(image=tmp_path / "tczyx.h5"), tmp_path / "h5", overwrite=False)

@@ -780,7 +780,8 @@ def _open_zarr(spec: str, path: Path, key: str) -> Source:
 
 def _bioformats2raw_level0(spec: str, root: Any) -> str | None:
     """Level 0 of the first image of a bioformats2raw layout (a root group of one multiscale group per image)."""
-    if "bioformats2raw.layout" not in dict(root.attrs):
+    attrs = dict(root.attrs)
+    if "bioformats2raw.layout" not in attrs and "bioformats2raw.layout" not in dict(attrs.get("ome") or {}):  # 0.4 / 0.5
         return None
     series = sorted(
         (n for n, obj in root.groups() if _zarr_level0(obj)),
@@ -994,16 +995,16 @@ class CoordsRange:
 
     def add(self, band_mm: np.ndarray) -> None:
         values = band_mm.reshape(-1, 3)
-        finite = np.isfinite(values).all(axis=1)
-        if finite.any():
-            values = values[finite] if not finite.all() else values
-            self.lo = np.minimum(self.lo, values.min(axis=0))
-            self.hi = np.maximum(self.hi, values.max(axis=0))
+        finite = np.isfinite(values)
+        # Per axis: an axis that is NaN everywhere (no z, say) must not hide the others from the check.
+        self.lo = np.minimum(self.lo, np.where(finite, values, np.inf).min(axis=0, initial=np.inf))
+        self.hi = np.maximum(self.hi, np.where(finite, values, -np.inf).max(axis=0, initial=-np.inf))
 
     def check(self, src: Source, unit: str, where: str) -> None:
-        if not np.isfinite(self.lo).all():
+        seen = np.isfinite(self.lo)
+        if not seen.any():
             return
-        if max(np.abs(self.lo).max(), np.abs(self.hi).max()) <= COORDS_MAX_MM:
+        if max(np.abs(self.lo[seen]).max(), np.abs(self.hi[seen]).max()) <= COORDS_MAX_MM:
             return
         spans = ", ".join(f"[{self.lo[i]:g}, {self.hi[i]:g}]" for i in range(3))
         raise InputError(
