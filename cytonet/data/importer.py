@@ -781,7 +781,8 @@ def _open_zarr(spec: str, path: Path, key: str) -> Source:
 def _bioformats2raw_level0(spec: str, root: Any) -> str | None:
     """Level 0 of the first image of a bioformats2raw layout (a root group of one multiscale group per image)."""
     attrs = dict(root.attrs)
-    if "bioformats2raw.layout" not in attrs and "bioformats2raw.layout" not in dict(attrs.get("ome") or {}):  # 0.4 / 0.5
+    ome = dict(attrs.get("ome") or {})  # OME-Zarr 0.5 keeps the marker under "ome", 0.4 at the top level
+    if "bioformats2raw.layout" not in attrs and "bioformats2raw.layout" not in ome:
         return None
     series = sorted(
         (n for n, obj in root.groups() if _zarr_level0(obj)),
