@@ -10,7 +10,6 @@ Entry points: :func:`run_synth`, :func:`run_demo`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cytonet.config import Config, config_to_dict, save_config
+from cytonet.data.patches import exclusive_lock
 from cytonet.errors import CytonetError, OutputExistsError
 
 log = logging.getLogger(__name__)
@@ -114,19 +114,15 @@ def prepare_step(out: Path, settings: dict[str, Any], overwrite: bool, what: str
 def step_lock(out: Path, what: str) -> Iterator[None]:
     """Hold the step's lock on ``out`` (an flock, released when the process ends, killed or not): a second
     process with the same settings must not take a step that is still running for an interrupted one."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / STEP_LOCK, "a+") as fh:
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.enter_context(exclusive_lock(out / STEP_LOCK, blocking=False))
         except BlockingIOError:
             raise OutputExistsError(
                 f"{what}: {out} is being written by another process right now (it holds {out / STEP_LOCK}); "
                 "wait for it to finish, or choose another --out"
             ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        yield
 
 
 def run_synth(cfg: Config, out: Path, *, overwrite: bool, preview: bool, workers: int = 1) -> list[Path]:

@@ -44,6 +44,7 @@ of ``cytonet store info``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -157,6 +158,20 @@ def shard_name(index: int, backend: str) -> str:
 
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, blocking: bool = True) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on ``path``, created if missing; released on exit, and by the kernel
+    when the process ends, killed or not. ``blocking=False``: raises :class:`BlockingIOError` at once when
+    another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def remove_path(path: Path) -> None:
@@ -533,10 +548,15 @@ class PatchStore:
             hint = " (extraction unfinished: rerun `cytonet extract` until every task is done)" if partial else ""
             raise InputError(f"{self.path} is not a patch store: {MANIFEST} is missing{hint}")
         try:
-            data = json.loads(manifest_path.read_text())
+            raw = manifest_path.read_bytes()
+            data = json.loads(raw)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(f"{manifest_path}: cannot read the manifest: {exc}") from None
         self.manifest: dict[str, Any] = check_manifest(data, manifest_path)
+        #: SHA-256 of ``manifest.json`` as read here: the store's identity (it lists every shard's metadata hash
+        #: and the split of every section), recorded by training and analysis to tell which store a model was
+        #: trained on. Hashed from the bytes this object reads, so it always describes the store it serves.
+        self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
         self.geometry = PatchGeometry.from_dict(self.manifest["geometry"])
         self.backend: str = self.manifest["backend"]
         self.compression: str = self.manifest["compression"]
@@ -554,12 +574,6 @@ class PatchStore:
     # -- structure --------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return self.n
-
-    @property
-    def manifest_sha256(self) -> str:
-        """SHA-256 of ``manifest.json``: the store's identity (it lists every shard's metadata hash and the split
-        of every section), recorded by training and analysis to tell which store a model was trained on."""
-        return file_sha256(self.path / MANIFEST)
 
     @property
     def splits(self) -> list[str]:

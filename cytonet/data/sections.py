@@ -47,7 +47,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -59,7 +58,7 @@ import numpy as np
 from cytonet import __version__
 from cytonet.config import IMAGE_LEVEL_FACTORS, image_levels_valid
 from cytonet.data.chunks import SHUFFLES, ChunkCache, ChunkedArray, open_chunked
-from cytonet.data.patches import publish
+from cytonet.data.patches import publish, remove_path
 from cytonet.errors import InputError, OutputExistsError
 
 FORMAT_VERSION = 1
@@ -213,13 +212,6 @@ def _layer_chunks(layer: str, shape: tuple[int, int], chunk_px: int) -> tuple[in
     return (*c, 3) if layer == "coords" else c
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 class SectionWriter:
     """Writes regions of the layers of one new section store; use as a context manager.
 
@@ -249,7 +241,7 @@ class SectionWriter:
             raise InputError(f"{path}: layers must include 'image' and be among {list(LAYER_DTYPES)}, got {layers}")
         if path.exists() and not overwrite:
             raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
-        _remove(self.partial)
+        remove_path(self.partial)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._closed = False
         self._arrays: dict[str, Any] = {}
@@ -355,7 +347,7 @@ class SectionWriter:
             self._file.close()
         self._closed = True
         if self.path.exists():
-            _remove(self.path)  # allowed: the constructor refused an existing path without overwrite
+            remove_path(self.path)  # allowed: the constructor refused an existing path without overwrite
         publish(self.partial, self.path)
         return self.path
 
@@ -364,7 +356,7 @@ class SectionWriter:
         if self.backend == "hdf5" and not self._closed:
             self._file.close()
         self._closed = True
-        _remove(self.partial)
+        remove_path(self.partial)
 
     def __enter__(self) -> SectionWriter:
         return self

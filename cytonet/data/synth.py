@@ -49,7 +49,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
 import time
 from collections.abc import Collection
 from concurrent.futures import ProcessPoolExecutor
@@ -61,6 +60,7 @@ from typing import Any, Literal, cast
 import numpy as np
 
 from cytonet.config import SynthConfig
+from cytonet.data.patches import remove_path
 from cytonet.data.sections import (
     BACKEND_OF_SUFFIX,
     BACKGROUND_ID,
@@ -853,10 +853,7 @@ def stale_outputs(cfg: SynthConfig, out_dir: Path, backend: str, own_files: Coll
 def _remove_stale(out_dir: Path, stale: list[Path]) -> None:
     """Delete the stale stores, then the folders below ``out_dir`` that this left empty."""
     for p in stale:
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+        remove_path(p)
         parent = p.parent
         while parent != out_dir and out_dir in parent.parents and parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()

@@ -23,36 +23,21 @@ naming the sections cleaned together (one, or a brain's for the 3D clean-up).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from cytonet.data.chunks import open_chunked
-from cytonet.data.patches import write_json_atomic
+from cytonet.data.patches import exclusive_lock, remove_path, write_json_atomic
 from cytonet.errors import InputError, OutputExistsError
 from cytonet.infer.blocks import Block, Grid
 
 STATE_DIR = ".cytonet"
 LABEL_IMAGES = ("argmax", "cleaned")
-
-
-@contextmanager
-def exclusive_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (flock) on ``path``, created if missing; released on exit."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 #: infer.compression -> (blosc codec, level) of the output arrays.
@@ -440,8 +425,5 @@ def remove_outputs(out: Path, sections: list[str], fmt: str) -> None:
             "infer.out_dir (--out), or move it away (or delete it, if it is a damaged output)"
         )
     for section, p in zip(sections, paths):
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+        remove_path(p)
         shutil.rmtree(state_dir(out, section), ignore_errors=True)

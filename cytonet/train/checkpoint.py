@@ -132,17 +132,23 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def torch_save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` through a temporary file (``<name>.tmp<pid>``), fsync, rename and a folder fsync: a reader
+    sees the whole file or none, after a killed process or a lost node alike."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())  # the rename below must never expose a file whose bytes are still in flight
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, keep: int) -> Path:
     """Write ``state`` atomically as ``ckpt-<step>.pt`` and keep only the newest ``keep`` checkpoints."""
     run_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(run_dir, step)
-    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())  # the rename below must never expose a file whose bytes are still in flight
-    os.replace(tmp, final)
-    fsync_dir(run_dir)
+    torch_save_atomic(state, final)
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink()
     for stale in run_dir.glob("ckpt-*.pt.tmp*"):  # left by a writer killed mid-write (one writer per folder)

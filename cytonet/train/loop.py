@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import io
 import json
 import logging
 import math
@@ -45,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cytonet import distributed
 from cytonet.config import Config, TrainConfig, config_to_dict, save_config
 from cytonet.data.loader import PatchLoader, build_loader
-from cytonet.data.patches import PatchStore, file_sha256, write_bytes_atomic, write_json_atomic
+from cytonet.data.patches import PatchStore, file_sha256, write_json_atomic
 from cytonet.distributed import DistEnv
 from cytonet.errors import CytonetError
 from cytonet.hostmem import reuse_freed_memory
@@ -165,10 +164,10 @@ def training_identity(cfg: Config, kind: Kind, store: PatchStore, encoder_sha256
             f"{kind}.global_batch_size": tcfg.global_batch_size,
         }
     )
-    if kind != "probe":  # the probe's encoder is frozen: no BatchNorm statistics to synchronise
-        identity["dist.sync_batchnorm"] = cfg.dist.sync_batchnorm
     if kind == "probe":
         identity["encoder"] = encoder_sha256
+    else:  # the probe's encoder is frozen: no BatchNorm statistics to synchronise
+        identity["dist.sync_batchnorm"] = cfg.dist.sync_batchnorm
     return identity
 
 
@@ -193,13 +192,6 @@ def _build_model(cfg: Config, kind: Kind, n_classes: int, store: PatchStore) -> 
 
 def _encoder_path(cfg: Config) -> Path:
     return cfg.resolve_path(cfg.probe.encoder_from) / ENCODER_FILE
-
-
-def _torch_save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` through a temp file, fsync and rename: a killed process never leaves half a file."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_bytes_atomic(path, buf.getvalue())
 
 
 def _finished(out: Path) -> dict[str, Any] | None:
@@ -509,13 +501,13 @@ def _run(
                 log.info("%s %s: %s", kind, split, _fmt(metrics[split]))
     if env.is_main:
         encoder = raw_model.get_submodule("encoder")
-        _torch_save_atomic(
-            {"encoder": encoder.state_dict(), "config": config_dict, "patch_store": store.manifest_sha256},
+        ckpt.torch_save_atomic(
+            {"encoder": encoder.state_dict(), "config": config_dict, "patch_store": identity["patch_store"]},
             out / ENCODER_FILE,
         )
         if kind != "pretrain":
             # Everything inference needs: encoder, linear head, and which area each class is.
-            _torch_save_atomic(
+            ckpt.torch_save_atomic(
                 {
                     "format": MODEL_FORMAT,
                     "encoder": encoder.state_dict(),

@@ -7,10 +7,13 @@ Entry point: :class:`Progress` (``update`` once per step, ``close`` at the end o
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import sys
 from pathlib import Path
 from typing import Any
+
+from cytonet.data.patches import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +33,11 @@ def _truncate_log(path: Path, start_step: int) -> None:
     # newline would have the next step's row glued onto it).
     if rows and rows[0] == HEADER and len(kept) == len(rows) - 1 and text.endswith("\n"):
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(HEADER)
-        writer.writerows(kept)
-    tmp.replace(path)
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(HEADER)
+    writer.writerows(kept)
+    write_bytes_atomic(path, buf.getvalue().encode(), fsync=False)  # a log: atomic against a kill is enough
 
 
 class Progress:
