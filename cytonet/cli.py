@@ -171,7 +171,7 @@ def _task_args(what: str) -> Callable[[argparse.ArgumentParser], None]:
             type=int,
             default=None,
             help="this task's number, 0..N-1 (default: with --num-tasks, $SLURM_ARRAY_TASK_ID; without, the "
-            "position in the SLURM job array; else 0)",
+            "position in the SLURM job array; else 0); inside an array, give --num-tasks with it",
         )
         p.add_argument(
             "--num-tasks",

@@ -243,11 +243,17 @@ class LaunchEnv:
         - ``--num-tasks N`` only: in a SLURM array the task id is ``SLURM_ARRAY_TASK_ID`` itself (it must be
           below N), so any subset of the ids 0..N-1 can be (re)submitted (``sbatch --array=2,5``); outside an
           array, 0.
-        - ``--task-id`` only: one task (``--num-tasks`` 1).
+        - ``--task-id`` only: one task (``--num-tasks`` 1) outside an array; refused inside one, where every
+          task given it would take the whole work as its share (two writers of each output).
         - neither: this task's position in its array (:attr:`array_index`) and the array's size, else (0, 1).
         """
         if num_tasks is not None and num_tasks < 1:
             raise LaunchEnvError(f"--num-tasks={num_tasks} must be >= 1")
+        if task_id is not None and num_tasks is None and self.array_task_id is not None:
+            raise LaunchEnvError(
+                f"--task-id={task_id} without --num-tasks inside a SLURM job array (SLURM_ARRAY_TASK_ID="
+                f"{self.array_task_id}): give --num-tasks N too, or neither (the array's own share)"
+            )
         if task_id is None and self.array_task_id is not None:
             if num_tasks is None:
                 position = self._array_position()

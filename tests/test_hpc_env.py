@@ -245,6 +245,10 @@ def test_task_share_defaults_from_the_array_and_yields_to_flags() -> None:
     assert detect({}).task_share(None, 5) == (0, 5)
     with pytest.raises(LaunchEnvError, match="--task-id=4"):
         detect({}).task_share(4, 4)
+    assert detect({}).task_share(0) == (0, 1)
+    # Alone inside an array, --task-id would make every task "task i of 1", each taking the whole work.
+    with pytest.raises(LaunchEnvError, match="--task-id=1 without --num-tasks inside a SLURM job array"):
+        detect(array).task_share(1)
 
 
 def array(task: int, tmin: int, tmax: int, count: int, step: int = 1) -> dict[str, str]:
