@@ -4,6 +4,7 @@ parameter statistics, per-sample reproducibility."""
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from cytonet.data.augment import (
     BatchAugmenter,
     augment,
     center_crop,
+    copy_packed,
     gamma_from_z,
     gamma_transform,
     gaussian_filter_valid,
@@ -241,3 +243,19 @@ def test_gpu_matches_cpu() -> None:
     cpu = aug(x, idx, 1)
     gpu = aug(x.cuda(), idx, 1)
     assert gpu.is_cuda and torch.allclose(gpu.cpu(), cpu, atol=1e-4)
+    p = sample_params(AugmentConfig(), idx, epoch=1, pixel_size_um=PIXEL_UM)
+    q = p.to("cuda")  # one copy from page-locked memory (copy_packed)
+    for f in fields(p):
+        a, b = getattr(p, f.name), getattr(q, f.name)
+        assert b.is_cuda and a.dtype == b.dtype and torch.equal(a, b.cpu()), f.name
+
+
+def test_params_copy_packed_keeps_every_field_exactly() -> None:
+    """The one-copy transfer to the device (float32 buffer, unpacked there) keeps values, dtypes and shapes."""
+    p = sample_params(AugmentConfig(), np.arange(37), epoch=3, pixel_size_um=PIXEL_UM)
+    assert p.mirror.any() and p.blur.any() and p.sharpen.any()  # the bools take both values
+    q = copy_packed(p, torch.device("cpu"))
+    for f in fields(p):
+        a, b = getattr(p, f.name), getattr(q, f.name)
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f.name
+    assert p.to("cpu") is p  # already there: no copy
