@@ -218,9 +218,11 @@ class ModelConfig:
     """Encoder, projection head and classifier."""
 
     encoder: Literal["paper", "resnet50", "resnet101"] = "paper"
-    """``paper``: the 6-block encoder of seed 002; ``resnet50``/``resnet101``: seed 004."""
+    """``paper``: the encoder of seed 002 (valid convolutions, ``n_blocks`` of its six blocks);
+    ``resnet50``/``resnet101``: seed 004."""
     n_blocks: int = 4
-    """Blocks of the paper encoder (4: 265 px, 5: 553 px, 6: 1129 px receptive field)."""
+    """Blocks of the paper encoder (4: 265 px, 5: 553 px, 6: 1129 px receptive field; seed 002 uses 6,
+    configs/paper-isbi2021.yaml; 4 keeps patches small for CPU runs)."""
     padding: Literal["valid", "same"] = "valid"
     """Convolution padding of the paper encoder; ``valid`` makes dense inference exact."""
     patch_size_px: int = 265
