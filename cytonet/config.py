@@ -474,6 +474,9 @@ class InferConfig:
     """k of the nearest-neighbour vote."""
     cleanup_components: int = 1
     """Connected components kept per area as seeds (seed 001: m_i, the expected number of pieces of an area)."""
+    cleanup_components_per_area: dict[str, int] = field(default_factory=dict)
+    """m_i of named areas (area name -> components kept), e.g. ``{hOc1: 2}`` for an area cut into two pieces
+    in a section; the areas not named keep ``cleanup_components``. Names must be areas of the model."""
 
     @property
     def label_images(self) -> list[str]:
@@ -504,6 +507,8 @@ class InferConfig:
         )
         _check(self.cleanup_k >= 1, f"{prefix}.cleanup_k", self.cleanup_k, ">= 1")
         _check(self.cleanup_components >= 1, f"{prefix}.cleanup_components", self.cleanup_components, ">= 1")
+        for area, m in self.cleanup_components_per_area.items():
+            _check(m >= 1, f"{prefix}.cleanup_components_per_area.{area}", m, ">= 1")
         bad = [sp for sp in self.splits if sp not in ("train", "test", "unseen")]
         _check(not bad, f"{prefix}.splits", self.splits, "a list of train, test, unseen")
 

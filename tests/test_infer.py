@@ -890,6 +890,39 @@ def test_knn_cleanup_relabels_small_islands_from_seeds() -> None:
     assert (out2[5:8, 3:6] == 3).all()
 
 
+def test_cleanup_keeps_m_i_components_per_area() -> None:
+    """Seed 001's m_i: one m per area. Area 3 in two true pieces keeps both with m_3 = 2, while area 2's stray
+    piece is still relabelled with m_2 = 1; one m for both could not do either without the other."""
+    lab = np.full((30, 40), 2, np.uint16)
+    lab[2:12, 28:38] = 3
+    lab[18:28, 28:38] = 3  # area 3: two pieces of 100 px
+    lab[4:6, 4:6] = 4
+    lab[20:28, 2:10] = 4  # area 4: a piece of 64 px and a stray one of 4 px
+    pos = grid_positions(lab.shape, 1.0)
+    out = knn_cleanup(lab, pos, k=5, components=1, per_area={3: 2})
+    assert (out == 3).sum() == 200 and (out[4:6, 4:6] == 2).all() and (out[20:28, 2:10] == 4).all()
+    one = knn_cleanup(lab, pos, k=5, components=1)
+    assert (one == 3).sum() == 100  # m = 1 loses a piece of area 3
+    two = knn_cleanup(lab, pos, k=5, components=2)
+    assert (two[4:6, 4:6] == 4).all()  # m = 2 keeps area 4's stray piece
+    np.testing.assert_array_equal(
+        stack_cleanup([lab], [0.0], 1.0, k=5, components=1, per_area={3: 2})[0],
+        knn_cleanup(lab, grid_positions(lab.shape, 1.0, 0.0), k=5, components=1, per_area={3: 2}),
+    )
+
+
+def test_cleanup_components_per_area_by_name(root: Path) -> None:
+    """infer.cleanup_components_per_area names the model's areas; an unknown name is refused before anything is
+    written, naming the key and the model's areas; the setting is part of the volume's settings."""
+    out = root / "out-per-area"
+    with pytest.raises(ConfigError, match=r"infer\.cleanup_components_per_area names \['hOc9'\].*big, mid"):
+        run(root, out, "infer.cleanup_components_per_area={hOc9: 2}", "infer.sections=[B00_s0000]")
+    assert not out.exists()
+    run(root, out, "infer.cleanup_components_per_area={small: 3}", "infer.sections=[B00_s0000]")
+    attrs = writers.ZarrVolume.stored_attrs(out / "B00_s0000.ome.zarr")
+    assert attrs["settings"]["cleanup_components_per_area"] == {"4": 3}
+
+
 def test_3d_cleanup_uses_neighbouring_sections() -> None:
     """A blob that is the only piece of its area in its own section (kept by the 2D clean-up) is a small
     second piece of that area in the stack (relabelled by the 3D clean-up)."""

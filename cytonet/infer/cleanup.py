@@ -2,7 +2,7 @@
 
 For every area i, the points predicted as i form connected components; only the ``m`` largest are kept as
 *seeds* (seed 001: "we only maintain the set of points in the m_i largest components predicted with the label
-i"). Every other labelled point is relabelled by a k-nearest-neighbour vote among the seeds, with positions
+i"; one m for all areas, or m_i per area). Every other labelled point is relabelled by a k-nearest-neighbour vote among the seeds, with positions
 as features: 2D positions within a section, or 3D positions across a stack of sections (a brain), where
 components connect through neighbouring sections.
 
@@ -11,13 +11,16 @@ Entry point: :func:`knn_cleanup` (pure: label arrays and positions in, label arr
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
 
-def seed_mask(labels: np.ndarray, components: int) -> np.ndarray:
-    """Boolean mask of the points in the ``components`` largest connected components of each area.
+def seed_mask(labels: np.ndarray, components: int, per_area: Mapping[int, int] | None = None) -> np.ndarray:
+    """Boolean mask of the points in the m_i largest connected components of each area i: ``per_area[i]``,
+    else ``components``.
 
     ``labels``: (h, w) or (z, h, w) integer area ids, 0 = unlabelled (never a seed). Connectivity: all
     neighbours including diagonals (8 in 2D, 26 in 3D). Ties in size are broken by the component's first
@@ -32,13 +35,17 @@ def seed_mask(labels: np.ndarray, components: int) -> np.ndarray:
         if n == 0:
             continue
         sizes = np.bincount(comp.ravel())[1:]
-        keep = np.argsort(-sizes, kind="stable")[:components] + 1
+        m = (per_area or {}).get(int(area), components)
+        keep = np.argsort(-sizes, kind="stable")[:m] + 1
         seeds |= np.isin(comp, keep)
     return seeds
 
 
-def knn_cleanup(labels: np.ndarray, positions: np.ndarray, k: int, components: int) -> np.ndarray:
-    """Relabel the non-seed points of ``labels`` by a majority vote of their ``k`` nearest seeds.
+def knn_cleanup(
+    labels: np.ndarray, positions: np.ndarray, k: int, components: int, per_area: Mapping[int, int] | None = None
+) -> np.ndarray:
+    """Relabel the non-seed points of ``labels`` by a majority vote of their ``k`` nearest seeds
+    (:func:`seed_mask` with ``components`` and ``per_area``).
 
     ``labels``: (..., ) integer area ids, 0 = not labelled (left as is); ``positions``: (..., d) coordinates of
     every point (um or mm, any unit shared by all axes). Votes are weighted equally; a tie goes to the smallest
@@ -46,7 +53,7 @@ def knn_cleanup(labels: np.ndarray, positions: np.ndarray, k: int, components: i
     """
     if positions.shape[:-1] != labels.shape:
         raise ValueError(f"positions {positions.shape} do not match labels {labels.shape} (+ one axis of coordinates)")
-    seeds = seed_mask(labels, components)
+    seeds = seed_mask(labels, components, per_area)
     out = labels.copy()
     todo = (labels != 0) & ~seeds
     if not todo.any() or not seeds.any():
@@ -70,7 +77,12 @@ def grid_positions(shape: tuple[int, int], pixel_um: float, z_um: float | None =
 
 
 def stack_cleanup(
-    label_maps: list[np.ndarray], z_um: list[float], pixel_um: float, k: int, components: int
+    label_maps: list[np.ndarray],
+    z_um: list[float],
+    pixel_um: float,
+    k: int,
+    components: int,
+    per_area: Mapping[int, int] | None = None,
 ) -> list[np.ndarray]:
     """3D clean-up of a brain's sections: the maps are stacked in z order (padded to a common shape with 0)."""
     if not label_maps:
@@ -84,7 +96,7 @@ def stack_cleanup(
         m = label_maps[i]
         vol[slot, : m.shape[0], : m.shape[1]] = m
         pos[slot] = grid_positions((h, w), pixel_um, z_um[i])
-    cleaned = knn_cleanup(vol, pos, k, components)
+    cleaned = knn_cleanup(vol, pos, k, components, per_area)
     out: list[np.ndarray] = [np.empty(0)] * len(label_maps)
     for slot, i in enumerate(order):
         m = label_maps[i]

@@ -392,7 +392,7 @@ def _crash_point() -> tuple[int, str] | None:
 def infer_settings(cfg: Config, clf: Classifier, job: SectionJob) -> dict[str, Any]:
     """What the output's content depends on: two runs may share a volume only when these agree."""
     icfg = cfg.infer
-    return {
+    settings: dict[str, Any] = {
         "format": icfg.format,
         "stride_px": icfg.stride_px,
         "chunk_px": icfg.chunk_px,
@@ -417,6 +417,10 @@ def infer_settings(cfg: Config, clf: Classifier, job: SectionJob) -> dict[str, A
         "grid_shape": list(job.grid.shape),
         "label_images": icfg.label_images,
     }
+    per_area = cleanup_per_area(cfg, clf)
+    if per_area:  # only when set: the volumes written before the key existed stay valid
+        settings["cleanup_components_per_area"] = {str(a): m for a, m in sorted(per_area.items())}
+    return settings
 
 
 def _attrs(cfg: Config, clf: Classifier, job: SectionJob, settings: dict[str, Any]) -> dict[str, Any]:
@@ -550,6 +554,19 @@ def check_model_settings(cfg: Config, clf: Classifier) -> None:
         )
     if icfg.mode == "dense":
         check_dense(clf.encoder, clf.patch_size_px)
+    cleanup_per_area(cfg, clf)
+
+
+def cleanup_per_area(cfg: Config, clf: Classifier) -> dict[int, int]:
+    """``infer.cleanup_components_per_area`` by area id (the names are the model's areas)."""
+    ids = dict(zip(clf.area_names, clf.area_ids))
+    unknown = sorted(set(cfg.infer.cleanup_components_per_area) - set(ids))
+    if unknown:
+        raise ConfigError(
+            f"infer.cleanup_components_per_area names {unknown}, which are not areas of the model {clf.path} "
+            f"(its areas: {', '.join(clf.area_names)})"
+        )
+    return {int(ids[name]): m for name, m in cfg.infer.cleanup_components_per_area.items()}
 
 
 def _set_up(cfg: Config, clf: Classifier, device: torch.device, config_to: Path | None) -> BlockEvaluator:
@@ -876,13 +893,14 @@ def _clean_group(cfg: Config, out: Path, members: list[SectionJob], clf: Classif
         vols.append(writers.open_volume(out, j.grid, settings, _attrs(cfg, clf, j, settings)))
     try:
         maps = [v.read_labels("argmax", 0) for v in vols]
+        per_area = cleanup_per_area(cfg, clf)
         if icfg.cleanup == "knn3d":
-            cleaned = stack_cleanup(
-                maps, [j.z_mm * 1000.0 for j in members], pixel_um, icfg.cleanup_k, icfg.cleanup_components
-            )
+            z_um = [j.z_mm * 1000.0 for j in members]
+            cleaned = stack_cleanup(maps, z_um, pixel_um, icfg.cleanup_k, icfg.cleanup_components, per_area)
         else:
             cleaned = [
-                knn_cleanup(m, grid_positions(m.shape, pixel_um), icfg.cleanup_k, icfg.cleanup_components) for m in maps
+                knn_cleanup(m, grid_positions(m.shape, pixel_um), icfg.cleanup_k, icfg.cleanup_components, per_area)
+                for m in maps
             ]
         for v, lab in zip(vols, cleaned):
             v.write_labels("cleaned", label_pyramid(v, lab))
