@@ -288,18 +288,24 @@ def paper_receptive_field(n_blocks: int) -> int:
 class LossConfig:
     """Contrastive loss of pretraining."""
 
-    kind: Literal["supcon", "distance"] = "supcon"
-    """``supcon``: seed 002 eq. (1)-(2); ``distance``: seed 004 distance-weighted contrastive loss."""
+    kind: Literal["supcon", "distance", "siamese"] = "supcon"
+    """``supcon``: seed 002 eq. (1)-(2); ``distance``: seed 004 distance-weighted contrastive loss;
+    ``siamese``: the self-supervised distance task of seed 002's ``distance`` baseline (its ref. [5], Spitzer
+    et al. 2018: 3D distance and location prediction; :mod:`cytonet.losses.siamese`), whose encoder
+    ``scratch.init_from`` then trains end to end."""
     temperature: float = 0.07
     """Temperature tau."""
     transfer: Literal["gaussian", "step", "inverse"] = "gaussian"
     """Distance transfer function g(d) of the distance-weighted loss."""
     radius_mm: float = 2.0
     """Scale of g: Gaussian sigma, step radius, or the distance at which the inverse weight is 1/2."""
+    scale_mm: float = 10.0
+    """``siamese``: distances and coordinates are regressed in units of this length (targets of order 1)."""
 
     def validate(self, prefix: str) -> None:
         _check(self.temperature > 0, f"{prefix}.temperature", self.temperature, "> 0 (paper: 0.07)")
         _check(self.radius_mm > 0, f"{prefix}.radius_mm", self.radius_mm, "> 0 mm")
+        _check(self.scale_mm > 0, f"{prefix}.scale_mm", self.scale_mm, "> 0 mm")
 
 
 @dataclass
@@ -698,6 +704,10 @@ class ScratchConfig(TrainConfig):
     out_dir: str = "scratch"
     epochs: int = 0
     """0: as many epochs as pretraining plus probe (seed 002: 150 + 30 = 180)."""
+    init_from: str = ""
+    """Empty: random initial weights (seed 002's ``scratch``). A pretraining's run folder: its final encoder
+    initialises the encoder, which then trains end to end (seed 002's ``distance``: the encoder of the
+    ``loss.kind=siamese`` task); relative paths lie below ``run.root_dir``."""
 
     min_epochs: ClassVar[int] = 0
 

@@ -37,6 +37,13 @@ MARKERS = (DONE_MARKER, DONE_MARKER + ".tmp", STARTED_MARKER, STARTED_MARKER + "
 SYNTH_OWN_FILES = (*MARKERS, "config.resolved.yaml", "config.resolved.yaml.tmp", "preview.png")
 #: What ``run_demo`` itself writes into the run folder (beside the steps' folders).
 DEMO_OWN_FILES = ("config.resolved.yaml", "config.resolved.yaml.tmp", "results.txt", "inference-overlay.png")
+#: The demo's seed 002 ``distance`` baseline: the siamese distance task's pretraining, then scratch training
+#: from its encoder, in these folders below ``run.root_dir`` (the config's pretrain and scratch settings
+#: otherwise: the overrides the demo passes are exactly these).
+DISTANCE_STEPS = (
+    ("pretrain", ["loss.kind=siamese", "pretrain.out_dir=distance-pretrain"]),
+    ("scratch", ["scratch.init_from=distance-pretrain", "scratch.out_dir=distance"]),
+)
 
 StepAction = Literal["skip", "run", "resume"]
 
@@ -271,7 +278,7 @@ def demo_entries(cfg: Config) -> set[str]:
     """Names of the entries a demo writes directly into its run folder: its own files and the first part of
     every step folder that lies below ``run.root_dir``."""
     root = cfg.root_path
-    names = set(DEMO_OWN_FILES)
+    names = set(DEMO_OWN_FILES) | {"distance-pretrain", "distance"}
     for path in (
         cfg.synth.out_dir,
         cfg.extract.sections_dir,
@@ -309,7 +316,7 @@ def check_demo_root(cfg: Config, overwrite: bool) -> Path:
 
 def run_demo(cfg: Config, *, overwrite: bool, workers: int = 2) -> None:
     """The main job end to end on the built-in synthetic brains: synth, extract, pretrain (torchrun, 2
-    processes), probe and scratch, the seed 002 Fig. 2 table, then whole-section inference on the held-out
+    processes), scratch, the distance baseline (:data:`DISTANCE_STEPS`) and probe, the seed 002 Fig. 2 table, then whole-section inference on the held-out
     sections with its pixel accuracy before and after clean-up and an overlay PNG, and the analysis (clusters,
     embeddings, NMF factors) with a static HTML report whose path it prints. Finished steps are skipped on a rerun.
 
@@ -343,11 +350,16 @@ def _run_demo_steps(cfg: Config, root: Path, config_path: Path, *, overwrite: bo
     run_torchrun(config_path, "pretrain", 2, ["--overwrite"] if overwrite else [])
     timed("pretrain", t0)
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for kind, label in (("scratch", "scratch"), ("probe", "contrastive")):
+    for kind, label in (("scratch", "scratch"), ("distance", "distance"), ("probe", "contrastive")):
         t0 = time.perf_counter()
-        run_torchrun(config_path, kind, 2, ["--overwrite"] if overwrite else [])
+        if kind == "distance":
+            for command, overrides in DISTANCE_STEPS:
+                run_torchrun(config_path, command, 2, (["--overwrite"] if overwrite else []) + overrides)
+            out = cfg.resolve_path("distance")
+        else:
+            run_torchrun(config_path, kind, 2, ["--overwrite"] if overwrite else [])
+            out = cfg.resolve_path(getattr(cfg, kind).out_dir)
         timed(kind, t0)
-        out = cfg.resolve_path(getattr(cfg, kind).out_dir)
         results[label] = {
             split: json.loads((out / f"metrics-{split}.json").read_text())
             for split in ("test", "unseen")

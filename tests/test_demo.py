@@ -3,6 +3,7 @@ is printed, and a rerun skips the finished stages."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -36,14 +37,15 @@ def test_demo_end_to_end_and_rerun(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-4000:]
     lines = r.stdout.strip().splitlines()
     assert lines[0].split() == ["model", "dataset", "F1", "top-1", "top-3"]
-    rows = [line for line in lines[1:] if line.startswith(("scratch", "contrastive"))]
-    assert len(rows) == 4, r.stdout
+    rows = [line for line in lines[1:] if line.startswith(("scratch", "distance", "contrastive"))]
+    assert [row.split()[0] for row in rows] == ["scratch", "distance", "contrastive"] * 2, r.stdout
     for row in rows:
         f1, top1, top3 = (float(v) for v in row.split()[-3:])
         assert 0 <= top1 <= top3 <= 100 and 0 <= f1 <= 100
     demo = tmp_path / "demo"
-    for stage in ("pretrain", "probe", "scratch"):
+    for stage in ("pretrain", "probe", "scratch", "distance-pretrain", "distance"):
         assert (demo / stage / "DONE").is_file()
+    assert json.loads((demo / "distance-pretrain" / "DONE").read_text())["identity"]["loss.kind"] == "siamese"
     assert (demo / "sections" / "preview.png").stat().st_size > 10_000
     assert "pixel accuracy" in r.stdout and "after knn2d clean-up" in r.stdout
     assert (demo / "inference-overlay.png").stat().st_size > 10_000

@@ -23,7 +23,9 @@ from cytonet import distributed as D
 from cytonet.config import DistConfig, LossConfig, ModelConfig
 from cytonet.errors import ConfigError
 from cytonet.losses import ContrastiveLoss, distance_weighted, supcon
+from cytonet.losses.siamese import SiameseLoss, siamese_distance
 from cytonet.models import build_contrastive_model
+from cytonet.models.build import build_siamese_model
 
 WORLD = 2
 SIZES = [5, 3]  # unequal samples per rank
@@ -31,6 +33,7 @@ MODEL_CFG = ModelConfig(encoder="paper", n_blocks=2, patch_size_px=57, proj_hidd
 LOSS_CFGS = {
     "supcon": LossConfig(kind="supcon", temperature=0.1),
     "distance": LossConfig(kind="distance", temperature=0.1, transfer="gaussian", radius_mm=1.0),
+    "siamese": LossConfig(kind="siamese", scale_mm=2.0),
 }
 BN_SIZES = [4, 2]
 
@@ -70,9 +73,14 @@ def rows(sizes: list[int], r: int) -> slice:
     return slice(start, start + sizes[r])
 
 
-def fresh_model() -> nn.Module:
+def fresh_model(kind: str = "supcon") -> nn.Module:
     torch.manual_seed(0)
-    return build_contrastive_model(MODEL_CFG).double()
+    build = build_siamese_model if kind == "siamese" else build_contrastive_model
+    return build(MODEL_CFG).double()
+
+
+def loss_module(lcfg: LossConfig) -> nn.Module:
+    return SiameseLoss(lcfg.scale_mm) if lcfg.kind == "siamese" else ContrastiveLoss(lcfg)
 
 
 def named_grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -157,19 +165,21 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for kind, lcfg in LOSS_CFGS.items():
             targets = data["labels" if kind == "supcon" else "coords"][sl]
             # (a) plain model, gradients summed over ranks by hand: shares must sum to the full loss/gradient.
-            model = D.convert_sync_batchnorm(fresh_model(), env, dcfg, device)
+            model = D.convert_sync_batchnorm(fresh_model(kind), env, dcfg, device)
             res[f"{kind}_bn_types"] = sorted({type(m).__name__ for m in D.batchnorm_layers(model)})
-            share = ContrastiveLoss(lcfg)(model(data["x"][sl]), targets)
+            share = loss_module(lcfg)(model(data["x"][sl]), targets)
             share.backward()
             res[f"{kind}_share"] = share.item()
             res[f"{kind}_loss"] = D.all_reduce_sum(share.detach()).item()
             res[f"{kind}_grads"] = {k: D.all_reduce_sum(g) for k, g in named_grads(model).items()}
             res[f"{kind}_stats"] = bn_stats(model)
             # (b) under DDP, which averages gradients: backward on share * world_size.
-            ddp = DDP(D.convert_sync_batchnorm(fresh_model(), env, dcfg, device))
-            share = ContrastiveLoss(lcfg)(ddp(data["x"][sl]), targets)
+            ddp = DDP(D.convert_sync_batchnorm(fresh_model(kind), env, dcfg, device))
+            share = loss_module(lcfg)(ddp(data["x"][sl]), targets)
             (share * env.world_size).backward()
             res[f"{kind}_ddp_grads"] = named_grads(ddp)
+            if kind == "siamese":
+                continue
             # (c) negative control: candidates gathered without gradients lose the other ranks' terms.
             model = D.convert_sync_batchnorm(fresh_model(), env, dcfg, device)
             z = model(data["x"][sl])
@@ -223,11 +233,13 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
 def reference(kind: str) -> dict[str, Any]:
     data = global_batch()
-    model = fresh_model()
+    model = fresh_model(kind)
     z = model(data["x"])
     lcfg = LOSS_CFGS[kind]
     if kind == "supcon":
         loss = supcon(z, data["labels"], lcfg.temperature)
+    elif kind == "siamese":
+        loss = siamese_distance(z, data["coords"], lcfg.scale_mm)
     else:
         loss = distance_weighted(z, data["coords"], lcfg.temperature, lcfg.transfer, lcfg.radius_mm)
     loss.backward()
@@ -267,7 +279,7 @@ def test_init_and_reductions(results: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kind", ["supcon", "distance"])
+@pytest.mark.parametrize("kind", ["supcon", "distance", "siamese"])
 def test_gathered_loss_and_gradients_equal_single_process(results: list[dict[str, Any]], kind: str) -> None:
     ref = reference(kind)
     for res in results:

@@ -19,12 +19,15 @@ from cytonet.losses import (
     ContrastiveLoss,
     CrossEntropyLoss,
     DistanceWeightedLoss,
+    SiameseLoss,
     SupConLoss,
     build_loss,
     cross_entropy,
     distance_weighted,
     distance_weights,
     label_weights,
+    siamese_distance,
+    siamese_share,
     soft_target_contrastive,
     supcon,
     transfer_weights,
@@ -289,3 +292,67 @@ def test_cross_entropy_fp32_under_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = cross_entropy(logits, torch.tensor([0, 1, 2, 0]))
     assert out.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The siamese distance task (seed 002's distance baseline; cytonet/losses/siamese.py)
+
+
+def np_siamese(out: np.ndarray, c: np.ndarray, scale: float) -> float:
+    """L = (1/N) sum_i [(1/(N-1)) sum_{k!=i} (||u_i - u_k|| - ||c_i - c_k||/s)^2 + (1/3) ||l_i - c_i/s||^2]."""
+    n, d = out.shape[0], out.shape[1] - 3
+    total = 0.0
+    for i in range(n):
+        pairs = 0.0
+        for k in range(n):
+            if k != i:
+                predicted = math.sqrt(sum((out[i, j] - out[k, j]) ** 2 for j in range(d)))
+                target = math.sqrt(sum((c[i, j] - c[k, j]) ** 2 for j in range(3))) / scale
+                pairs += (predicted - target) ** 2
+        location = sum((out[i, d + j] - c[i, j] / scale) ** 2 for j in range(3)) / 3
+        total += pairs / (n - 1) + location
+    return total / n
+
+
+def siamese_batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = torch.randn(n, 5 + 3, generator=g, dtype=torch.float64)
+    return out, torch.rand(n, 3, generator=g, dtype=torch.float64) * 30.0 - 10.0
+
+
+def test_siamese_matches_numpy() -> None:
+    out, c = siamese_batch(9, 4)
+    got = siamese_distance(out, c, scale_mm=7.0).item()
+    assert got == pytest.approx(np_siamese(out.numpy(), c.numpy(), 7.0), rel=1e-7)  # EPS under the root
+    assert SiameseLoss(7.0)(out, c).item() == got
+
+
+def test_siamese_perfect_prediction_is_zero_with_finite_gradients() -> None:
+    """Embeddings that are the scaled coordinates predict every distance and location: L = 0 (up to EPS),
+    and equal embeddings (a patch seen twice) keep the gradient finite."""
+    _, c = siamese_batch(6, 5)
+    c = torch.cat([c, c[:1]])  # the first patch twice
+    out = torch.cat([c / 4.0, c / 4.0], dim=1).requires_grad_(True)
+    loss = siamese_distance(out, c, scale_mm=4.0)
+    assert loss.item() < 1e-7
+    loss.backward()
+    assert out.grad is not None and torch.isfinite(out.grad).all()
+
+
+def test_siamese_rank_shares_sum_to_full_loss_and_gradient() -> None:
+    n, sizes = 11, [4, 0, 5, 2]
+    out, c = siamese_batch(n, 6)
+    out.requires_grad_(True)
+    full = siamese_distance(out, c, 5.0)
+    (g_full,) = torch.autograd.grad(full, out)
+    shares, offset = [], 0
+    for size in sizes:
+        rows = slice(offset, offset + size)
+        shares.append(siamese_share(out[rows], out, c[rows], c, offset, 5.0))
+        offset += size
+    total = torch.stack(shares).sum()
+    (g_sum,) = torch.autograd.grad(total, out)
+    assert total.item() == pytest.approx(full.item(), rel=1e-13)
+    torch.testing.assert_close(g_sum, g_full, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match=r"loss\.kind=siamese needs"):
+        SiameseLoss(5.0)(out, c[:, 0])

@@ -21,6 +21,7 @@ from procs import run, tail, wait_all
 from ringdata import training_data
 
 from cytonet.config import load_config
+from cytonet.data.patches import file_sha256
 from cytonet.train.checkpoint import latest_checkpoint, list_checkpoints
 from cytonet.train.metrics import classification_metrics
 
@@ -345,12 +346,54 @@ def test_distance_loss_refuses_patches_without_coordinates(data: Path, tmp_path:
     from cytonet.train.loop import _check_coordinates
 
     shutil.copytree(data / "patches", tmp_path / "patches")
-    _check_coordinates(PatchStore(tmp_path / "patches"))  # ring sections all have coordinates
+    _check_coordinates(PatchStore(tmp_path / "patches"), "distance")  # ring sections all have coordinates
     meta = np.load(tmp_path / "patches" / "metadata.npy")
     meta["coords"][meta["split"] == 0] = np.nan  # as extract stores them for sections without a coordinate map
     np.save(tmp_path / "patches" / "metadata.npy", meta)
     with pytest.raises(CytonetError, match=r"loss.kind=distance needs 3D coordinates, but \d+ training patches"):
-        _check_coordinates(PatchStore(tmp_path / "patches"))
+        _check_coordinates(PatchStore(tmp_path / "patches"), "distance")
+    r = run(
+        cli(data, "pretrain", tmp_path / "s", "loss.kind=siamese", f"extract.out_dir={tmp_path / 'patches'}"),
+        300,
+        env=ENV,
+    )
+    assert r.returncode == 1 and "loss.kind=siamese needs 3D coordinates" in r.stderr, tail(r.stderr)
+
+
+def test_distance_baseline_siamese_pretraining_then_scratch_from_its_encoder(data: Path, tmp_path: Path) -> None:
+    """Seed 002's ``distance`` model: the siamese distance task pretrains the encoder under torchrun (2 ranks,
+    identical weights), and scratch.init_from starts the end-to-end training from it: at a vanishing learning
+    rate the trained encoder's weights are the pretrained ones, while plain scratch starts elsewhere. The
+    run identity holds the encoder's hash; a missing folder is named by its key."""
+    pre = tmp_path / "distance-pretrain"
+    cmd = torchrun("--standalone", "--nproc_per_node=2", f"--master_port={free_port()}")
+    # LARS with trust coefficient 1 (as the demo): the encoder moves away from its (seeded) initial weights,
+    # which are those plain scratch starts from.
+    cmd += cli(data, "pretrain", pre, "loss.kind=siamese", "pretrain.max_steps=6", "optim.trust_coefficient=1")[1:]
+    r = run(cmd, 300, env=ENV)
+    assert r.returncode == 0, tail(r.stderr)
+    done = json.loads((pre / "DONE").read_text())
+    assert done["step"] == 6 and done["identity"]["loss.kind"] == "siamese"
+    encoder = torch.load(pre / "encoder.pt", weights_only=True)["encoder"]
+    tiny = ["optim.base_lr=1e-12", "scratch.max_steps=2"]
+    runs = {"from": [f"scratch.init_from={pre}"], "random": []}
+    trained = {}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        r = run(cli(data, "scratch", out, *tiny, *extra), 300, env=ENV)
+        assert r.returncode == 0, tail(r.stderr)
+        trained[name] = torch.load(out / "encoder.pt", weights_only=True)["encoder"]
+        assert (out / "metrics-test.json").is_file() and (out / "model.pt").is_file()
+    weights = [k for k, v in encoder.items() if v.dim() == 4]  # the convolutions' kernels
+    assert len(weights) >= 4
+    for k in weights:
+        torch.testing.assert_close(trained["from"][k], encoder[k], rtol=0, atol=1e-6)
+    assert max(float((trained["random"][k] - encoder[k]).abs().max()) for k in weights) > 1e-4
+    identity = json.loads((tmp_path / "from" / "DONE").read_text())["identity"]
+    assert identity["encoder"] == file_sha256(pre / "encoder.pt")
+    assert "encoder" not in json.loads((tmp_path / "random" / "DONE").read_text())["identity"]
+    r = run(cli(data, "scratch", tmp_path / "x", f"scratch.init_from={tmp_path / 'nowhere'}"), 300, env=ENV)
+    assert r.returncode == 1 and "nowhere/encoder.pt does not exist" in r.stderr and "scratch.init_from" in r.stderr
 
 
 def test_top_k_breaks_ties_like_top_1_and_counts_all_classes() -> None:

@@ -2,7 +2,8 @@
 
 - :func:`build_encoder`: the paper encoder (``model.encoder=paper``) or a ResNet (``resnet50``/``resnet101``).
 - :class:`ContrastiveModel`: encoder f + projection head g; ``forward(x)`` gives z (what the contrastive loss
-  takes), :meth:`ContrastiveModel.encode` gives h.
+  takes), :meth:`ContrastiveModel.encode` gives h. With a :class:`SiameseHead` instead of g
+  (:func:`build_siamese_model`), the model of the siamese distance task.
 - :class:`ClassificationModel`: encoder + linear classifier; ``freeze_encoder=True`` is the linear probe of
   seed 002 (encoder parameters fixed, its BatchNorm kept in eval mode, no autograd graph through it), False is
   scratch training end to end.
@@ -15,7 +16,7 @@ from torch import nn
 
 from cytonet.config import ModelConfig
 from cytonet.models.base import Encoder
-from cytonet.models.heads import LinearClassifier, ProjectionHead
+from cytonet.models.heads import LinearClassifier, ProjectionHead, SiameseHead
 from cytonet.models.paper_encoder import PaperEncoder
 from cytonet.models.resnet import resnet50, resnet101
 
@@ -49,7 +50,7 @@ def build_projection_head(cfg: ModelConfig, in_dim: int) -> ProjectionHead:
 class ContrastiveModel(nn.Module):
     """Encoder f and projection head g: (B, 1, P, P) -> (B, proj_dim) unit vectors z = g(f(x))."""
 
-    def __init__(self, encoder: Encoder, head: ProjectionHead) -> None:
+    def __init__(self, encoder: Encoder, head: ProjectionHead | SiameseHead) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = head
@@ -66,6 +67,13 @@ def build_contrastive_model(cfg: ModelConfig) -> ContrastiveModel:
     """Encoder and projection head of ``cfg``."""
     enc = build_encoder(cfg)
     return ContrastiveModel(enc, build_projection_head(cfg, enc.out_dim))
+
+
+def build_siamese_model(cfg: ModelConfig) -> ContrastiveModel:
+    """Encoder and the siamese distance task's heads (``loss.kind=siamese``): (B, 1, P, P) -> (B, proj_dim + 3),
+    embeddings and 3D locations (:class:`SiameseHead`)."""
+    enc = build_encoder(cfg)
+    return ContrastiveModel(enc, SiameseHead(enc.out_dim, cfg.proj_hidden_dim, cfg.proj_dim))
 
 
 class ClassificationModel(nn.Module):

@@ -3,6 +3,7 @@
 - :class:`ProjectionHead`: g(h) = z~ with one hidden layer (seed 002: 128) with BatchNorm and ReLU, output
   D_p = 128, then z = z~ / ||z~||_2 (the normalised input of the contrastive loss). The normalisation runs in
   fp32 so that ||z|| = 1 holds under bf16/fp16 autocast too.
+- :class:`SiameseHead`: the embedding and location heads of the siamese distance task (``loss.kind=siamese``).
 - :class:`LinearClassifier`: one linear layer on h, for the linear probe (frozen encoder) and for scratch
   training (end to end).
 """
@@ -32,6 +33,24 @@ class ProjectionHead(nn.Module):
         if z.dtype in (torch.float16, torch.bfloat16):
             z = z.float()
         return F.normalize(z, dim=1, eps=1e-12)
+
+
+class SiameseHead(nn.Module):
+    """The heads of the siamese distance task (:mod:`cytonet.losses.siamese`) on representations h:
+    (B, in_dim) -> (B, out_dim + 3), an embedding u (MLP ``in_dim -> hidden_dim (ReLU) -> out_dim``) whose
+    Euclidean distances predict the patches' 3D distances, then a linear prediction of each patch's 3D location.
+    Per sample, so that the pairs are formed over the whole global batch in the loss."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 128, out_dim: int = 128) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(hidden_dim, out_dim)
+        self.location = nn.Linear(in_dim, 3)
+        self.out_dim = out_dim
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.fc2(self.relu(self.fc1(h))), self.location(h)], dim=1)
 
 
 class LinearClassifier(nn.Module):

@@ -1,5 +1,10 @@
 """Training stages: contrastive pretraining, linear probe and scratch baseline, one loop for all three.
 
+Pretraining optimises ``loss.kind``: SupCon (seed 002), the distance-weighted contrastive loss (seed 004) or
+the siamese distance task (:mod:`cytonet.losses.siamese`). Scratch trains encoder and linear head end to end
+from random weights, or with ``scratch.init_from`` from a pretraining's encoder (seed 002's ``distance``
+baseline: the siamese task's encoder).
+
 Entry point: :func:`run_stage` (``kind`` = ``pretrain`` / ``probe`` / ``scratch``), called by the CLI with the
 :class:`~cytonet.distributed.DistEnv` that ``hpc/`` built. The same code runs as one process and under torchrun
 (DDP over gloo on CPU, nccl on GPUs, one GPU per rank).
@@ -50,7 +55,14 @@ from cytonet.errors import CytonetError
 from cytonet.hostmem import reuse_freed_memory
 from cytonet.losses.classification import CrossEntropyLoss
 from cytonet.losses.contrastive import build_loss
-from cytonet.models.build import MODEL_FILE, MODEL_FORMAT, build_classifier, build_contrastive_model
+from cytonet.losses.siamese import SiameseLoss
+from cytonet.models.build import (
+    MODEL_FILE,
+    MODEL_FORMAT,
+    build_classifier,
+    build_contrastive_model,
+    build_siamese_model,
+)
 from cytonet.optim.build import build_optimizer
 from cytonet.optim.schedule import lr_at, set_lr
 from cytonet.precision import MixedPrecision
@@ -92,11 +104,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def load_encoder_file(path: Path) -> dict[str, Any]:
+def load_encoder_file(path: Path, key: str = "probe.encoder_from") -> dict[str, Any]:
     """An ``encoder.pt`` written by a finished stage: ``encoder`` (state dict), ``config``, and from this
-    version on ``patch_store`` (the manifest hash of the store it was trained on)."""
+    version on ``patch_store`` (the manifest hash of the store it was trained on). ``key``: the setting that
+    names it, for the error when it is missing."""
     if not path.is_file():
-        raise CytonetError(f"{path} does not exist: run `cytonet pretrain` to the end first (probe.encoder_from)")
+        raise CytonetError(f"{path} does not exist: run `cytonet pretrain` to the end first ({key})")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
@@ -164,34 +177,43 @@ def training_identity(cfg: Config, kind: Kind, store: PatchStore, encoder_sha256
             f"{kind}.global_batch_size": tcfg.global_batch_size,
         }
     )
-    if kind == "probe":
+    if encoder_sha256 is not None:  # the probe's encoder, or the one scratch.init_from starts from
         identity["encoder"] = encoder_sha256
-    else:  # the probe's encoder is frozen: no BatchNorm statistics to synchronise
+    if kind != "probe":  # the probe's encoder is frozen: no BatchNorm statistics to synchronise
         identity["dist.sync_batchnorm"] = cfg.dist.sync_batchnorm
     return identity
 
 
 def _build_model(cfg: Config, kind: Kind, n_classes: int, store: PatchStore) -> nn.Module:
     if kind == "pretrain":
-        return build_contrastive_model(cfg.model)
+        return build_siamese_model(cfg.model) if cfg.loss.kind == "siamese" else build_contrastive_model(cfg.model)
     model = build_classifier(cfg.model, n_classes, freeze_encoder=kind == "probe")
-    if kind == "probe":
-        path = _encoder_path(cfg)
-        state = load_encoder_file(path)
+    path = _encoder_path(cfg, kind)
+    if path is not None:
+        state = load_encoder_file(path, _ENCODER_KEYS[kind])
         check_encoder_store(path, state, store)
         weights = state["encoder"]
         try:
             model.encoder.load_state_dict(weights, strict=True)
         except RuntimeError as exc:
             raise CytonetError(
-                f"the encoder in {cfg.probe.encoder_from} does not fit model settings {cfg.model}: "
+                f"the encoder in {path.parent} ({_ENCODER_KEYS[kind]}) does not fit model settings {cfg.model}: "
                 f"{str(exc).splitlines()[0]}"
             ) from None
     return model
 
 
-def _encoder_path(cfg: Config) -> Path:
-    return cfg.resolve_path(cfg.probe.encoder_from) / ENCODER_FILE
+#: The key that names the encoder a stage starts from.
+_ENCODER_KEYS = {"probe": "probe.encoder_from", "scratch": "scratch.init_from"}
+
+
+def _encoder_path(cfg: Config, kind: Kind) -> Path | None:
+    """The ``encoder.pt`` the stage starts from: the probe's, scratch's with ``scratch.init_from``, else None."""
+    if kind == "probe":
+        return cfg.resolve_path(cfg.probe.encoder_from) / ENCODER_FILE
+    if kind == "scratch" and cfg.scratch.init_from:
+        return cfg.resolve_path(cfg.scratch.init_from) / ENCODER_FILE
+    return None
 
 
 def _finished(out: Path) -> dict[str, Any] | None:
@@ -213,9 +235,9 @@ def _shared_view(
 ) -> tuple[dict[str, Any], str | None, dict[str, Any] | None, str | None]:
     """(the run's identity, newest checkpoint's name, DONE's contents, error message), as rank 0 sees them."""
     try:
-        encoder = _encoder_path(cfg)
+        encoder = _encoder_path(cfg, kind)
         identity = training_identity(
-            cfg, kind, store, file_sha256(encoder) if kind == "probe" and encoder.is_file() else None
+            cfg, kind, store, file_sha256(encoder) if encoder is not None and encoder.is_file() else None
         )
         found = ckpt.latest_checkpoint(out)
         return identity, (found.name if found else None), _finished(out), None
@@ -223,9 +245,10 @@ def _shared_view(
         return {}, None, None, str(exc)
 
 
-def _check_coordinates(store: PatchStore) -> None:
-    """The distance-weighted loss needs every training patch's 3D coordinate: refuse NaN ones (sections
-    without a coordinate map) before training, which would otherwise give NaN weights with a loss of 0."""
+def _check_coordinates(store: PatchStore, loss: str) -> None:
+    """The distance-weighted loss and the siamese task need every training patch's 3D coordinate: refuse NaN
+    ones (sections without a coordinate map) before training, which would otherwise give NaN weights with a
+    loss of 0 (distance) or a NaN loss at some step (siamese)."""
     meta = store.metadata
     start, stop = store.split_range("train")
     coords = meta["coords"][start:stop]
@@ -233,7 +256,7 @@ def _check_coordinates(store: PatchStore) -> None:
     if bad.any():
         sections = sorted({str(store.manifest["sections"][i]["name"]) for i in meta["section"][start:stop][bad]})
         raise CytonetError(
-            f"loss.kind=distance needs 3D coordinates, but {int(bad.sum())} training patches of {store.path} have "
+            f"loss.kind={loss} needs 3D coordinates, but {int(bad.sum())} training patches of {store.path} have "
             f"none (sections without a coordinate map: {', '.join(sections[:3])}"
             f"{', ...' if len(sections) > 3 else ''}); import them with importer.coords, or use loss.kind=supcon"
         )
@@ -317,8 +340,8 @@ def _run(
     if env.is_main:
         save_config(cfg, out)
 
-    if kind == "pretrain" and cfg.loss.kind == "distance":
-        _check_coordinates(store)
+    if kind == "pretrain" and cfg.loss.kind in ("distance", "siamese"):
+        _check_coordinates(store, cfg.loss.kind)
     class_names = [store.areas[a] for a in store.area_ids]
     per_rank = tcfg.per_rank_batch(env.world_size, kind, cfg.loader.samples_per_class if cfg.loader.class_aware else 1)
 
@@ -357,7 +380,9 @@ def _run(
     raw_model = _unwrap(model)
     optimizer = build_optimizer(raw_model, cfg.optim, tcfg.global_batch_size)
     mp = MixedPrecision(cfg.optim.precision, device)
-    loss_fn: nn.Module = build_loss(cfg.loss) if kind == "pretrain" else CrossEntropyLoss()
+    loss_fn: nn.Module = CrossEntropyLoss()
+    if kind == "pretrain":
+        loss_fn = SiameseLoss(cfg.loss.scale_mm) if cfg.loss.kind == "siamese" else build_loss(cfg.loss)
 
     step, epoch = 0, 0
     if latest is not None:
@@ -426,7 +451,7 @@ def _run(
                 with mp.autocast():
                     outputs = model(batch.images)
                 targets = batch.labels
-                if kind == "pretrain" and cfg.loss.kind == "distance":
+                if kind == "pretrain" and cfg.loss.kind in ("distance", "siamese"):
                     targets = batch.coords
                 share = loss_fn(outputs, targets)
                 optimizer.zero_grad(set_to_none=True)
