@@ -757,6 +757,10 @@ class AnalysisConfig:
     nmf_active_threshold: float = 0.0
     """A coefficient counts as positive in the coverage and leakage scores when it exceeds this fraction of
     its factor's largest coefficient (0: strictly positive, as printed in seed 000)."""
+    layer_borders: list[float] = field(default_factory=lambda: [0.0, 0.08, 0.17, 0.44, 0.55, 0.76, 1.0])
+    """Cortical depths (0 pial, 1 white matter) of the borders of the layers against which the RGB map's three
+    factors are selected on the cortex points of a dense section (seed 000 Fig. 2B1: "selected to be
+    uncorrelated across the layers"): layers I-VI of a typical isocortex, the synthetic areas' mean profile."""
     gmm_components: int = 6
     """Components of the Gaussian mixture fitted to the NMF factors of cortex samples (not stated in seed 000,
     which shows four of them; 6: one per cortical layer)."""
@@ -797,6 +801,15 @@ class AnalysisConfig:
         _check(0 <= self.umap_min_dist <= 1, f"{prefix}.umap_min_dist", self.umap_min_dist, "use 0-1")
         _check(self.nmf_components >= 1, f"{prefix}.nmf_components", self.nmf_components, ">= 1 (seed 000: 15)")
         _check(self.nmf_max_iter >= 1, f"{prefix}.nmf_max_iter", self.nmf_max_iter, ">= 1")
+        _check(
+            len(self.layer_borders) >= 3
+            and self.layer_borders[0] == 0.0
+            and self.layer_borders[-1] == 1.0
+            and all(a < b for a, b in zip(self.layer_borders, self.layer_borders[1:])),
+            f"{prefix}.layer_borders",
+            self.layer_borders,
+            "increasing depths from 0.0 to 1.0, at least two layers",
+        )
         _check(
             0 <= self.nmf_select <= self.nmf_components,
             f"{prefix}.nmf_select",

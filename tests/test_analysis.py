@@ -11,6 +11,7 @@ shuffled areas (chance level).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -199,6 +200,32 @@ def test_analysis_config_is_validated() -> None:
         load_config(None, ["analysis.splits=[valid]"])
     with pytest.raises(ConfigError, match=r"analysis\.gmm_factors"):
         load_config(None, ["analysis.gmm_factors=some"])
+    for bad in ("[0.0, 0.5, 0.4, 1.0]", "[0.1, 0.5, 1.0]", "[0.0, 1.0]", "[0.0, 0.5, 0.9]"):
+        with pytest.raises(ConfigError, match=r"analysis\.layer_borders"):
+            load_config(None, [f"analysis.layer_borders={bad}"])
+
+
+def test_layer_selection_picks_the_factor_of_each_layer() -> None:
+    """Seed 000 Fig. 2B1's picks over the cortical layers: with factor j active in depth band (layer) 5 - j
+    only, each layer gets its own factor; white matter and points without a depth take no part."""
+    from cytonet.analysis.steps import _layer_selection
+
+    cfg = load_config(None)
+    borders = np.asarray(cfg.analysis.layer_borders)
+    depth = np.concatenate([np.linspace(a, b, 20, endpoint=False) + 1e-3 for a, b in itertools.pairwise(borders)])
+    layer = np.repeat(np.arange(6), 20)
+    coeffs = np.zeros((len(depth), 8))
+    coeffs[np.arange(len(depth)), 5 - layer] = 1.0
+    coeffs[:, 7] = 0.5  # active everywhere: covers every layer and leaks into all the others
+    label = np.full(len(depth), 3)
+    depth_wm, label_wm = np.append(depth, [0.5, np.nan]), np.append(label, [1, 4])  # white matter; no depth
+    coeffs_wm = np.vstack([coeffs, np.ones((2, 8))])
+    sel, names = _layer_selection(coeffs_wm, depth_wm, label_wm, cfg)
+    assert names == ["I", "II", "III", "IV", "V", "VI"]
+    assert sorted((names[s.roi], s.factor) for s in sel) == [(n, 5 - i) for i, n in enumerate(names)]
+    assert all(s.coverage == 20 and s.leakage == 0 for s in sel)
+    # Too few cortex points with a depth (a section without a depth map): no picks.
+    assert _layer_selection(coeffs[:3], np.full(3, np.nan), label[:3], cfg)[0] == []
 
 
 def test_patch_analysis_without_umap_skips_it_with_a_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -382,6 +409,16 @@ def test_nmf_selection_picks_factors_covering_their_area(analysed: Path) -> None
         rows = [line.strip().split(",") for line in fh][1:]
     wm = [r for r in rows if r[2] == "white_matter"]
     assert wm and int(wm[0][3]) > 0.5 * int(wm[0][4])
+    # Fig. 2B1: picks over the six cortical layers of the dense section; the first (an RGB channel) is enriched
+    # in its layer: its share of positive points inside the layer beats the layer's share of the depth range.
+    with open(analysed / "section-nmf-layer-selection.csv") as fh:
+        layer_rows = [line.strip().split(",") for line in fh][1:]
+    print("layer picks:", layer_rows)
+    assert {r[2] for r in layer_rows} == {"I", "II", "III", "IV", "V", "VI"}
+    borders = load_config(None).analysis.layer_borders
+    first = layer_rows[0]
+    width = dict(zip(["I", "II", "III", "IV", "V", "VI"], np.diff(borders)))[first[2]]
+    assert int(first[3]) / (int(first[3]) + int(first[4])) > width
 
 
 def synthetic_layers(brain: Path, area: np.ndarray, depth: np.ndarray) -> np.ndarray:

@@ -34,11 +34,13 @@ Outputs (patch features of ``analysis.splits``):
 Outputs per dense section S (``analysis.dense``):
     section-S-areas.png                the section's area labels on the grid (ground truth, for comparison)
     section-S-factors.png              heatmaps of the selected NMF factors (seed 000 Fig. 2C)
-    section-S-rgb.png                  the first three selected factors as R, G, B (seed 000 Fig. 2B1)
+    section-S-rgb.png                  three factors selected across the cortical layers (depth bands of
+                                       ``analysis.layer_borders``) as R, G, B on the cortex (seed 000 Fig. 2B1)
     section-S-gmm.png                  mixture clusters of the cortex samples (seed 000 Fig. 2A2)
     section-S-umap1.png                the first UMAP dimension painted onto the section (seed 004)
     section-S-maps.npz                 the maps above as arrays on the grid (area, depth, gmm, factors, umap1)
     section-nmf-selection.csv          the greedy picks over the section's regions (white matter and areas)
+    section-nmf-layer-selection.csv    the greedy picks over the cortical layers (Fig. 2B1's factors first)
 """
 
 from __future__ import annotations
@@ -413,6 +415,7 @@ def _report(
         ("cluster-brains", "Brains per Ward cluster"),
         ("nmf-selection", "NMF factor selection over the areas (patch features; seed 000)"),
         ("section-nmf-selection", "NMF factor selection over the section's regions (dense grid; seed 000)"),
+        ("section-nmf-layer-selection", "NMF factor selection over the cortical layers (dense grid; seed 000)"),
         ("gmm-clusters", "Gaussian-mixture clusters of the NMF factors: most frequent areas"),
     ]
     return write_report(

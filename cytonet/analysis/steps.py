@@ -94,6 +94,25 @@ def _factor_analysis(
     return cov, leak, sel
 
 
+def _layer_selection(
+    coeffs: np.ndarray, depth: np.ndarray, label: np.ndarray, cfg: Config
+) -> tuple[list[factors.Selection], list[str]]:
+    """Seed 000 Fig. 2B1: the greedy picks of the NMF factors over the cortical layers (the depth bands of
+    ``analysis.layer_borders``) on the cortex points (label >= 2, with a depth), and the names of the layers
+    (I-VI for six); no picks where too few points have a depth (sections without a depth map)."""
+    borders = cfg.analysis.layer_borders
+    n = len(borders) - 1
+    names = ["I", "II", "III", "IV", "V", "VI"] if n == 6 else [f"L{i + 1}" for i in range(n)]
+    cortex = (label >= 2) & np.isfinite(depth)
+    if cortex.sum() < max(4, n):
+        return [], names
+    layer = np.clip(np.searchsorted(borders, depth[cortex], side="right") - 1, 0, n - 1)
+    rois = sorted(int(v) for v in np.unique(layer))
+    _, _, sel = _factor_analysis(coeffs[cortex], layer, rois, [names[r] for r in rois], cfg)
+    # Selections index ``rois``; name them by layer.
+    return sel, [names[r] for r in rois]
+
+
 def _gmm_input(coeffs: np.ndarray, sel: list[factors.Selection], cfg: Config) -> np.ndarray:
     if cfg.analysis.gmm_factors == "selected":
         return coeffs[:, [s.factor for s in sel]]
@@ -289,6 +308,11 @@ def _analyse_sections(
     result.tables["section-nmf-selection"] = write_csv(
         out / "section-nmf-selection.csv", SELECTION_HEADER, _selection_rows(sel, roi_names)
     )
+    layer_sel, layer_names = _layer_selection(res.coefficients, fs.columns["depth"][tissue], label[tissue], cfg)
+    if layer_sel:
+        result.tables["section-nmf-layer-selection"] = write_csv(
+            out / "section-nmf-layer-selection.csv", SELECTION_HEADER, _selection_rows(layer_sel, layer_names)
+        )
     coeffs = np.full((len(fs), k), np.nan, np.float32)
     coeffs[tissue] = res.coefficients
     cortex = label >= 2
@@ -335,9 +359,13 @@ def _analyse_sections(
         result.figures[f"section-{sec}-factors"] = figures.section_maps(
             out / f"section-{sec}-factors.png", maps, geom, thumb, f"{sec}: selected NMF factors (seed 000)"
         )
-        result.figures[f"section-{sec}-rgb"] = figures.rgb_map(
-            out / f"section-{sec}-rgb.png", maps[:3], geom, thumb, f"{sec}: three selected factors as RGB"
-        )
+        if layer_sel:  # seed 000 Fig. 2B1: three factors selected across the layers, on the cortex
+            rgb = [(f"F{s.factor + 1} ({layer_names[s.roi]})", as_map(coeffs[:, s.factor])) for s in layer_sel[:3]]
+            rgb = [(name, np.where(as_map(cortex), m, np.nan)) for name, m in rgb]
+            title = f"{sec}: three factors selected across the cortical layers as RGB"
+        else:
+            rgb, title = maps[:3], f"{sec}: three selected factors as RGB"
+        result.figures[f"section-{sec}-rgb"] = figures.rgb_map(out / f"section-{sec}-rgb.png", rgb, geom, thumb, title)
         if (gmm[rows] >= 0).any():
             result.figures[f"section-{sec}-gmm"] = figures.label_map(
                 out / f"section-{sec}-gmm.png",
