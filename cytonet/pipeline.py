@@ -278,7 +278,8 @@ def demo_entries(cfg: Config) -> set[str]:
     """Names of the entries a demo writes directly into its run folder: its own files and the first part of
     every step folder that lies below ``run.root_dir``."""
     root = cfg.root_path
-    names = set(DEMO_OWN_FILES) | {"distance-pretrain", "distance"}
+    # and what cytonet's launchers write below run.root_dir: sbatch logs and scripts, submitit's folder
+    names = set(DEMO_OWN_FILES) | {"distance-pretrain", "distance", "slurm", "submitit"}
     for path in (
         cfg.synth.out_dir,
         cfg.extract.sections_dir,

@@ -340,6 +340,37 @@ def test_probe_refuses_an_encoder_of_another_store_and_a_replaced_encoder(
     assert r.returncode == 1 and "other settings (encoder:" in r.stderr, tail(r.stderr)
 
 
+def test_a_folder_that_is_not_this_stages_run_is_refused_and_kept(
+    data: Path, reference: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    """Training writes only into its own run folder: a folder of files of the same names but no run, a patch
+    store, another stage's run (also with --overwrite, which used to delete a pretraining's encoder before the
+    probe found it missing) and the folder of the encoder a stage starts from are refused, unchanged."""
+
+    def snapshot(folder: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "encoder.pt").write_text("a colleague's encoder")
+    (mine / "train-log.csv").write_text("my notes")
+    pretrain_run = tmp_path / "pretrain"
+    shutil.copytree(data / "ref", pretrain_run)
+    cases = [
+        (mine, ["pretrain"], "holds encoder.pt and 1 more but no cytonet pretrain run (no config.resolved.yaml)"),
+        (data / "patches", ["pretrain"], "is not written by training"),
+        (pretrain_run, ["probe", f"probe.encoder_from={data / 'ref'}"], "holds a pretrain run"),
+        (pretrain_run, ["probe", f"probe.encoder_from={data / 'ref'}", "--overwrite"], "holds a pretrain run"),
+        (pretrain_run, ["probe", f"probe.encoder_from={pretrain_run}"], "is the folder of the encoder it starts"),
+        (pretrain_run, ["scratch", f"scratch.init_from={pretrain_run}", "--overwrite"], "(scratch.init_from)"),
+    ]
+    for folder, (command, *extra), message in cases:
+        before = snapshot(folder)
+        r = run(cli(data, command, folder, *extra), 300, env=ENV)
+        assert r.returncode == 1 and message in r.stderr, (command, extra, tail(r.stderr))
+        assert snapshot(folder) == before, (command, extra)
+
+
 def test_distance_loss_refuses_patches_without_coordinates(data: Path, tmp_path: Path) -> None:
     from cytonet.data.patches import PatchStore
     from cytonet.errors import CytonetError

@@ -282,10 +282,19 @@ def run_stage(
         reuse_freed_memory()  # before the process group's and the loader's threads start
     device = distributed.init_distributed(env, cfg.dist)
     try:
-        if fresh:
-            if env.is_main:
-                _clear_run(out)
-            distributed.barrier()
+        # Rank 0 judges the folder (and clears it for --overwrite) before anything is written there; every rank
+        # fails with its message, none is left waiting in a collective.
+        error = None
+        if env.is_main:
+            try:
+                check_run_folder(cfg, kind, out)
+                if fresh:
+                    _clear_run(out)
+            except (CytonetError, OSError) as exc:
+                error = str(exc)
+        error = distributed.all_gather_object(error)[0]
+        if error:
+            raise CytonetError(error)
         return _run(cfg, env, kind, tcfg, out, device, resume)
     except BaseException as exc:
         # Free the stage's model (DDP holds the process group), loader and buffers now, while the group is up:
@@ -551,15 +560,73 @@ def _run(
     return StageResult(out, step, metrics)
 
 
+#: Names of what a training stage writes into its run folder; temporary files' names hold ".tmp".
+_OWN_PREFIXES = ("ckpt-", "metrics-", "per-area-", "confusion-")
+_OWN_NAMES = (DONE_FILE, ENCODER_FILE, MODEL_FILE, "train-log.csv", "config.resolved.yaml", "tensorboard")
+
+
+def _own(name: str) -> bool:
+    return name.startswith(_OWN_PREFIXES) or name in _OWN_NAMES or ".tmp" in name
+
+
+def _run_kind(out: Path) -> str | None:
+    """The stage of the run in ``out``, as its DONE or newest checkpoint says (None: neither tells)."""
+    try:
+        done = _finished(out)
+    except CytonetError:
+        done = None
+    if done is not None and isinstance(done.get("identity"), dict):
+        return str(done["identity"].get("kind"))
+    latest = ckpt.latest_checkpoint(out)
+    if latest is None:
+        return None
+    try:  # memory-mapped: only the small "kind" entry is read
+        state = torch.load(latest, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # a damaged checkpoint: loading it later says so
+        return None
+    return str(state.get("kind")) if isinstance(state, dict) and "kind" in state else None
+
+
+def check_run_folder(cfg: Config, kind: Kind, out: Path) -> None:
+    """Refuse ``out`` as the run folder of a ``kind`` stage (before anything is written or, for --overwrite,
+    removed there) when it is not one: a file; a folder holding anything a training stage does not write (a
+    patch store, another step's outputs), or files of such names but no ``config.resolved.yaml`` (not written
+    by a run); the run of another stage (its DONE or checkpoints); or the folder of the encoder the stage
+    starts from, whose ``encoder.pt`` the stage would replace."""
+    if out.exists() and not out.is_dir():
+        raise CytonetError(f"{kind}: output {out} exists and is not a folder")
+    encoder = _encoder_path(cfg, kind)
+    if encoder is not None and encoder.parent.resolve() == out.resolve():
+        raise CytonetError(
+            f"{kind}: the output folder {out} is the folder of the encoder it starts from ({_ENCODER_KEYS[kind]}), "
+            f"whose {ENCODER_FILE} it would replace; choose another --out"
+        )
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    foreign = [name for name in entries if not _own(name)]
+    if foreign or "config.resolved.yaml" not in entries:
+        shown = foreign or entries
+        more = f" and {len(shown) - 1} more" if len(shown) > 1 else ""
+        raise CytonetError(
+            f"{kind}: {out} holds {shown[0]}{more} but no cytonet {kind} run"
+            + (f" ({shown[0]} is not written by training)" if foreign else " (no config.resolved.yaml)")
+            + "; choose another --out (--overwrite removes only a training run's own files)"
+        )
+    other = _run_kind(out)
+    if other is not None and other != kind:
+        raise CytonetError(
+            f"{kind}: {out} holds a {other} run; choose another --out (--overwrite removes only a {kind} run)"
+        )
+
+
 def _clear_run(out: Path) -> None:
-    """Remove what a previous run of the stage left in ``out`` (``--overwrite``)."""
+    """Remove what a previous run of the stage left in ``out`` (``--overwrite``; :func:`check_run_folder` has
+    found it this stage's run folder)."""
     if not out.is_dir():
         return
     for p in out.iterdir():
-        if p.is_file() and (
-            p.name.startswith(("ckpt-", "metrics-", "per-area-", "confusion-"))
-            or p.name in (DONE_FILE, ENCODER_FILE, MODEL_FILE, "train-log.csv")
-        ):
+        if p.is_file() and (p.name.startswith(_OWN_PREFIXES) or p.name in _OWN_NAMES[:4]):
             p.unlink()
         elif p.is_dir() and p.name == "tensorboard":  # the old run's curves would mix with the new run's
             shutil.rmtree(p)
