@@ -238,7 +238,15 @@ def cmd_store(args: argparse.Namespace) -> int:
         print(describe_store(args.path))
     else:
         result = check_store(args.path, read_patches=not args.quick)
-        print(f"{args.path}: ok ({result.shards} shards, {result.patches} patches)")
+        note = ""
+        if args.quick:
+            note = "; metadata only (--quick): pixels not read"
+        elif result.unchecked_pixels:
+            note = (
+                f"; pixels of {result.unchecked_pixels} shard(s) decompressed but not checksummed (the manifest has "
+                "no checksums: extracted by an older cytonet)"
+            )
+        print(f"{args.path}: ok ({result.shards} shards, {result.patches} patches{note})")
     return EXIT_OK
 
 

@@ -153,6 +153,50 @@ def test_check_names_the_first_bad_shard(stores: dict[str, Path], tmp_path: Path
     assert r.returncode == 1 and bad in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("key", ["hdf5-none", "zarr-none", "hdf5-blosc-zstd"])
+def test_check_finds_changed_pixels_and_notes_stores_without_checksums(
+    stores: dict[str, Path], tmp_path: Path, key: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Pixels changed in an uncompressed shard decompress fine: only the manifest's per-shard pixel checksum
+    (the same for every backend and codec) finds them. A store whose manifest predates the checksums is still
+    checked for decompression, and the check says its pixels were not checksummed."""
+    from cytonet.cli import main
+
+    sums = [s["patches_sha256"] for s in json.loads((stores[key] / MANIFEST).read_text())["shards"]]
+    ref = [s["patches_sha256"] for s in json.loads((stores["hdf5-none"] / MANIFEST).read_text())["shards"]]
+    assert sums == ref and len(set(sums)) == len(sums)
+    path = _copy(stores[key], tmp_path / "s")
+    store = PatchStore(path)
+    k = 1
+    first = int(store.shards[k]["first"])
+    patch = store.read(first + 2)
+    store.close()
+    name = store.shards[k]["name"]
+    if key.startswith("hdf5"):
+        import h5py
+
+        with h5py.File(path / name, "r+") as f:
+            f["patches"][2, 5, 5:25] = 255 - patch[5, 5:25]
+    else:
+        import zarr
+
+        arr = zarr.open_group(str(path / name), mode="r+")["patches"]
+        changed = patch.copy()
+        changed[5, 5:25] = 255 - patch[5, 5:25]
+        arr[2] = changed
+    with pytest.raises(InputError, match=rf"{name}: pixel data differ from the manifest"):
+        check_store(path)
+    check_store(path, read_patches=False)  # --quick reads metadata only
+    # The same damaged store as an older cytonet wrote it: no checksums to compare.
+    manifest = json.loads((path / MANIFEST).read_text())
+    for entry in manifest["shards"]:
+        del entry["patches_sha256"]
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    assert check_store(path).unchecked_pixels == len(manifest["shards"])
+    assert main(["store", "check", str(path)]) == 0
+    assert "not checksummed" in capsys.readouterr().out
+
+
 def test_not_a_store(tmp_path: Path) -> None:
     (tmp_path / "shard-00000.h5").write_bytes(b"")
     with pytest.raises(InputError, match="unfinished"):

@@ -52,7 +52,7 @@ import os
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -259,6 +259,20 @@ def table_from_columns(columns: dict[str, np.ndarray]) -> np.ndarray:
 # Writing one shard
 
 
+def patch_digest(patch: np.ndarray) -> bytes:
+    """SHA-256 of one stored patch's pixels (S x S uint8, row-major)."""
+    return hashlib.sha256(np.ascontiguousarray(patch, dtype=np.uint8).data).digest()
+
+
+def patches_sha256(digests: Iterable[bytes]) -> str:
+    """A shard's pixel checksum: SHA-256 of its patches' :func:`patch_digest` in order (computed as they are
+    written, checked by ``store check``, whatever the backend or compression)."""
+    h = hashlib.sha256()
+    for d in digests:
+        h.update(d)
+    return h.hexdigest()
+
+
 class ShardWriter:
     """Writes one shard of ``n`` patches into ``<path>.partial``; :meth:`close` renames it to ``path``.
 
@@ -286,6 +300,7 @@ class ShardWriter:
         self.attrs = {**attrs, "format": FORMAT, "format_version": FORMAT_VERSION, "n": n}
         remove_path(self.partial)
         self._closed = False
+        self._digests: list[bytes | None] = [None] * n  # per patch, for the shard's patches_sha256
         self._buffer: np.ndarray | None = None
         self._file: Any = None
         if self.backend == "hdf5":
@@ -311,8 +326,11 @@ class ShardWriter:
 
     def write(self, j: int, patch: np.ndarray) -> None:
         """Store patch ``j`` (S x S uint8) of this shard."""
-        if patch.shape != (self.stored_px, self.stored_px):
-            raise ValueError(f"{self.path}: patch {j} has shape {patch.shape}, expected {self.stored_px}^2")
+        if patch.shape != (self.stored_px, self.stored_px) or patch.dtype != np.uint8:
+            raise ValueError(
+                f"{self.path}: patch {j} is {patch.shape} {patch.dtype}, expected {self.stored_px}^2 uint8"
+            )
+        self._digests[j] = patch_digest(patch)
         if self._buffer is not None:
             self._buffer[j] = patch
         else:
@@ -323,6 +341,8 @@ class ShardWriter:
         for name in COLUMNS:
             if name not in columns or len(columns[name]) != self.n:
                 raise ValueError(f"{self.path}: column {name!r} missing or not of length {self.n}")
+        blank = patch_digest(np.zeros((self.stored_px, self.stored_px), np.uint8))  # unwritten: the fill value
+        self.attrs["patches_sha256"] = patches_sha256(d if d is not None else blank for d in self._digests)
         if self.backend == "hdf5":
             for name in COLUMNS:
                 self._file.create_dataset(name, data=np.asarray(columns[name], dtype=META_DTYPE[name].base))
@@ -529,6 +549,8 @@ def check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
         for field in ("n", "first"):
             need(_is_count(entry.get(field)), f"{key}.{field}", "a non-negative integer", entry.get(field))
         need(isinstance(entry.get("meta_sha256"), str), f"{key}.meta_sha256", "a string", entry.get("meta_sha256"))
+        if "patches_sha256" in entry:  # stores extracted before pixel checksums lack it
+            need(isinstance(entry["patches_sha256"], str), f"{key}.patches_sha256", "a string", entry["patches_sha256"])
     return manifest
 
 
@@ -740,7 +762,10 @@ def finalize_store(out: Path, header: dict[str, Any], shards: list[dict[str, Any
         if attrs.get("split") != s["split"]:
             raise InputError(f"shard {out / s['name']}: split {attrs.get('split')!r}, expected {s['split']!r}")
         parts.append(table_from_columns(cols))
-        listed.append({**s, "meta_sha256": columns_sha256(cols)})
+        entry = {**s, "meta_sha256": columns_sha256(cols)}
+        if isinstance(attrs.get("patches_sha256"), str):
+            entry["patches_sha256"] = attrs["patches_sha256"]
+        listed.append(entry)
     table = np.concatenate(parts) if parts else np.zeros(0, dtype=META_DTYPE)
     splits: dict[str, Any] = {}
     for code, split in enumerate(SPLITS):
@@ -811,6 +836,8 @@ class CheckResult:
 
     shards: int
     patches: int
+    unchecked_pixels: int = 0
+    """Shards whose pixels could only be decompressed: their manifest has no checksum (an older cytonet)."""
 
 
 def check_store(path: str | Path, read_patches: bool = True) -> CheckResult:
@@ -818,13 +845,14 @@ def check_store(path: str | Path, read_patches: bool = True) -> CheckResult:
 
     Checks per shard (in manifest order): it exists and opens; its attributes name the planned split and size;
     its metadata columns hash to the manifest's digest and equal the rows of ``metadata.npy``; ``patches`` has
-    shape (n, S, S) uint8; and (``read_patches``) every patch decompresses. Then the manifest's counts are
-    recomputed from the table.
+    shape (n, S, S) uint8; and (``read_patches``) every patch decompresses and the pixels hash to the shard's
+    ``patches_sha256`` in the manifest (stores extracted before it existed: decompression only,
+    :attr:`CheckResult.unchecked_pixels`). Then the manifest's counts are recomputed from the table.
     """
     store = PatchStore(path)
     table = store.metadata
     s_px = store.geometry.stored_px
-    total = 0
+    total = unchecked = 0
     for k, s in enumerate(store.shards):
         where = f"shard {s['name']}"
         cols, attrs = read_shard_columns(store.path / s["name"])
@@ -844,8 +872,13 @@ def check_store(path: str | Path, read_patches: bool = True) -> CheckResult:
             if shape != (n, s_px, s_px) or dtype != np.uint8:
                 raise InputError(f"{where}: patches have shape {shape} {dtype}, expected ({n}, {s_px}, {s_px}) uint8")
             if read_patches:
-                for _ in store.iter_shard_patches(k):
-                    pass
+                digests = (patch_digest(p) for p in store.iter_shard_patches(k))
+                if "patches_sha256" not in s:
+                    for _ in digests:
+                        pass
+                    unchecked += 1
+                elif patches_sha256(digests) != s["patches_sha256"]:
+                    raise InputError(f"{where}: pixel data differ from the manifest (checksum mismatch)")
         except InputError:
             raise
         except Exception as exc:
@@ -856,4 +889,4 @@ def check_store(path: str | Path, read_patches: bool = True) -> CheckResult:
     if _counts(table, store.brains) != store.manifest["counts"]:
         raise InputError(f"{store.path}: counts in {MANIFEST} do not match {METADATA}")
     store.close()
-    return CheckResult(shards=len(store.shards), patches=total)
+    return CheckResult(shards=len(store.shards), patches=total, unchecked_pixels=unchecked)
