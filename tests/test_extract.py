@@ -218,7 +218,7 @@ def test_rerun_with_other_settings_is_refused(sections: Path, tmp_path: Path) ->
     cfg = make_cfg("extract.patches_per_area=10", "extract.eval_patches_per_area=2")
     run_extract(cfg, out, sections_dir=sections)
     other = make_cfg("extract.patches_per_area=11", "extract.eval_patches_per_area=2")
-    with pytest.raises(OutputExistsError, match=r"patches_per_area|extract"):
+    with pytest.raises(OutputExistsError, match=r"differing: extract\.patches_per_area: 10 -> 11\)"):
         run_extract(other, out, sections_dir=sections)
     with pytest.raises(UsageError, match="overwrite"):
         run_extract(other, out, sections_dir=sections, overwrite=True, num_tasks=2)
@@ -311,6 +311,10 @@ def test_no_candidates_is_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"sampling=centerline.*centerline_tolerance=0\.01.*depth 0 \.\. 100"):
         run_extract(make_cfg(*SMALL), out, sections_dir=tmp_path / "s")
     assert not (out / MANIFEST).exists()
+    # The corrected command runs in the same folder: the failed attempt wrote no shard, so its recorded
+    # settings hold nothing to protect (it used to be refused as "an extraction with other settings").
+    assert (out / "extract.json").is_file()
+    assert run_extract(make_cfg(*SMALL, "extract.sampling=cortex"), out, sections_dir=tmp_path / "s").manifest
 
     def white(brain: str, layers: dict[str, np.ndarray]) -> None:
         layers["labels"] = np.minimum(layers["labels"], 1)

@@ -642,6 +642,25 @@ def _is_ours(p: Path) -> bool:
     return p.name in _OURS or _OURS_PATTERN.fullmatch(p.name) is not None
 
 
+def _extracted_any(out: Path) -> bool:
+    """Whether ``out`` holds a shard (finished or being written) or a finished store's files."""
+    return any(p.name in (MANIFEST, METADATA) or p.name.startswith("shard-") for p in out.iterdir())
+
+
+def _nested_diff(old: Any, new: dict[str, Any], keys: list[str]) -> list[str]:
+    """``keys`` (top-level keys whose values differ), with the differing sub-keys of the sections that are
+    mappings in both (``extract.sampling: 'centerline' -> 'cortex'``) and just the name of the others."""
+    out = []
+    for k in keys:
+        a, b = old.get(k) if isinstance(old, dict) else None, new[k]
+        if isinstance(a, dict) and isinstance(b, dict):
+            subs = sorted(x for x in a.keys() | b.keys() if a.get(x) != b.get(x))
+            out += [f"{k}.{x}: {a.get(x)!r} -> {b.get(x)!r}" for x in subs] or [k]
+        else:
+            out.append(k)
+    return out
+
+
 def _legacy_sections(old: Any) -> bool:
     """Whether recorded settings come from a cytonet that did not record each section's identity ("store")."""
     sections = old.get("sections") if isinstance(old, dict) else None
@@ -690,9 +709,14 @@ def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, sections_
             # Written before sections had an identity: compare without it rather than refuse every old store.
             log.warning("extract: %s predates section identities: cannot tell whether its sections were re-made", out)
             plain = {**plain, "sections": [{k: v for k, v in s.items() if k != "store"} for s in plain["sections"]]}
+        if old != plain and not _extracted_any(out):
+            # An earlier attempt stopped before writing a shard (an input error, a kill): nothing to keep.
+            log.info("extract: %s holds no shard of its earlier settings: starting with these", out)
+            write_json_atomic(settings_path, plain)
+            return
         if old != plain:
             diff = sorted(k for k in plain if not isinstance(old, dict) or old.get(k) != plain[k])
-            what = ", ".join(diff) or "all"
+            what = ", ".join(_nested_diff(old, plain, diff)) or "all"
             if "sections" in diff:
                 changed = _changed_sections(old.get("sections") if isinstance(old, dict) else None, plain["sections"])
                 if changed:
