@@ -764,7 +764,16 @@ def test_overwrite_removes_only_inference_volumes_of_its_format(tmp_path: Path) 
     assert again.written == 1 and again.skipped == 0  # the inference volume was removed and written again
     volume = out / "B00_s0000.h5"
     volume.write_bytes(volume.read_bytes()[: volume.stat().st_size // 2])  # a writer killed mid-flush
+    with pytest.raises(InputError, match=r"cannot read the output volume .*rerun with --overwrite"):
+        run_infer(hdf5, DistEnv(), out)
     assert run_infer(hdf5, DistEnv(), out, overwrite=True).written == 1  # still ours (its state folder): replaced
+    # Someone's file under a volume's name, in a folder inference never wrote: the hint is not --overwrite,
+    # which would refuse to remove it.
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "B00_s0000.h5").write_text("mine")
+    with pytest.raises(InputError, match=r"cannot read the output volume .*move it away or choose another --out"):
+        run_infer(hdf5, DistEnv(), tmp_path / "theirs")
+    assert (tmp_path / "theirs" / "B00_s0000.h5").read_text() == "mine"
     data = store.read_bytes()
     with pytest.raises(OutputExistsError, match=rf"{store} is not a readable cytonet inference volume"):
         run_infer(hdf5, DistEnv(), store.parent, overwrite=True)

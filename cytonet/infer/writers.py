@@ -373,9 +373,13 @@ def check_existing(out: Path, section: str, spec: dict[str, Any]) -> None:
     try:
         stored = cls.stored_attrs(path)
     except (OSError, ValueError, KeyError) as exc:
-        raise InputError(
-            f"{path}: cannot read the output volume ({exc}); remove it or rerun with --overwrite"
-        ) from None
+        # --overwrite removes it only when inference's state folder says it is ours (remove_outputs).
+        hint = (
+            "rerun with --overwrite to map it again"
+            if state_dir(out, section).is_dir()
+            else "it is not a volume this output folder's inference wrote: move it away or choose another --out"
+        )
+        raise InputError(f"{path}: cannot read the output volume ({exc}); {hint}") from None
     differ = _diff_keys(stored.get("settings", {}), spec)
     if differ:
         raise InputError(
