@@ -98,7 +98,7 @@ def _without_mpi4py(
     if addr_set is None and launch.local_world_size < launch.world_size:
         raise LaunchEnvError(
             f"MPI launch of {launch.world_size} ranks over several hosts ({launch.local_world_size} on this one) "
-            "needs mpi4py to agree on rank 0's address: pip install 'cytonet[mpi]', or export MASTER_ADDR (a host "
+            "needs mpi4py to agree on rank 0's address: install the mpi extra (pip install -c .venv/constraints.txt -e '.[mpi]'), or export MASTER_ADDR (a host "
             "name or IP of rank 0's host) and MASTER_PORT to every rank (mpiexec -x MASTER_ADDR -x MASTER_PORT)"
         )
     addr = addr_set or "127.0.0.1"
@@ -110,7 +110,7 @@ def _without_mpi4py(
         log.warning(
             "MPI rendezvous without mpi4py: rank 0 listens on 127.0.0.1:%d (port from %s). This works only when "
             "all %d ranks run on this host and that port is free; ranks on other hosts cannot reach it and the "
-            "start fails after dist.timeout_s. For several hosts: pip install 'cytonet[mpi]', or export "
+            "start fails after dist.timeout_s. For several hosts: install the mpi extra (pip install -c .venv/constraints.txt -e '.[mpi]'), or export "
             "MASTER_ADDR and MASTER_PORT to every rank",
             port,
             source,

@@ -155,7 +155,7 @@ def test_dist_env_under_mpiexec_brings_up_gloo_with_and_without_mpi4py() -> None
     # Rank 0 warned once that the fallback is for one host only.
     assert p.stderr.count("MPI rendezvous without mpi4py") == 1
     if not with_mpi4py:
-        pytest.skip("mpi4py is not installed: only the fallback was checked (pip install 'cytonet[mpi]')")
+        pytest.skip("mpi4py is not installed: only the fallback was checked (the mpi extra)")
 
 
 def test_explicit_master_addr_and_port_win() -> None:
@@ -177,7 +177,7 @@ def test_port_without_mpi4py_is_shared_by_the_launch_and_differs_between_launche
 def test_multi_host_launch_without_mpi4py_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # import fails, as without mpi4py
     env = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
-    with pytest.raises(LaunchEnvError, match=r"several hosts.*cytonet\[mpi\].*MASTER_ADDR"):
+    with pytest.raises(LaunchEnvError, match=r"several hosts.*mpi extra.*constraints\.txt.*MASTER_ADDR"):
         rendezvous(detect(env), env)
     # With MASTER_ADDR the derived port is enough: every host reaches rank 0 there.
     env |= {"MASTER_ADDR": "node01", "PMIX_NAMESPACE": "ns"}

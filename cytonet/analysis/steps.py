@@ -198,7 +198,9 @@ def _analyse_patches(fs: FeatureSet, cfg: Config, out: Path, result: AnalysisRes
             )
             log.info("analysis: UMAP of %d patches in %.1f s", len(idx), time.perf_counter() - t0)
     else:
-        result.notes.append("UMAP skipped: umap-learn is not installed (pip install 'cytonet[umap]')")
+        result.notes.append(
+            "UMAP skipped: umap-learn is not installed (install the umap extra with the constraints file that pins torch: pip install -c .venv/constraints.txt -e '.[umap]')"
+        )
 
     t0 = time.perf_counter()
     k = min(acfg.nmf_components, x.shape[1], n)
