@@ -142,11 +142,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preview", action="store_true", help="also write preview.png: a section with its area overlay")
-    p.add_argument("--workers", type=int, default=2, help="processes generating sections in parallel (default 2)")
+    p.add_argument(
+        "--workers", type=positive_int, default=2, help="processes generating sections in parallel (default 2)"
+    )
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=2, help="processes for parallel steps (default 2)")
+    p.add_argument("--workers", type=positive_int, default=2, help="processes for parallel steps (default 2)")
 
 
 def _array_share(args: argparse.Namespace, cfg: Config) -> tuple[LaunchEnv, int, int]:
@@ -206,7 +219,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _extract_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=1, help="processes writing shards in this task (default 1)")
+    p.add_argument("--workers", type=positive_int, default=1, help="processes writing shards in this task (default 1)")
     _task_args("shards")(p)
 
 
@@ -339,7 +352,9 @@ def _submit_positionals(p: argparse.ArgumentParser) -> None:
 def _submit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", required=True, metavar="FILE", help="site profile YAML (see configs/sites/)")
     p.add_argument("--local", action="store_true", help="run through submitit's local executor instead of SLURM")
-    p.add_argument("--array", type=int, metavar="N", help="extract/infer: number of array tasks (default: profile)")
+    p.add_argument(
+        "--array", type=positive_int, metavar="N", help="extract/infer: number of array tasks (default: profile)"
+    )
     p.add_argument("--folder", metavar="DIR", help="submitit's folder (default: <run.root_dir>/submitit)")
     p.add_argument("--wait", action="store_true", help="wait for the jobs; exit 1 if any failed")
 
@@ -374,7 +389,9 @@ def _slurm_positionals(p: argparse.ArgumentParser) -> None:
 
 def _slurm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", required=True, metavar="FILE", help="site profile YAML (see configs/sites/)")
-    p.add_argument("--array", type=int, metavar="N", help="extract/infer: number of array tasks (default: profile)")
+    p.add_argument(
+        "--array", type=positive_int, metavar="N", help="extract/infer: number of array tasks (default: profile)"
+    )
     p.add_argument("--write", metavar="FILE", help="write the script to FILE (and create its log folder)")
     p.add_argument("--submit", action="store_true", help="write the script into <run.root_dir>/slurm/ and sbatch it")
     p.add_argument(

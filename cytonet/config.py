@@ -1102,26 +1102,44 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping safely (every config and site profile goes through here); errors name the file.
-    A key written twice in one mapping is refused, naming the key and both lines."""
+def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Read a YAML mapping safely (every config and site profile goes through here); one-line errors name
+    the file (``what``: how to call it) and, for syntax errors, the line and column. A key written twice in
+    one mapping is refused, naming the key and both lines."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} {str(p)!r} is a folder, not a YAML file")
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist")
+        raise ConfigError(f"{what} {str(p)!r} does not exist")
     try:
         data = parse_yaml(p.read_text())
     except DuplicateKeyError as exc:
         raise ConfigError(
-            f"config file {str(p)!r}, line {exc.line}: key '{exc.key}' is written twice (first on line "
+            f"{what} {str(p)!r}, line {exc.line}: key '{exc.key}' is written twice (first on line "
             f"{exc.first_line}); YAML would silently keep only the last one: merge them"
         ) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{what} {str(p)!r} is not valid YAML: {_yaml_problem(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {str(p)!r} cannot be read: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{what} {str(p)!r} must hold a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: where (line, column, 1-based) and what, without PyYAML's source excerpt."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or exc.__class__.__name__
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    if context:
+        # where the construct it was parsing began: often the line at fault (a key without its colon)
+        start = getattr(exc, "context_mark", None)
+        context += f" that began on line {start.line + 1}" if start is not None else ""
+    return where + str(problem) + (f" ({context})" if context else "")
 
 
 def load_config(

@@ -229,4 +229,4 @@ def profile_from_dict(data: dict[str, object], where: str = "") -> SiteProfile:
 
 def load_profile(path: str | Path) -> SiteProfile:
     """Load and validate the site profile at ``path``."""
-    return profile_from_dict(read_yaml(path), str(path))
+    return profile_from_dict(read_yaml(path, "site profile"), str(path))

@@ -135,6 +135,15 @@ def test_not_a_mapping_and_missing_file(tmp_path: Path) -> None:
     p.write_text("synth: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(p)
+    # One line naming the file, line and column (not PyYAML's page with '<unicode string>' and an excerpt).
+    p.write_text("synth:\n  n_brains: 4\n  seed 1\n  x: 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p)
+    assert "\n" not in str(info.value) and "<unicode string>" not in str(info.value)
+    assert str(info.value).startswith(f"config file {str(p)!r} is not valid YAML: line 4, column 3:")
+    assert str(info.value).endswith("(while scanning a simple key that began on line 3)")
+    with pytest.raises(ConfigError, match=r"is a folder, not a YAML file"):
+        load_config(tmp_path)
 
 
 def test_save_config_round_trip(tmp_path: Path) -> None:

@@ -113,7 +113,8 @@ def load_encoder_file(path: Path, key: str = "probe.encoder_from") -> dict[str, 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise CytonetError(f"{path} cannot be read as an encoder file: {exc.__class__.__name__}: {exc}") from None
+        first = (str(exc).strip().splitlines() or [""])[0]  # torch's unpickling errors run to a page
+        raise CytonetError(f"{path} cannot be read as an encoder file: {exc.__class__.__name__}: {first}") from None
     if not isinstance(state, dict) or "encoder" not in state:
         raise CytonetError(f"{path} is not a cytonet encoder file")
     return state
