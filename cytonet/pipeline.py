@@ -138,9 +138,10 @@ def run_synth(cfg: Config, out: Path, *, overwrite: bool, preview: bool, workers
 
     resolved = config_to_dict(cfg)
     settings = {"step": "synth", "synth": resolved["synth"], "sections": resolved["sections"]}
-    if overwrite:
-        # Refuse a folder with foreign files before prepare_step changes it (generate_dataset checks again and
-        # deletes the stale stores of an earlier config once the new ones are written).
+    if out.is_dir():
+        # Refuse a folder with foreign files before the step's lock file or prepare_step change it
+        # (generate_dataset checks again and deletes the stale stores of an earlier config once the new ones
+        # are written).
         stale_outputs(cfg.synth, out, cfg.sections.backend, SYNTH_OWN_FILES)
     with step_lock(out, "synth"):
         paths = _synth_step(cfg, out, settings, overwrite=overwrite, workers=workers)

@@ -195,7 +195,8 @@ def test_demo_out_is_the_folder_as_typed(
         _block_synth(tmp_path / as_yaml)  # the folder YAML made of it: stop there too rather than run a demo
     assert main(["demo", "--out", out]) == 1
     err = capsys.readouterr().err
-    assert f"synth: output folder {wanted / 'sections'} is not empty" in err, err
+    assert f"synth: output folder {wanted / 'sections'} holds mine.txt, which synth did not write" in err, err
+    assert sorted(p.name for p in (wanted / "sections").iterdir()) == ["mine.txt"]  # refused before its lock
     if as_yaml is not None:
         assert sorted(p.name for p in (tmp_path / as_yaml).iterdir()) == ["sections"]  # nothing written there
 
