@@ -858,8 +858,14 @@ def _remove_stale(out_dir: Path, stale: list[Path]) -> None:
         while parent != out_dir and out_dir in parent.parents and parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
             parent = parent.parent
-    if stale:
-        log.info("synth: removed %d section stores of an earlier run that the new plan does not write", len(stale))
+    partial = sum(p.name.endswith(".partial") for p in stale)
+    if partial:
+        log.info("synth: removed %d partly written section store(s) of an interrupted run", partial)
+    if len(stale) > partial:
+        log.info(
+            "synth: removed %d section store(s) of an earlier run that the new plan does not write",
+            len(stale) - partial,
+        )
 
 
 def generate_dataset(
