@@ -371,6 +371,21 @@ def test_a_folder_that_is_not_this_stages_run_is_refused_and_kept(
         assert snapshot(folder) == before, (command, extra)
 
 
+def test_a_second_run_into_a_folder_being_trained_is_refused(data: Path, tmp_path: Path) -> None:
+    """Two launches into one run folder at once (other settings, or the same job twice) used to both train
+    there and both report success, one result lost: the folder's lock, held by the running stage's rank 0,
+    refuses the second. The lock goes with the process, so a later run (a requeue) takes it."""
+    from cytonet.data.patches import STEP_LOCK, exclusive_lock
+
+    out = tmp_path / "busy"
+    with exclusive_lock(out / STEP_LOCK, blocking=False):  # as a running stage holds it
+        r = run(cli(data, "pretrain", out, "pretrain.max_steps=1"), 300, env=ENV)
+    assert r.returncode == 1 and "is being trained by another process right now" in r.stderr, tail(r.stderr)
+    assert sorted(p.name for p in out.iterdir()) == [STEP_LOCK]  # nothing written
+    r = run(cli(data, "pretrain", out, "pretrain.max_steps=1"), 300, env=ENV)
+    assert r.returncode == 0 and (out / "DONE").is_file(), tail(r.stderr)
+
+
 def test_distance_loss_refuses_patches_without_coordinates(data: Path, tmp_path: Path) -> None:
     from cytonet.data.patches import PatchStore
     from cytonet.errors import CytonetError

@@ -160,6 +160,10 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+#: The lock file a step holds in its output folder while it runs (pipeline steps, training stages).
+STEP_LOCK = ".cytonet-step.lock"
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: Path, blocking: bool = True) -> Iterator[None]:
     """An exclusive advisory lock (flock) on ``path``, created if missing; released on exit, and by the kernel

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import gc
 import json
 import logging
@@ -37,6 +38,7 @@ import math
 import shutil
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -49,7 +51,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cytonet import distributed
 from cytonet.config import Config, TrainConfig, config_to_dict, save_config
 from cytonet.data.loader import PatchLoader, build_loader
-from cytonet.data.patches import PatchStore, file_sha256, write_json_atomic
+from cytonet.data.patches import STEP_LOCK, PatchStore, exclusive_lock, file_sha256, write_json_atomic
 from cytonet.distributed import DistEnv
 from cytonet.errors import CytonetError
 from cytonet.hostmem import reuse_freed_memory
@@ -283,20 +285,23 @@ def run_stage(
         reuse_freed_memory()  # before the process group's and the loader's threads start
     device = distributed.init_distributed(env, cfg.dist)
     try:
-        # Rank 0 judges the folder (and clears it for --overwrite) before anything is written there; every rank
-        # fails with its message, none is left waiting in a collective.
-        error = None
-        if env.is_main:
-            try:
-                check_run_folder(cfg, kind, out)
-                if fresh:
-                    _clear_run(out)
-            except (CytonetError, OSError) as exc:
-                error = str(exc)
-        error = distributed.all_gather_object(error)[0]
-        if error:
-            raise CytonetError(error)
-        return _run(cfg, env, kind, tcfg, out, device, resume)
+        with contextlib.ExitStack() as held:
+            # Rank 0 judges the folder, takes its lock for the run (another run into the same folder at the same
+            # time is refused) and clears it for --overwrite, before anything is written there; every rank fails
+            # with its message, none is left waiting in a collective.
+            error = None
+            if env.is_main:
+                try:
+                    check_run_folder(cfg, kind, out)
+                    held.enter_context(_stage_lock(out, kind))
+                    if fresh:
+                        _clear_run(out)
+                except (CytonetError, OSError) as exc:
+                    error = str(exc)
+            error = distributed.all_gather_object(error)[0]
+            if error:
+                raise CytonetError(error)
+            return _run(cfg, env, kind, tcfg, out, device, resume)
     except BaseException as exc:
         # Free the stage's model (DDP holds the process group), loader and buffers now, while the group is up:
         # the exception's traceback would keep them alive past destroy_process_group, and gloo threads torn
@@ -563,11 +568,32 @@ def _run(
 
 #: Names of what a training stage writes into its run folder; temporary files' names hold ".tmp".
 _OWN_PREFIXES = ("ckpt-", "metrics-", "per-area-", "confusion-")
-_OWN_NAMES = (DONE_FILE, ENCODER_FILE, MODEL_FILE, "train-log.csv", "config.resolved.yaml", "tensorboard")
+_OWN_NAMES = (DONE_FILE, ENCODER_FILE, MODEL_FILE, "train-log.csv", "config.resolved.yaml", "tensorboard", STEP_LOCK)
 
 
 def _own(name: str) -> bool:
     return name.startswith(_OWN_PREFIXES) or name in _OWN_NAMES or ".tmp" in name
+
+
+@contextlib.contextmanager
+def _stage_lock(out: Path, kind: Kind) -> Iterator[None]:
+    """Hold ``out``'s lock while the stage runs: a second run into the same folder at the same time (another
+    launch, other settings) is refused instead of both writing there and both reporting success. The lock is
+    an flock, released when the process ends, killed or not, so a requeued run takes it again. On a file
+    system without flock the run goes on unguarded, with a warning."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive_lock(out / STEP_LOCK, blocking=False))
+        except BlockingIOError:
+            raise CytonetError(
+                f"{kind}: {out} is being trained by another process right now (it holds {out / STEP_LOCK}); wait "
+                "for it to finish, or choose another --out"
+            ) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+                raise
+            log.warning("%s: %s has no file locks (%s): a second run into it would not be refused", kind, out, exc)
+        yield
 
 
 def _run_kind(out: Path) -> str | None:
@@ -602,7 +628,8 @@ def check_run_folder(cfg: Config, kind: Kind, out: Path) -> None:
             f"{kind}: the output folder {out} is the folder of the encoder it starts from ({_ENCODER_KEYS[kind]}), "
             f"whose {ENCODER_FILE} it would replace; choose another --out"
         )
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    # the lock file alone: a run that ended (or was killed) before writing anything
+    entries = sorted(p.name for p in out.iterdir() if p.name != STEP_LOCK) if out.is_dir() else []
     if not entries:
         return
     foreign = [name for name in entries if not _own(name)]
