@@ -22,15 +22,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cytonet.config import Config, config_to_dict, save_config
-from cytonet.data.patches import STEP_LOCK, exclusive_lock
+from cytonet.data.patches import DONE_MARKER, STARTED_MARKER, STEP_LOCK, exclusive_lock
 from cytonet.errors import CytonetError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
-DONE_MARKER = ".cytonet-done.json"
-#: Written when a step starts (before any output), holding its settings; replaced by the done marker at the end.
-STARTED_MARKER = ".cytonet-started.json"
-#: Held (flock) by the process running a step: a started marker under a free lock is an interrupted step.
 MARKERS = (DONE_MARKER, DONE_MARKER + ".tmp", STARTED_MARKER, STARTED_MARKER + ".tmp", STEP_LOCK)
 #: The files ``run_synth`` writes into its folder beside the section stores (kept by ``synth --overwrite``).
 SYNTH_OWN_FILES = (*MARKERS, "config.resolved.yaml", "config.resolved.yaml.tmp", "preview.png")

@@ -276,6 +276,13 @@ def test_an_interrupted_synth_is_redone_by_a_rerun_with_the_same_settings(tmp_pa
         shutil.rmtree(out / name / "labels")
     interrupted = tmp_path / "interrupted"
     shutil.copytree(out, interrupted)
+    # Extraction refuses the half-made folder: a store from the sections that happen to be there would pass
+    # for complete.
+    from cytonet.data.extract import discover_sections
+    from cytonet.errors import InputError
+
+    with pytest.raises(InputError, match=r"is not finished: a step started there and never ended"):
+        discover_sections(interrupted)
 
     # Other settings: still refused without --overwrite, and nothing changes.
     before = _tree(interrupted)
@@ -308,7 +315,8 @@ def test_a_synth_still_running_is_not_taken_for_an_interrupted_one(tmp_path: Pat
     import fcntl
 
     from cytonet.config import load_config
-    from cytonet.errors import OutputExistsError
+    from cytonet.data.extract import discover_sections
+    from cytonet.errors import InputError, OutputExistsError
     from cytonet.pipeline import STARTED_MARKER, STEP_LOCK, run_synth
 
     cfg = load_config(REPO / "configs" / "demo.yaml", [*TINY_SYNTH, "synth.n_brains=1", "synth.sections_per_brain=1"])
@@ -320,5 +328,8 @@ def test_a_synth_still_running_is_not_taken_for_an_interrupted_one(tmp_path: Pat
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         with pytest.raises(OutputExistsError, match="is being written by another process"):
             run_synth(cfg, out, overwrite=False, preview=False)
+        with pytest.raises(InputError, match=r"is not finished: a step is writing it right now"):
+            discover_sections(out)
     assert _tree(out) == before
     assert run_synth(cfg, out, overwrite=False, preview=False)  # its process gone (lock free): redone
+    assert discover_sections(out)  # finished: extraction takes it

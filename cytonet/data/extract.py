@@ -83,6 +83,7 @@ from cytonet.data.patches import (
     partial_path,
     remove_path,
     shard_name,
+    unfinished_step,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -173,7 +174,12 @@ class ExtractResult:
 
 
 def discover_sections(sections_dir: Path) -> list[SectionEntry]:
-    """Every section store below ``sections_dir``, sorted by (brain, section index)."""
+    """Every section store below ``sections_dir``, sorted by (brain, section index); refused while a step
+    (synth) is writing the folder or after one stopped half-way: a store built from the sections that happen
+    to be there would pass for complete."""
+    why = unfinished_step(sections_dir)
+    if why:
+        raise InputError(f"extract: the sections folder {sections_dir} is not finished: {why}")
     paths = list_sections(sections_dir)
     if not paths:
         raise InputError(f"no section stores (.zarr / .h5) found below {sections_dir}; run `cytonet synth` first")

@@ -160,8 +160,33 @@ def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-#: The lock file a step holds in its output folder while it runs (pipeline steps, training stages).
+#: The lock file a step holds (flock) in its output folder while it runs (pipeline steps, training stages): a
+#: started marker under a free lock is an interrupted step.
 STEP_LOCK = ".cytonet-step.lock"
+#: A pipeline step's done marker in its output folder (synth), holding its settings.
+DONE_MARKER = ".cytonet-done.json"
+#: Written when a pipeline step starts (before any output), holding its settings; replaced by the done marker
+#: at the end.
+STARTED_MARKER = ".cytonet-started.json"
+
+
+def unfinished_step(folder: Path) -> str | None:
+    """Why ``folder`` (a pipeline step's output, e.g. synth's sections) is not finished, or None: a step is
+    writing it right now (it holds the lock), or one started and never ended (its started marker remains).
+    Looks only: creates nothing (the folder may be read-only)."""
+    if not (folder / STARTED_MARKER).is_file():
+        return None
+    lock = folder / STEP_LOCK
+    if lock.is_file():
+        try:
+            with open(lock, "rb") as fh:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        except BlockingIOError:
+            return f"a step is writing it right now (it holds {lock})"
+        except OSError:
+            pass  # no locks on this file system: judge by the marker alone
+    return f"a step started there and never ended ({folder / STARTED_MARKER} remains): rerun it to finish"
 
 
 @contextlib.contextmanager
