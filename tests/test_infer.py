@@ -782,6 +782,29 @@ def test_overwrite_removes_only_inference_volumes_of_its_format(tmp_path: Path) 
     assert store.read_bytes() == data and (store.parent / "B00_s0000.ome.zarr").is_dir()
 
 
+def test_sections_of_the_splits_missing_below_sections_dir_are_refused(root: Path, tmp_path: Path) -> None:
+    """With infer.splits (the demo's held-out sections), every section the model records in those splits must
+    be there: a partial copy used to give a partial map without a word. Naming sections still maps a subset."""
+    state = torch.load(root / "probe" / MODEL_FILE, weights_only=True)
+    state["sections"] = [
+        {"name": "B00_s0000", "split": "test"},
+        {"name": "B00_s0001", "split": "unseen"},
+        {"name": "B01_s0000", "split": "unseen"},
+        {"name": "B01_s0001", "split": "unseen"},  # not below sections/
+    ]
+    (tmp_path / "probe").mkdir()
+    torch.save(state, tmp_path / "probe" / MODEL_FILE)
+    common = (f"infer.model_from={tmp_path / 'probe'}", f"infer.sections_dir={root / 'sections'}", "infer.stride_px=40")
+    with pytest.raises(
+        InputError, match=r"1 of the 3 sections of the splits \['unseen'\] .* are not below .*B01_s0001"
+    ):
+        run(root, tmp_path / "out", *common, "infer.splits=[unseen]")
+    assert not (tmp_path / "out").exists()
+    done = run(root, tmp_path / "out", *common, "infer.splits=[test]")
+    assert done.complete and sorted(p.name for p in (tmp_path / "out").glob("*.ome.zarr")) == ["B00_s0000.ome.zarr"]  # type: ignore[attr-defined]
+    assert run(root, tmp_path / "out2", *common, "infer.sections=[B00_s0001]").complete  # type: ignore[attr-defined]
+
+
 def test_named_sections_open_only_their_stores(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """infer.sections opens the stores with those file names, not every store beside them; a store under
     another file name is still found (by opening the rest), and two stores of one section are refused."""

@@ -188,6 +188,13 @@ def select_sections(cfg: Config, clf: Classifier) -> list[SectionJob]:
                 f"no section below {root} is in the splits {icfg.splits} recorded in {clf.path}; "
                 "set infer.sections or infer.splits=[]"
             )
+        missing = sorted(wanted - set(names))
+        if missing:  # a partial copy of the sections would otherwise give a partial map, silently
+            raise InputError(
+                f"{len(missing)} of the {len(wanted)} sections of the splits {icfg.splits} recorded in {clf.path} "
+                f"are not below {root}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; copy them "
+                "there, or name the sections to map with infer.sections"
+            )
     else:
         names = list(found)
     block = icfg.chunk_px * max(1, icfg.shard_chunks)
