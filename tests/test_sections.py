@@ -564,3 +564,43 @@ def test_sampled_levels_serve_the_labels_and_depth_at_level_centres(tmp_path: Pa
     with open_section(path) as r:  # no sampled levels: the full resolution, wiped
         got = r.read_points("depth", rows[rows >= 0], cols[cols >= 0])
         assert np.isnan(got).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("layer", "bad"),
+    [
+        ("image", lambda a: a.astype(np.uint16) * 257),  # a 16-bit scan written directly
+        ("coords", lambda a: a[..., 0].copy()),  # coordinates without their axis of 3
+        ("labels", lambda a: a.T.copy()),  # transposed
+        ("depth", lambda a: np.nan_to_num(a * 100).astype(np.int32)),  # integer percent
+    ],
+)
+def test_a_layer_of_the_wrong_dtype_or_shape_is_refused_naming_it(
+    tmp_path: Path, backend: str, layer: str, bad: Any
+) -> None:
+    """A store written by other tools with a layer that is not what cytonet reads there (16-bit image, 2D
+    coordinates, ...) was read as something else without a word; the first read of the array names it."""
+    data = make_layers()
+    path = write_store(store_path(tmp_path, backend), data)
+    replaced = bad(data[layer])
+    if backend == "zarr":
+        import zarr
+
+        group = zarr.open_group(str(path), mode="r+")
+        del group[layer]
+        group.create_array(layer, data=replaced, chunks=replaced.shape)
+    else:
+        import h5py
+
+        with h5py.File(path, "r+") as f:
+            del f[layer]
+            f.create_dataset(layer, data=replaced)
+    with (
+        open_section(path) as r,
+        pytest.raises(InputError, match=rf"{path}: array '{layer}' is .* the {layer} layer must be"),
+    ):
+        if layer in ("labels", "depth"):
+            r.read_points(layer, np.array([5, 50]), np.array([10, 20]))
+        else:
+            r.read(layer, 0, 10, 0, 10)

@@ -398,6 +398,7 @@ class SectionReader:
         self._cache: ChunkCache | None = None
         self._lock = threading.Lock()  # several reader threads may share one reader (inference)
         self._names: dict[str, bool] = {}  # array name -> in the store (:meth:`_holds`)
+        self._layout_ok: set[str] = set()  # arrays whose dtype and shape were checked (:meth:`_check_layout`)
         try:
             attrs = self._read_attrs()
         finally:
@@ -503,9 +504,33 @@ class SectionReader:
             raise ValueError(f"{self.path}: box y[{y0}:{y1}] x[{x0}:{x1}] is outside the section ({h} x {w})")
         return self._read_array(layer, y0, y1, x0, x1)
 
+    def _check_layout(self, name: str, fast: ChunkedArray | None) -> None:
+        """Refuse array ``name`` (a layer or one of its levels) whose dtype or shape is not the layer's: a store
+        written by other tools (a 16-bit scan, coordinates without their axis of 3) would otherwise be read as
+        something else without a word. Once per array and reader."""
+        if name in self._layout_ok:
+            return
+        layer, _, level = name.partition("_x")
+        if layer in LAYER_DTYPES and (not level or level.isdigit()):
+            if fast is not None:
+                shape, dtype = tuple(fast.shape), np.dtype(fast.dtype)
+            else:
+                arr = self.array(name)
+                shape, dtype = tuple(arr.shape), np.dtype(arr.dtype)
+            want = _layer_shape(layer, level_shape(self.shape, int(level) if level else 1))
+            kind_ok = {"image": dtype == np.uint8, "labels": dtype.kind in "ui"}.get(layer, dtype.kind == "f")
+            if shape != want or not kind_ok:
+                kind = {"image": "uint8", "labels": "integer"}.get(layer, "floating-point")
+                raise InputError(
+                    f"{self.path}: array {name!r} is {shape} {dtype}, but the {layer} layer must be {want} "
+                    f"{kind} (import scans with `cytonet import`, which converts them)"
+                )
+        self._layout_ok.add(name)
+
     def _read_array(self, name: str, y0: int, y1: int, x0: int, x1: int, out: np.ndarray | None = None) -> np.ndarray:
         """``name[y0:y1, x0:x1]`` (inside the array), into ``out`` when given (a view of the box's shape)."""
         fast = self._chunked(name)
+        self._check_layout(name, fast)
         try:
             if fast is not None:
                 return fast.read((y0, y1), (x0, x1), out=out)
@@ -533,6 +558,7 @@ class SectionReader:
         iy, ix = ys[r0:r1], xs[c0:c1]
         y0, y1, x0, x1 = int(iy[0]), int(iy[-1]) + 1, int(ix[0]), int(ix[-1]) + 1
         fast = self._chunked(name)
+        self._check_layout(name, fast)
         if fast is None or len(fast.shape) != 2:
             out[r0:r1, c0:c1] = self._read_array(name, y0, y1, x0, x1)[np.ix_(iy - y0, ix - x0)]
             return out
