@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from cytonet.errors import InputError
+
 #: zarr v3 data type name -> numpy dtype (little endian, as the ``bytes`` codec writes them).
 DTYPES = {"uint8": "u1", "uint16": "<u2", "int32": "<i4", "float32": "<f4", "float64": "<f8"}
 #: How zarr v3 metadata spells the non-finite float fill values.
@@ -113,8 +115,10 @@ class ChunkCache:
 class ChunkedArray:
     """A local zarr v3 array read and written chunk file by chunk file (see the module doc)."""
 
-    def __init__(self, path: Path, meta: dict[str, Any], cache: ChunkCache | None) -> None:
+    def __init__(self, path: Path, meta: dict[str, Any], cache: ChunkCache | None, whole: bool = False) -> None:
         self.path = path
+        #: Every chunk file was written (a section store): reading a missing one is an error, not the fill value.
+        self.whole = whole
         self.shape = tuple(int(n) for n in meta["shape"])
         self.chunks = tuple(int(n) for n in meta["chunk_grid"]["configuration"]["chunk_shape"])
         self.dtype = np.dtype(DTYPES[meta["data_type"]])
@@ -164,6 +168,11 @@ class ChunkedArray:
         try:
             raw = self._file(index).read_bytes()
         except FileNotFoundError:
+            if self.whole:
+                raise InputError(
+                    f"{self.path}: chunk file {self._file(index).relative_to(self.path)} is missing, but every chunk "
+                    "of this array was written: the store is damaged or was copied in part; copy it again"
+                ) from None
             chunk = np.full((), self.fill, dtype=self.dtype)
         else:
             if self._codec is not None:
@@ -284,13 +293,14 @@ def _understood(meta: dict[str, Any]) -> bool:
     )
 
 
-def open_chunked(path: str | Path, cache: ChunkCache | None = None) -> ChunkedArray | None:
+def open_chunked(path: str | Path, cache: ChunkCache | None = None, whole: bool = False) -> ChunkedArray | None:
     """The array at ``path`` (a folder with its ``zarr.json``) for direct chunk I/O, or None when it is not one
-    this module understands (see the module doc). ``cache``: decoded chunks to share between reads."""
+    this module understands (see the module doc). ``cache``: decoded chunks to share between reads; ``whole``:
+    every chunk file was written, so a missing one is an error (:class:`ChunkedArray`)."""
     try:
         meta = json.loads((Path(path) / "zarr.json").read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(meta, dict) or not _understood(meta):
         return None
-    return ChunkedArray(Path(path), meta, cache)
+    return ChunkedArray(Path(path), meta, cache, whole)

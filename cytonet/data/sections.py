@@ -280,10 +280,19 @@ class SectionWriter:
             elif compression == "blosc-zstd":
                 cname, clevel, shuffle = IMAGE_BLOSC if dtype.itemsize == 1 else LAYER_BLOSC
                 codec = BloscCodec(cname=cname, clevel=clevel, shuffle=BloscShuffle(shuffle))
+            # Every chunk is written, also those of only the fill value (a background of label 0 or depth NaN):
+            # a chunk file missing from such a store is damage (an rsync cut short), which readers refuse
+            # (CHUNKS_ATTR) instead of reading it as the fill value.
             self._arrays[name] = group.create_array(
-                name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=codec
+                name,
+                shape=shape,
+                chunks=chunks,
+                dtype=dtype,
+                fill_value=fill,
+                compressors=codec,
+                config={"write_empty_chunks": True},
             )
-        group.attrs.update(self.meta.to_attrs())
+        group.attrs.update({**self.meta.to_attrs(), CHUNKS_ATTR: "all"})
         self._group = group
 
     def _open_hdf5(self, chunk_px: int, compression: str) -> None:
@@ -383,6 +392,11 @@ def create_section(
     return SectionWriter(Path(path), meta, layers, chunk_px, compression, overwrite, image_levels)
 
 
+#: Store attribute of zarr stores whose writer wrote every chunk file (:class:`SectionWriter`): a missing one
+#: is damage. Stores without it (written before) may omit chunks of only the fill value.
+CHUNKS_ATTR = "chunks_written"
+
+
 class SectionReader:
     """Lazy, region-wise access to one section store. Picklable before first use (for DataLoader workers)."""
 
@@ -404,6 +418,7 @@ class SectionReader:
         finally:
             self.close()  # do not keep the HDF5 handle across a fork; close it rather than leave it to the GC
         self.meta = SectionMeta.from_attrs(attrs, str(self.path))
+        self._whole = attrs.get(CHUNKS_ATTR) == "all"  # every chunk file was written: a missing one is damage
 
     # -- handle management ------------------------------------------------------------------------------
     def _open(self) -> Any:
@@ -440,7 +455,7 @@ class SectionReader:
                 self._fast, self._fast_pid = {}, os.getpid()
                 self._cache = ChunkCache(CHUNK_CACHE_BYTES, PLANNED_CACHE_BYTES)
             if name not in self._fast:
-                self._fast[name] = open_chunked(self.path / name, self._cache)
+                self._fast[name] = open_chunked(self.path / name, self._cache, whole=self._whole)
             return self._fast[name]
 
     def _read_attrs(self) -> dict[str, Any]:
