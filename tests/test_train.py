@@ -357,7 +357,7 @@ def test_a_folder_that_is_not_this_stages_run_is_refused_and_kept(
     pretrain_run = tmp_path / "pretrain"
     shutil.copytree(data / "ref", pretrain_run)
     cases = [
-        (mine, ["pretrain"], "holds encoder.pt and 1 more but no cytonet pretrain run (no config.resolved.yaml)"),
+        (mine, ["pretrain"], "holds encoder.pt and 1 more but no cytonet pretrain run (no config, checkpoint or DONE)"),
         (data / "patches", ["pretrain"], "is not written by training"),
         (pretrain_run, ["probe", f"probe.encoder_from={data / 'ref'}"], "holds a pretrain run"),
         (pretrain_run, ["probe", f"probe.encoder_from={data / 'ref'}", "--overwrite"], "holds a pretrain run"),

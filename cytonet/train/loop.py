@@ -633,12 +633,14 @@ def check_run_folder(cfg: Config, kind: Kind, out: Path) -> None:
     if not entries:
         return
     foreign = [name for name in entries if not _own(name)]
-    if foreign or "config.resolved.yaml" not in entries:
+    # a run's traces: its config (written first), a checkpoint (also one copied in to resume), its DONE
+    traces = "config.resolved.yaml" in entries or DONE_FILE in entries or ckpt.latest_checkpoint(out) is not None
+    if foreign or not traces:
         shown = foreign or entries
         more = f" and {len(shown) - 1} more" if len(shown) > 1 else ""
         raise CytonetError(
             f"{kind}: {out} holds {shown[0]}{more} but no cytonet {kind} run"
-            + (f" ({shown[0]} is not written by training)" if foreign else " (no config.resolved.yaml)")
+            + (f" ({shown[0]} is not written by training)" if foreign else " (no config, checkpoint or DONE)")
             + "; choose another --out (--overwrite removes only a training run's own files)"
         )
     other = _run_kind(out)
