@@ -61,9 +61,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +94,7 @@ from cytonet.data.sections import (
     store_stamp,
 )
 from cytonet.errors import InputError, OutputExistsError, UsageError
+from cytonet.workers import worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -626,7 +625,7 @@ def _run_jobs(fn: Callable[..., str], jobs: list[tuple[Any, ...]], workers: int)
     """
     if workers <= 1 or len(jobs) <= 1:
         return [fn(*job) for job in jobs]
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
+    with worker_pool(min(workers, len(jobs))) as pool:
         futures = [pool.submit(fn, *job) for job in jobs]
         return [f.result() for f in futures]
 

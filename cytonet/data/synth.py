@@ -51,9 +51,7 @@ import logging
 import math
 import time
 from collections.abc import Collection
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -87,6 +85,7 @@ from cytonet.data.synth_geometry import (
     section_z_mm,
 )
 from cytonet.errors import InputError, OutputExistsError
+from cytonet.workers import worker_pool
 
 __all__ = [
     "AreaProfiles",
@@ -901,9 +900,8 @@ def generate_dataset(
     ]
     started = time.perf_counter()
     if workers > 1 and len(jobs) > 1:
-        # spawn, not fork: a forked child would inherit zarr's event-loop state without its thread and hang.
         paths = []
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
+        with worker_pool(min(workers, len(jobs))) as pool:  # spawned, dying with this process (cytonet.workers)
             for i, path in enumerate(pool.map(_section_job, jobs)):
                 paths.append(path)
                 log.info("synth: %d/%d sections done (%.0f s)", i + 1, len(jobs), time.perf_counter() - started)
