@@ -8,6 +8,7 @@ the traceback. Every command that writes saves the resolved config into its outp
 from __future__ import annotations
 
 import argparse
+import errno
 import faulthandler
 import logging
 import sys
@@ -594,19 +595,47 @@ def main(argv: list[str] | None = None) -> int:
     except CytonetError as exc:
         if debug:
             raise
-        print(f"cytonet: error: {exc}", file=sys.stderr)
+        print(f"cytonet: error: {one_line(exc, first=False)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("cytonet: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if debug:
+            raise
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {exc.filename}" if exc.filename else ""
+            print(
+                f"cytonet: error: {exc.strerror}{where}: free space (or quota) and rerun; finished work is kept "
+                "and skipped",
+                file=sys.stderr,
+            )
+        else:
+            print(f"cytonet: error: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
     except Exception as exc:
         if debug:
             raise
         print(
-            f"cytonet: error: unexpected {exc.__class__.__name__}: {exc} (run with --debug for the traceback)",
+            f"cytonet: error: unexpected {exc.__class__.__name__}: {one_line(exc)} (run with --debug for the "
+            "traceback)",
             file=sys.stderr,
         )
         return EXIT_FAILURE
+
+
+def one_line(exc: BaseException, first: bool = True) -> str:
+    """The error's message: an error re-raised from a DataLoader worker carries the worker's whole traceback
+    ("Caught InputError in DataLoader worker process 0. Original Traceback ..."), whose last line is the
+    message; others' first line (``first``: a library's message may run to a page), or all of it."""
+    text = str(exc).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return exc.__class__.__name__
+    if "Original Traceback" in text:
+        _, sep, message = lines[-1].partition(": ")  # "cytonet.errors.InputError: shard ... does not exist"
+        return message if sep else lines[-1]
+    return lines[0] if first else text
 
 
 if __name__ == "__main__":

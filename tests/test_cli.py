@@ -333,3 +333,27 @@ def test_a_synth_still_running_is_not_taken_for_an_interrupted_one(tmp_path: Pat
     assert _tree(out) == before
     assert run_synth(cfg, out, overwrite=False, preview=False)  # its process gone (lock free): redone
     assert discover_sections(out)  # finished: extraction takes it
+
+
+def test_a_full_disk_is_named_and_kept_to_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ENOSPC (or a quota) anywhere in a step: one line naming the file and what to do, exit 1."""
+    import errno
+
+    from cytonet import cli
+
+    def full(args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", "/scratch/run/patches/shard-00005.h5.partial")
+
+    import dataclasses
+
+    # synth, where a store's write fails for want of space
+    commands = [dataclasses.replace(c, run=full) if c.name == "synth" else c for c in cli.COMMANDS]
+    monkeypatch.setattr(cli, "COMMANDS", commands)
+    assert cli.main(["synth", str(REPO / "configs" / "demo.yaml")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "cytonet: error: No space left on device writing /scratch/run/patches/shard-00005.h5.partial: free space "
+        "(or quota) and rerun; finished work is kept and skipped"
+    )

@@ -386,6 +386,36 @@ def test_a_second_run_into_a_folder_being_trained_is_refused(data: Path, tmp_pat
     assert r.returncode == 0 and (out / "DONE").is_file(), tail(r.stderr)
 
 
+def test_a_missing_shard_fails_in_one_line_through_the_loader_workers(data: Path, tmp_path: Path) -> None:
+    """An error in a DataLoader worker comes back wrapped in the worker's traceback ("Original Traceback ...");
+    the CLI prints its message alone, naming the shard."""
+    shutil.copytree(data / "patches", tmp_path / "patches")
+    shard = sorted((tmp_path / "patches").glob("shard-*"))[0]
+    shard.unlink()
+    r = run(cli(data, "pretrain", tmp_path / "p", f"extract.out_dir={tmp_path / 'patches'}", "loader.workers=1"), 300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("cytonet: error:")]
+    assert r.returncode == 1 and len(errors) == 1, tail(r.stderr)
+    assert (
+        f"shard {shard} does not exist" in errors[0]
+        and "Original Traceback" not in r.stderr.split("cytonet: error:")[-1]
+    )
+
+
+def test_a_checkpoint_that_cannot_be_written_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch reports a short write (a full disk, a quota) as '[enforce fail ...] unexpected pos': the error
+    names the file and the free space, and no temporary file is left."""
+    from cytonet.errors import CytonetError
+    from cytonet.train import checkpoint
+
+    def full(obj: object, fh: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 426880 vs 426768")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(CytonetError, match=r"writing .*ckpt-000000003\.pt failed \(\[enforce .*\); \d+ MiB are free"):
+        checkpoint.save_checkpoint(tmp_path, {"step": 3}, 3, keep=2)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_distance_loss_refuses_patches_without_coordinates(data: Path, tmp_path: Path) -> None:
     from cytonet.data.patches import PatchStore
     from cytonet.errors import CytonetError

@@ -35,6 +35,7 @@ import logging
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -136,10 +137,20 @@ def torch_save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` through a temporary file (``<name>.tmp<pid>``), fsync, rename and a folder fsync: a reader
     sees the whole file or none, after a killed process or a lost node alike."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())  # the rename below must never expose a file whose bytes are still in flight
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # the rename below must never expose a file whose bytes are still in flight
+    except (OSError, RuntimeError) as exc:
+        # torch's writer reports a short write (a full disk, a quota) as "unexpected pos ...": say what failed
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        raise CytonetError(
+            f"writing {path} failed ({first}); {free / 2**20:.0f} MiB are free on its file system: if it is "
+            "full or over quota, free space and rerun (the run resumes from its last checkpoint)"
+        ) from None
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
