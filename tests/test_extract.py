@@ -226,6 +226,9 @@ def test_rerun_with_other_settings_is_refused(sections: Path, tmp_path: Path) ->
         run_extract(other, out, sections_dir=sections, task_id=2, num_tasks=2)
     result = run_extract(other, out, sections_dir=sections, overwrite=True)
     assert json.loads((out / MANIFEST).read_text())["counts"]["area"]["train"]["2"] == 11
+    (out / "extract.json").write_text("xx")  # damaged: say so, not "other settings"
+    with pytest.raises(OutputExistsError, match=r"extract\.json cannot be read \(.*\): it records the settings"):
+        run_extract(other, out, sections_dir=sections)
     assert result.manifest is not None
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("x")

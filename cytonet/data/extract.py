@@ -706,10 +706,17 @@ def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, sections_
         for p in out.iterdir():
             remove_path(p)  # every entry is an extraction's own (checked above)
     elif settings_path.is_file():
+        unreadable = ""
         try:
             old = json.loads(settings_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = None
+        except (OSError, json.JSONDecodeError) as exc:
+            old, unreadable = None, str(exc)
+        if (unreadable or not isinstance(old, dict)) and _extracted_any(out):
+            raise OutputExistsError(
+                f"extract: {settings_path} cannot be read ({unreadable or 'not a JSON object'}): it records the "
+                f"settings of the extraction in {out}, which cannot be checked without it; pass --overwrite to "
+                "extract again, or choose another --out"
+            )
         if _legacy_sections(old):
             # Written before sections had an identity: compare without it rather than refuse every old store.
             log.warning("extract: %s predates section identities: cannot tell whether its sections were re-made", out)
