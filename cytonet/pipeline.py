@@ -9,7 +9,6 @@ Entry points: :func:`run_synth`, :func:`run_demo`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -17,12 +16,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from cytonet.config import Config, config_to_dict, save_config
-from cytonet.data.patches import DONE_MARKER, STARTED_MARKER, STEP_LOCK, exclusive_lock
+from cytonet.data.patches import DONE_MARKER, STARTED_MARKER, STEP_LOCK, step_lock
 from cytonet.errors import CytonetError, OutputExistsError
 
 log = logging.getLogger(__name__)
@@ -110,21 +108,6 @@ def prepare_step(out: Path, settings: dict[str, Any], overwrite: bool, what: str
     _write_marker(out, STARTED_MARKER, settings)
     (out / DONE_MARKER).unlink(missing_ok=True)  # the folder is about to change: no longer a finished run
     return action
-
-
-@contextlib.contextmanager
-def step_lock(out: Path, what: str) -> Iterator[None]:
-    """Hold the step's lock on ``out`` (an flock, released when the process ends, killed or not): a second
-    process with the same settings must not take a step that is still running for an interrupted one."""
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(exclusive_lock(out / STEP_LOCK, blocking=False))
-        except BlockingIOError:
-            raise OutputExistsError(
-                f"{what}: {out} is being written by another process right now (it holds {out / STEP_LOCK}); "
-                "wait for it to finish, or choose another --out"
-            ) from None
-        yield
 
 
 def run_synth(cfg: Config, out: Path, *, overwrite: bool, preview: bool, workers: int = 1) -> list[Path]:

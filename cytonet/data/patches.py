@@ -44,9 +44,11 @@ of ``cytonet store info``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -60,7 +62,9 @@ from typing import Any
 import numpy as np
 
 from cytonet import __version__
-from cytonet.errors import InputError
+from cytonet.errors import InputError, OutputExistsError
+
+log = logging.getLogger(__name__)
 
 FORMAT = "cytonet-patch-store"
 FORMAT_VERSION = 1
@@ -201,6 +205,27 @@ def exclusive_lock(path: Path, blocking: bool = True) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def step_lock(out: Path, what: str, doing: str = "written") -> Iterator[None]:
+    """Hold ``out``'s :data:`STEP_LOCK` while a step runs (``what``: the step, for the messages): a second
+    process on the same folder at the same time is refused, rather than taking a running step for an
+    interrupted one or writing beside it. An flock, released when the process ends, killed or not; on a file
+    system without flock the step goes on unguarded, with a warning."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive_lock(out / STEP_LOCK, blocking=False))
+        except BlockingIOError:
+            raise OutputExistsError(
+                f"{what}: {out} is being {doing} by another process right now (it holds {out / STEP_LOCK}); "
+                "wait for it to finish, or choose another --out"
+            ) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+                raise
+            log.warning("%s: %s has no file locks (%s): a second process on it would not be refused", what, out, exc)
+        yield
 
 
 def remove_path(path: Path) -> None:

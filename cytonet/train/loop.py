@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import gc
 import json
 import logging
@@ -38,7 +37,6 @@ import math
 import shutil
 import time
 import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cytonet import distributed
 from cytonet.config import Config, TrainConfig, config_to_dict, save_config
 from cytonet.data.loader import PatchLoader, build_loader
-from cytonet.data.patches import STEP_LOCK, PatchStore, exclusive_lock, file_sha256, write_json_atomic
+from cytonet.data.patches import STEP_LOCK, PatchStore, file_sha256, step_lock, write_json_atomic
 from cytonet.distributed import DistEnv
 from cytonet.errors import CytonetError
 from cytonet.hostmem import reuse_freed_memory
@@ -293,7 +291,7 @@ def run_stage(
             if env.is_main:
                 try:
                     check_run_folder(cfg, kind, out)
-                    held.enter_context(_stage_lock(out, kind))
+                    held.enter_context(step_lock(out, kind, "trained"))
                     if fresh:
                         _clear_run(out)
                 except (CytonetError, OSError) as exc:
@@ -573,27 +571,6 @@ _OWN_NAMES = (DONE_FILE, ENCODER_FILE, MODEL_FILE, "train-log.csv", "config.reso
 
 def _own(name: str) -> bool:
     return name.startswith(_OWN_PREFIXES) or name in _OWN_NAMES or ".tmp" in name
-
-
-@contextlib.contextmanager
-def _stage_lock(out: Path, kind: Kind) -> Iterator[None]:
-    """Hold ``out``'s lock while the stage runs: a second run into the same folder at the same time (another
-    launch, other settings) is refused instead of both writing there and both reporting success. The lock is
-    an flock, released when the process ends, killed or not, so a requeued run takes it again. On a file
-    system without flock the run goes on unguarded, with a warning."""
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(exclusive_lock(out / STEP_LOCK, blocking=False))
-        except BlockingIOError:
-            raise CytonetError(
-                f"{kind}: {out} is being trained by another process right now (it holds {out / STEP_LOCK}); wait "
-                "for it to finish, or choose another --out"
-            ) from None
-        except OSError as exc:
-            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
-                raise
-            log.warning("%s: %s has no file locks (%s): a second run into it would not be refused", kind, out, exc)
-        yield
 
 
 def _run_kind(out: Path) -> str | None:
