@@ -594,9 +594,9 @@ def _run_kind(out: Path) -> str | None:
 def check_run_folder(cfg: Config, kind: Kind, out: Path) -> None:
     """Refuse ``out`` as the run folder of a ``kind`` stage (before anything is written or, for --overwrite,
     removed there) when it is not one: a file; a folder holding anything a training stage does not write (a
-    patch store, another step's outputs), or files of such names but no ``config.resolved.yaml`` (not written
-    by a run); the run of another stage (its DONE or checkpoints); or the folder of the encoder the stage
-    starts from, whose ``encoder.pt`` the stage would replace."""
+    patch store, another step's outputs), or files of such names without a run's traces (its config, a
+    checkpoint or DONE); the run of another stage (its DONE or checkpoints); or the folder of the encoder the
+    stage starts from, whose ``encoder.pt`` the stage would replace. The lock file alone does not count."""
     if out.exists() and not out.is_dir():
         raise CytonetError(f"{kind}: output {out} exists and is not a folder")
     encoder = _encoder_path(cfg, kind)
