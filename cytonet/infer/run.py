@@ -526,11 +526,15 @@ def run_infer(
         out,
         _smallest_first(todo),
         stage1,
-        lambda: _set_up(cfg, clf, device, out if worker == 0 else None),
+        lambda: BlockEvaluator(cfg, clf, device),
         {"worker": worker, "n_workers": n_workers, "task_id": task_id, "rank": env.rank},
         n_io,
     )
     seconds = time.perf_counter() - started
+    if worker == 0:
+        # Once this worker's blocks are written into volumes of these settings: a run refused by the volumes
+        # of another (one started at the same time into the same folder) must not leave its settings here.
+        save_config(cfg, out, name=CONFIG_FILE)
     log.info(
         "infer: worker %d wrote %d blocks (%.0f MP of sections, %.1f MP/s), skipped %d done, in %.1f s",
         worker,
@@ -574,15 +578,6 @@ def cleanup_per_area(cfg: Config, clf: Classifier) -> dict[int, int]:
             f"(its areas: {', '.join(clf.area_names)})"
         )
     return {int(ids[name]): m for name, m in cfg.infer.cleanup_components_per_area.items()}
-
-
-def _set_up(cfg: Config, clf: Classifier, device: torch.device, config_to: Path | None) -> BlockEvaluator:
-    """What the main thread does while the first block is read: save the run's configuration in the output
-    folder (``config_to``: worker 0's; only once the outputs' settings are checked, so that a refused run
-    leaves the file of the outputs there as it was) and set up the model."""
-    if config_to is not None:
-        save_config(cfg, config_to, name=CONFIG_FILE)
-    return BlockEvaluator(cfg, clf, device)
 
 
 def _smallest_first(todo: list[tuple[SectionJob, Block]]) -> list[tuple[SectionJob, Block]]:
