@@ -213,6 +213,24 @@ def test_crash_then_resume_skips_finished_shards(sections: Path, reference: Path
     assert_same_store(out, reference)
 
 
+def test_the_same_task_launched_twice_is_refused(sections: Path, tmp_path: Path) -> None:
+    """Each worker's share has one writer: a second launch of the same task while the first runs (an array
+    resubmitted) is refused, instead of both writing the same shards with confusing errors. Other tasks go on;
+    the lock files are the extraction's own (a rerun and --overwrite accept them)."""
+    from cytonet.data.extract import worker_lock_name
+    from cytonet.data.patches import exclusive_lock
+
+    out = tmp_path / "p"
+    cfg = make_cfg(*SMALL)
+    out.mkdir()
+    with exclusive_lock(out / worker_lock_name(1, 2), blocking=False):  # task 1 of 2 is running elsewhere
+        with pytest.raises(OutputExistsError, match=r"extract worker 1 of 2: .* is being written by another process"):
+            run_extract(cfg, out, sections_dir=sections, task_id=1, num_tasks=2)
+        assert run_extract(cfg, out, sections_dir=sections, task_id=0, num_tasks=2).manifest is None
+    assert run_extract(cfg, out, sections_dir=sections, task_id=1, num_tasks=2).manifest is not None
+    assert run_extract(cfg, out, sections_dir=sections, overwrite=True).manifest is not None
+
+
 def test_rerun_with_other_settings_is_refused(sections: Path, tmp_path: Path) -> None:
     out = tmp_path / "p"
     cfg = make_cfg("extract.patches_per_area=10", "extract.eval_patches_per_area=2")

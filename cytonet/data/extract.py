@@ -81,6 +81,7 @@ from cytonet.data.patches import (
     partial_path,
     remove_path,
     shard_name,
+    step_lock,
     unfinished_step,
     write_bytes_atomic,
     write_json_atomic,
@@ -639,6 +640,7 @@ _OURS = (SETTINGS_FILE, MANIFEST, METADATA, "config.resolved.yaml", SURVEY_DIR)
 #: and the temp files of :func:`write_bytes_atomic` (``.<name>.<pid>.<thread>.tmp``).
 _OURS_PATTERN = re.compile(
     r"shard-\d{5,}\.(h5|zarr)(\.partial)?|\.(" + "|".join(re.escape(n) for n in _OURS) + r")\.\d+\.\d+\.tmp"
+    r"|\.worker-\d+-of-\d+\.lock"
 )
 
 
@@ -806,6 +808,7 @@ def run_extract(
         )
     worker, n_workers = task_id * world_size + rank, num_tasks * world_size
     started = time.perf_counter()
+    who = (task_id, num_tasks, rank, world_size, started)
     ecfg = cfg.extract
     src = sections_dir if sections_dir is not None else cfg.resolve_path(ecfg.sections_dir)
     entries = assign_splits(discover_sections(src), cfg)
@@ -815,6 +818,34 @@ def run_extract(
     geometry = PatchGeometry.for_crop(crop, pixel_um, cfg.augment.shift_max_mm, cfg.augment.blur_radius_px)
     settings = extraction_settings(cfg, entries, geometry)
     _prepare_out(out, settings, overwrite, src)
+    # This worker's share has one writer: the same task launched twice (an array resubmitted while it runs)
+    # is refused instead of both writing the same shards.
+    with step_lock(out, f"extract worker {worker} of {n_workers}", name=worker_lock_name(worker, n_workers)):
+        return _extract(cfg, out, src, entries, names, factor, geometry, settings, worker, n_workers, workers, who)
+
+
+def worker_lock_name(worker: int, n_workers: int) -> str:
+    """The lock file of one worker's share of an extraction."""
+    return f".worker-{worker}-of-{n_workers}.lock"
+
+
+def _extract(
+    cfg: Config,
+    out: Path,
+    src: Path,
+    entries: list[SectionEntry],
+    names: dict[int, str],
+    factor: int,
+    geometry: PatchGeometry,
+    settings: dict[str, Any],
+    worker: int,
+    n_workers: int,
+    workers: int,
+    who: tuple[int, int, int, int, float],
+) -> ExtractResult:
+    """Survey, plan and write this worker's shards, and the manifest when every shard is there."""
+    task_id, num_tasks, rank, world_size, started = who
+    ecfg = cfg.extract
     write_bytes_atomic(out / "config.resolved.yaml", config_to_yaml(cfg).encode())
 
     # Survey: shared cache, each worker starting at its own offset.

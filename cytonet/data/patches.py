@@ -208,17 +208,17 @@ def exclusive_lock(path: Path, blocking: bool = True) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def step_lock(out: Path, what: str, doing: str = "written") -> Iterator[None]:
-    """Hold ``out``'s :data:`STEP_LOCK` while a step runs (``what``: the step, for the messages): a second
+def step_lock(out: Path, what: str, doing: str = "written", name: str = STEP_LOCK) -> Iterator[None]:
+    """Hold ``out``'s lock file ``name`` while a step runs (``what``: the step, for the messages): a second
     process on the same folder at the same time is refused, rather than taking a running step for an
     interrupted one or writing beside it. An flock, released when the process ends, killed or not; on a file
     system without flock the step goes on unguarded, with a warning."""
     with contextlib.ExitStack() as held:
         try:
-            held.enter_context(exclusive_lock(out / STEP_LOCK, blocking=False))
+            held.enter_context(exclusive_lock(out / name, blocking=False))
         except BlockingIOError:
             raise OutputExistsError(
-                f"{what}: {out} is being {doing} by another process right now (it holds {out / STEP_LOCK}); "
+                f"{what}: {out} is being {doing} by another process right now (it holds {out / name}); "
                 "wait for it to finish, or choose another --out"
             ) from None
         except OSError as exc:
