@@ -264,3 +264,23 @@ def test_a_manifest_that_is_not_an_object_is_refused(tmp_path: Path, text: str) 
         timeout=60,
     )
     assert r.returncode == 1 and MANIFEST in r.stderr and "Traceback" not in r.stderr and "unexpected" not in r.stderr
+
+
+def test_an_hdf5_shard_that_may_not_fit_is_refused_before_hdf5_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HDF5 crashes the interpreter at exit after a write that failed for want of space (a half-closed
+    handle): a shard that may not fit, uncompressed, is refused with ENOSPC before the file is created."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from cytonet.data.patches import ShardWriter
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))
+    with pytest.raises(OSError) as info:
+        ShardWriter(tmp_path / "shard-00000.h5", 64, 121, "none", {})
+    assert info.value.errno == errno.ENOSPC and "needs up to 2 MiB, 1 MiB are free" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+    ShardWriter(tmp_path / "shard-00000.zarr", 64, 121, "none", {}).abort()  # zarr writes at close: no crash

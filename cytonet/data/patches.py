@@ -364,6 +364,17 @@ class ShardWriter:
         if self.backend == "hdf5":
             import h5py
 
+            # HDF5 cannot recover from a write that fails for want of space: its handle stays half closed and
+            # the library crashes the interpreter at exit. So refuse up front what may not fit (uncompressed).
+            need = n * stored_px * stored_px + 2**20
+            free = shutil.disk_usage(self.partial.parent).free
+            if free < need:
+                raise OSError(
+                    errno.ENOSPC,
+                    f"No space left on device: the shard needs up to {need / 2**20:.0f} MiB, "
+                    f"{free / 2**20:.0f} MiB are free",
+                    str(self.partial),
+                )
             kwargs: dict[str, Any] = {}
             if compression == "blosc-zstd":
                 import hdf5plugin  # only for the filter: uncompressed shards need no plugin (GPU images lack it)
@@ -406,7 +417,15 @@ class ShardWriter:
                 self._file.create_dataset(name, data=np.asarray(columns[name], dtype=META_DTYPE[name].base))
             for key, value in self.attrs.items():
                 self._file.attrs[key] = json.dumps(value)
-            self._file.close()
+            handle, self._file, self._patches = self._file, None, None
+            try:
+                handle.close()
+            except Exception as exc:
+                # A failed flush (a full disk) leaves the file half closed: closing it again (abort) made HDF5
+                # crash the interpreter later, so the handle is dropped without a second close.
+                raise OSError(
+                    getattr(exc, "errno", None) or errno.EIO, f"writing the shard failed: {exc}", str(self.partial)
+                ) from None
         else:
             self._write_zarr(columns)
         self._closed = True
