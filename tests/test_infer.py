@@ -805,6 +805,26 @@ def test_sections_of_the_splits_missing_below_sections_dir_are_refused(root: Pat
     assert run(root, tmp_path / "out2", *common, "infer.sections=[B00_s0001]").complete  # type: ignore[attr-defined]
 
 
+def test_hdf5_output_that_may_not_fit_is_refused_before_hdf5_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An HDF5 block write that fails for want of space leaves HDF5 to crash the interpreter at exit (exit
+    139): a block that may not fit is refused with ENOSPC naming the volume, before HDF5 writes it."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    make_sections(tmp_path / "sections", {"B00": 1})
+    cfg = base_config(tmp_path, "infer.stride_px=40", "infer.cleanup=none", "infer.format=hdf5")
+    write_model(cfg, tmp_path / "probe")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**19, 2**19))
+    with pytest.raises(OSError) as info:
+        run_infer(cfg, DistEnv(), tmp_path / "out")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "out" / "B00_s0000.h5")
+    assert "a block needs up to" in str(info.value)
+
+
 def test_named_sections_open_only_their_stores(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """infer.sections opens the stores with those file names, not every store beside them; a store under
     another file name is still found (by opening the rest), and two stores of one section are refused."""

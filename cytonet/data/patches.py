@@ -228,6 +228,20 @@ def step_lock(out: Path, what: str, doing: str = "written", name: str = STEP_LOC
         yield
 
 
+def ensure_space(path: Path, need: int, what: str) -> None:
+    """Refuse, as ENOSPC naming ``path``, an HDF5 write of up to ``need`` bytes (uncompressed) into a file system
+    with less free (plus 1 MiB). HDF5 cannot recover from a write that fails for want of space: its handle stays
+    half closed and the library crashes the interpreter when it flushes it at exit (exit 139)."""
+    free = shutil.disk_usage(path.parent).free
+    if free < need + 2**20:
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device: {what} needs up to {(need + 2**20) / 2**20:.0f} MiB, "
+            f"{free / 2**20:.0f} MiB are free",
+            str(path),
+        )
+
+
 def remove_path(path: Path) -> None:
     """Remove a file or folder if it exists."""
     if path.is_dir() and not path.is_symlink():
@@ -364,17 +378,7 @@ class ShardWriter:
         if self.backend == "hdf5":
             import h5py
 
-            # HDF5 cannot recover from a write that fails for want of space: its handle stays half closed and
-            # the library crashes the interpreter at exit. So refuse up front what may not fit (uncompressed).
-            need = n * stored_px * stored_px + 2**20
-            free = shutil.disk_usage(self.partial.parent).free
-            if free < need:
-                raise OSError(
-                    errno.ENOSPC,
-                    f"No space left on device: the shard needs up to {need / 2**20:.0f} MiB, "
-                    f"{free / 2**20:.0f} MiB are free",
-                    str(self.partial),
-                )
+            ensure_space(self.partial, n * stored_px * stored_px, "the shard")
             kwargs: dict[str, Any] = {}
             if compression == "blosc-zstd":
                 import hdf5plugin  # only for the filter: uncompressed shards need no plugin (GPU images lack it)

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cytonet.data.chunks import open_chunked
-from cytonet.data.patches import exclusive_lock, remove_path, write_json_atomic
+from cytonet.data.patches import ensure_space, exclusive_lock, remove_path, write_json_atomic
 from cytonet.errors import InputError, OutputExistsError
 from cytonet.infer.blocks import Block, Grid
 
@@ -327,6 +327,7 @@ class HDF5Volume(Volume):
             return {k: json.loads(v) for k, v in f.attrs.items()}
 
     def write_block(self, block: Block, probs: list[np.ndarray], labels: list[np.ndarray]) -> None:
+        ensure_space(self.path, sum(a.nbytes for a in [*probs, *labels]), "a block")
         for lvl in range(self.levels):
             y0, y1, x0, x1 = block.at_level(lvl, self.grid.level_shape(lvl))
             self._file[f"probabilities/{lvl}"][:, y0:y1, x0:x1] = probs[lvl]
@@ -340,6 +341,7 @@ class HDF5Volume(Volume):
         return np.asarray(self._file[f"probabilities/{level}"][...])
 
     def write_labels(self, name: str, levels: list[np.ndarray]) -> None:
+        ensure_space(self.path, sum(a.nbytes for a in levels), "a label image")
         for lvl, arr in enumerate(levels):
             self._file[f"labels/{name}/{lvl}"][...] = arr
         self._file.flush()
