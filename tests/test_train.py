@@ -416,6 +416,29 @@ def test_a_checkpoint_that_cannot_be_written_says_so(tmp_path: Path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_finished_run_on_a_read_only_mount_is_skipped(
+    data: Path, reference: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    """Rerunning a finished stage whose folder is on a read-only mount skips it: the folder lock, which it
+    cannot create there, guards nothing on a folder nobody can write. Needs root for the bind mount."""
+    finished, ro = tmp_path / "finished", tmp_path / "ro"
+    shutil.copytree(data / "ref", finished)
+    (finished / ".cytonet-step.lock").unlink(missing_ok=True)
+    ro.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(finished), str(ro)], capture_output=True).returncode:
+        pytest.skip("mount --bind -o ro is not available here")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], capture_output=True, check=False)
+        with pytest.raises(OSError):
+            (ro / "probe").write_text("x")  # the mount is read-only indeed
+        r = run(cli(data, "pretrain", ro), 300, env=ENV)
+        assert r.returncode == 0 and "already holds a finished run" in r.stderr, tail(r.stderr)
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
+
+
 def test_distance_loss_refuses_patches_without_coordinates(data: Path, tmp_path: Path) -> None:
     from cytonet.data.patches import PatchStore
     from cytonet.errors import CytonetError

@@ -222,9 +222,14 @@ def step_lock(out: Path, what: str, doing: str = "written", name: str = STEP_LOC
                 "wait for it to finish, or choose another --out"
             ) from None
         except OSError as exc:
-            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
+            if exc.errno in (errno.EROFS, errno.EACCES):
+                # A read-only folder (a finished run on a read-only mount): nobody can write it, so there is
+                # nothing to guard; a step that does have to write fails there, naming the file.
+                log.debug("%s: %s is read-only (%s): no lock taken", what, out, exc)
+            elif exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP):
+                log.warning("%s: %s has no file locks (%s): a second process would not be refused", what, out, exc)
+            else:
                 raise
-            log.warning("%s: %s has no file locks (%s): a second process on it would not be refused", what, out, exc)
         yield
 
 
