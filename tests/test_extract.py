@@ -16,7 +16,7 @@ from ringdata import PIXEL_UM, image_pattern, make_sections, ring_layers
 
 from cytonet.config import Config, load_config
 from cytonet.data.extract import CRASH_ENV, run_extract
-from cytonet.data.patches import MANIFEST, METADATA, PatchStore, read_shard_columns
+from cytonet.data.patches import MANIFEST, METADATA, PatchStore, read_shard_columns, remove_path
 from cytonet.data.sections import SectionMeta, create_section
 from cytonet.errors import InputError, OutputExistsError, UsageError
 
@@ -229,6 +229,15 @@ def test_the_same_task_launched_twice_is_refused(sections: Path, tmp_path: Path)
         assert run_extract(cfg, out, sections_dir=sections, task_id=0, num_tasks=2).manifest is None
     assert run_extract(cfg, out, sections_dir=sections, task_id=1, num_tasks=2).manifest is not None
     assert run_extract(cfg, out, sections_dir=sections, overwrite=True).manifest is not None
+    # A rerun of the complete store writes nothing at all (it may be on a read-only mount); a shard deleted
+    # since is written again.
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    again = run_extract(cfg, out, sections_dir=sections)
+    assert again.written == 0 and again.manifest is not None
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    shard = sorted(out.glob("shard-*"))[1]
+    remove_path(shard)
+    assert run_extract(cfg, out, sections_dir=sections).written == 1 and shard.exists()
 
 
 def test_rerun_with_other_settings_is_refused(sections: Path, tmp_path: Path) -> None:

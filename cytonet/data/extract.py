@@ -818,10 +818,25 @@ def run_extract(
     geometry = PatchGeometry.for_crop(crop, pixel_um, cfg.augment.shift_max_mm, cfg.augment.blur_radius_px)
     settings = extraction_settings(cfg, entries, geometry)
     _prepare_out(out, settings, overwrite, src)
+    done = _complete_store(out)
+    if done is not None:  # these settings (checked above), every shard there: write nothing (a read-only mount)
+        log.info("extract: %s already holds the complete store with these settings; nothing to do", out)
+        return ExtractResult(out, done, 0, done, out / MANIFEST)
     # This worker's share has one writer: the same task launched twice (an array resubmitted while it runs)
     # is refused instead of both writing the same shards.
     with step_lock(out, f"extract worker {worker} of {n_workers}", name=worker_lock_name(worker, n_workers)):
         return _extract(cfg, out, src, entries, names, factor, geometry, settings, worker, n_workers, workers, who)
+
+
+def _complete_store(out: Path) -> int | None:
+    """The number of shards when ``out`` holds a finished store (its manifest and every shard it lists),
+    else None (a shard deleted since is written again)."""
+    try:
+        shards = json.loads((out / MANIFEST).read_text())["shards"]
+        complete = all((out / s["name"]).exists() for s in shards)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return len(shards) if complete else None
 
 
 def worker_lock_name(worker: int, n_workers: int) -> str:
