@@ -531,9 +531,10 @@ def run_infer(
         n_io,
     )
     seconds = time.perf_counter() - started
-    if worker == 0:
+    if worker == 0 and (written or not (out / CONFIG_FILE).is_file()):
         # Once this worker's blocks are written into volumes of these settings: a run refused by the volumes
-        # of another (one started at the same time into the same folder) must not leave its settings here.
+        # of another (one started at the same time into the same folder) must not leave its settings here. A
+        # rerun that wrote nothing keeps the file (its outputs may be on a read-only mount).
         save_config(cfg, out, name=CONFIG_FILE)
     log.info(
         "infer: worker %d wrote %d blocks (%.0f MP of sections, %.1f MP/s), skipped %d done, in %.1f s",
@@ -860,13 +861,19 @@ def _cleanup_ready(
         if not all(complete[j.name] for j in members):
             continue
         names = sorted(j.name for j in members)
-        lock = out / writers.STATE_DIR / f"cleanup-{key}.lock"
-        with writers.exclusive_lock(lock):
+
+        def cleaned(members: list[SectionJob] = members, names: list[str] = names) -> bool:
             # Cleaned already if every member says it was cleaned together with (at least) all of this group: a
             # brain that gained a section since (an earlier run over fewer of its sections), or a crash between
             # two members' markers, is cleaned again, as one run over the whole group would have cleaned it; a
             # later run over some of a brain's sections keeps their brain-wide clean-up.
-            if all(set(names) <= set(_cleaned_with(out, j.name) or ()) for j in members):
+            return all(set(names) <= set(_cleaned_with(out, j.name) or ()) for j in members)
+
+        if cleaned():  # looked at first without the lock, which a read-only mount cannot hold
+            continue
+        lock = out / writers.STATE_DIR / f"cleanup-{key}.lock"
+        with writers.exclusive_lock(lock):
+            if cleaned():  # by another worker meanwhile
                 continue
             _clean_group(cfg, out, members, clf)
             for j in members:
