@@ -27,7 +27,7 @@ from cytonet.analysis import cluster, embed, factors, figures
 from cytonet.analysis.features import FeatureSet, read_features, write_features
 from cytonet.analysis.report import write_report
 from cytonet.config import config_to_dict, load_config
-from cytonet.errors import ConfigError, InputError
+from cytonet.errors import ConfigError, InputError, OutputExistsError
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -472,7 +472,24 @@ def test_analyze_rerun_is_skipped_and_other_settings_refused(analysed: Path, bra
     r = subprocess.run(
         [str(BIN / "cytonet"), "analyze", cfg, "analysis.n_clusters=5"], env=ENV, capture_output=True, text=True
     )
-    assert r.returncode == 1 and "--overwrite" in r.stderr
+    assert r.returncode == 1 and "other settings (analysis.n_clusters)" in r.stderr and "--overwrite" in r.stderr
+    # A finished analysis of an older cytonet, without a setting added since (analysis.layer_borders): done
+    # again, not refused as "other settings" the user never changed.
+    from cytonet.analysis.run import _finished
+
+    result = json.loads((analysed / "analysis.json").read_text())
+    settings = json.loads(json.dumps(result["settings"]))
+    del result["settings"]["analysis"]["layer_borders"]
+    (analysed / "analysis.json").write_text(json.dumps(result))
+    try:
+        assert _finished(analysed, settings, overwrite=False) is None
+        result["settings"]["analysis"]["n_clusters"] = 5
+        (analysed / "analysis.json").write_text(json.dumps(result))
+        with pytest.raises(OutputExistsError, match=r"other settings \(analysis\.layer_borders, analysis\.n_clusters"):
+            _finished(analysed, settings, overwrite=False)
+    finally:
+        result["settings"] = settings
+        (analysed / "analysis.json").write_text(json.dumps(result))
     r = subprocess.run(
         [str(BIN / "cytonet"), "features", cfg, "analysis.encoder_from=nowhere"],
         env=ENV,

@@ -227,6 +227,9 @@ def test_the_same_task_launched_twice_is_refused(sections: Path, tmp_path: Path)
         with pytest.raises(OutputExistsError, match=r"extract worker 1 of 2: .* is being written by another process"):
             run_extract(cfg, out, sections_dir=sections, task_id=1, num_tasks=2)
         assert run_extract(cfg, out, sections_dir=sections, task_id=0, num_tasks=2).manifest is None
+        with pytest.raises(OutputExistsError, match=r"--overwrite would delete its files"):
+            run_extract(cfg, out, sections_dir=sections, overwrite=True)  # not the running task's files
+        assert any(out.glob("shard-*"))
     assert run_extract(cfg, out, sections_dir=sections, task_id=1, num_tasks=2).manifest is not None
     assert run_extract(cfg, out, sections_dir=sections, overwrite=True).manifest is not None
     # A rerun of the complete store writes nothing at all (it may be on a read-only mount); a shard deleted

@@ -369,6 +369,23 @@ def test_a_folder_that_is_not_this_stages_run_is_refused_and_kept(
         r = run(cli(data, command, folder, *extra), 300, env=ENV)
         assert r.returncode == 1 and message in r.stderr, (command, extra, tail(r.stderr))
         assert snapshot(folder) == before, (command, extra)
+    # What a run killed (or stopped by a full disk) before its first file leaves: the lock and a temp file.
+    from cytonet.data.patches import STEP_LOCK
+    from cytonet.train.loop import check_run_folder, training_identity
+
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / STEP_LOCK).touch()
+    (stub / "config.resolved.yaml.tmp").write_text("cut short")
+    check_run_folder(load_config(data / "base.yaml"), "pretrain", stub)
+    # loss.scale_mm is the siamese task's alone: the identities of other pretrainings, and so the runs made
+    # before it existed, do not hold it.
+    from cytonet.data.patches import PatchStore
+
+    store = PatchStore(data / "patches")
+    assert "loss.scale_mm" not in training_identity(load_config(data / "base.yaml"), "pretrain", store)
+    siamese = load_config(data / "base.yaml", ["loss.kind=siamese"])
+    assert training_identity(siamese, "pretrain", store)["loss.scale_mm"] == 10.0
 
 
 def test_a_second_run_into_a_folder_being_trained_is_refused(data: Path, tmp_path: Path) -> None:

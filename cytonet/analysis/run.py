@@ -292,6 +292,18 @@ def _analysis_settings(cfg: Config, enc: Path, store: PatchStore) -> dict[str, A
     }
 
 
+def _differing_keys(stored: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[tuple[str, bool]]:
+    """The dotted keys whose values differ, each with whether ``stored`` lacks it (a key added since)."""
+    out: list[tuple[str, bool]] = []
+    for key in sorted(stored.keys() | wanted.keys()):
+        a, b = stored.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differing_keys(a, b, f"{prefix}{key}.")
+        elif a != b or (key in stored) != (key in wanted):
+            out.append((prefix + key, key not in stored))
+    return out
+
+
 def _finished(out: Path, settings: dict[str, Any], overwrite: bool) -> AnalysisResult | None:
     """The stored result when ``out`` holds a finished analysis with ``settings``; raises when it holds one of
     other settings and ``overwrite`` is not set."""
@@ -302,10 +314,19 @@ def _finished(out: Path, settings: dict[str, Any], overwrite: bool) -> AnalysisR
         done = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         done = {}
-    if done.get("settings") != json.loads(json.dumps(settings)):
+    wanted = json.loads(json.dumps(settings))
+    stored = done.get("settings") if isinstance(done.get("settings"), dict) else {}
+    if stored != wanted:
+        differ = _differing_keys(stored, wanted)
+        if differ and all(missing for _, missing in differ):
+            # Only settings that the cytonet which wrote it did not have (analysis.layer_borders, ...): its
+            # results are those of an older analysis, which is done again rather than refused.
+            log.warning("%s holds an analysis of an older cytonet (without %s): analysing again", out, differ[0][0])
+            return None
+        keys = ", ".join(key for key, _ in differ[:4]) or "its result file"
         raise OutputExistsError(
-            f"{out} holds an analysis with other settings (config, encoder or patch store changed); "
-            "pass --overwrite to replace it or choose another --out"
+            f"{out} holds an analysis with other settings ({keys}); pass --overwrite to replace it or choose "
+            "another --out"
         )
     result = AnalysisResult(
         out=out,

@@ -77,6 +77,7 @@ from cytonet.data.patches import (
     SPLITS,
     PatchGeometry,
     ShardWriter,
+    exclusive_lock,
     finalize_store,
     partial_path,
     remove_path,
@@ -649,6 +650,17 @@ def _is_ours(p: Path) -> bool:
     return p.name in _OURS or _OURS_PATTERN.fullmatch(p.name) is not None
 
 
+def _held(lock: Path) -> bool:
+    """Whether another process holds the flock on ``lock`` right now (looked at without waiting)."""
+    try:
+        with exclusive_lock(lock, blocking=False):
+            return False
+    except BlockingIOError:
+        return True
+    except OSError:  # no locks on this file system: nothing to tell
+        return False
+
+
 def _extracted_any(out: Path) -> bool:
     """Whether ``out`` holds a shard (finished or being written) or a finished store's files."""
     return any(p.name in (MANIFEST, METADATA) or p.name.startswith("shard-") for p in out.iterdir())
@@ -705,6 +717,12 @@ def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, sections_
             "extraction's own files: move the others away or choose another --out"
         )
     if overwrite and out.exists():
+        busy = [p.name for p in sorted(out.glob(".worker-*-of-*.lock")) if _held(p)]
+        if busy:
+            raise OutputExistsError(
+                f"extract: {out} is being written by another process right now (it holds {out / busy[0]}); "
+                "--overwrite would delete its files: wait for it to finish, or choose another --out"
+            )
         for p in out.iterdir():
             remove_path(p)  # every entry is an extraction's own (checked above)
     elif settings_path.is_file():

@@ -226,7 +226,7 @@ def step_lock(out: Path, what: str, doing: str = "written", name: str = STEP_LOC
                 # A read-only folder (a finished run on a read-only mount): nobody can write it, so there is
                 # nothing to guard; a step that does have to write fails there, naming the file.
                 log.debug("%s: %s is read-only (%s): no lock taken", what, out, exc)
-            elif exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP):
+            elif exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 log.warning("%s: %s has no file locks (%s): a second process would not be refused", what, out, exc)
             else:
                 raise

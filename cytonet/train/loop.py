@@ -164,6 +164,9 @@ def training_identity(cfg: Config, kind: Kind, store: PatchStore, encoder_sha256
     identity: dict[str, Any] = {
         f"{name}.{k}": v for name, sec in sections.items() for k, v in dataclasses.asdict(sec).items()
     }
+    if kind == "pretrain" and cfg.loss.kind != "siamese":
+        # Only the siamese task reads it; runs made before it existed (supcon, distance) must resume and stay done.
+        identity.pop("loss.scale_mm")
     identity.update(
         {
             "kind": kind,
@@ -484,7 +487,11 @@ def _run(
                     raise NonFiniteLossError(
                         f"{kind}: the loss is not finite at step {step} on {int(bad)} rank(s); "
                         "lower optim.base_lr or use optim.precision=fp32"
-                        + (" (or a patch's 3D coordinate is not finite)" if cfg.loss.kind == "distance" else "")
+                        + (
+                            " (or a patch's 3D coordinate is not finite)"
+                            if cfg.loss.kind in ("distance", "siamese")
+                            else ""
+                        )
                     )
                 mp.step(optimizer)
                 step += 1
@@ -606,8 +613,10 @@ def check_run_folder(cfg: Config, kind: Kind, out: Path) -> None:
             f"whose {ENCODER_FILE} it would replace; choose another --out"
         )
     # the lock file alone: a run that ended (or was killed) before writing anything
+    # the lock file and temporary files alone: a run that ended (or was killed, or found the disk full) before
+    # writing anything
     entries = sorted(p.name for p in out.iterdir() if p.name != STEP_LOCK) if out.is_dir() else []
-    if not entries:
+    if all(".tmp" in name for name in entries):
         return
     foreign = [name for name in entries if not _own(name)]
     # a run's traces: its config (written first), a checkpoint (also one copied in to resume), its DONE
