@@ -10,12 +10,13 @@ those stacks kept whole (:func:`tail`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,27 @@ def _communicate(procs: Sequence[subprocess.Popen[str]], timeout: float, dump_s:
         f"--- process {i} {procs[i].args!r} stderr (tail):\n{tail(err, 6000)}" for i, (_, err) in enumerate(got)
     )
     pytest.fail(f"still running after {timeout:.0f} s; stacks dumped, processes killed:\n{tails}", pytrace=False)
+
+
+@contextlib.contextmanager
+def read_only_view(src: Path, view: Path) -> Iterator[Path]:
+    """``src`` seen read-only at ``view`` (a real read-only bind mount, unmounted on exit); skips the test where
+    that cannot be made (not root, no bind mounts)."""
+    view.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(src), str(view)], capture_output=True).returncode:
+        pytest.skip("mount --bind -o ro is not available here")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], capture_output=True, check=False)
+        probe = view / ".cytonet-write-probe"
+        try:
+            probe.write_text("x")
+        except OSError:
+            pass
+        else:
+            probe.unlink()
+            pytest.fail(f"{view} is writable: the read-only bind mount did not take")
+        yield view
+    finally:
+        subprocess.run(["umount", str(view)], check=False)

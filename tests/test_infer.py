@@ -828,22 +828,13 @@ def test_hdf5_output_that_may_not_fit_is_refused_before_hdf5_writes(
 def test_a_finished_map_on_a_read_only_mount_is_skipped(root: Path, tmp_path: Path) -> None:
     """A rerun over finished outputs on a read-only mount writes nothing (its config file, the clean-up's lock)
     and succeeds. Needs root for the bind mount."""
-    import os
-    import subprocess
+    from procs import read_only_view
 
-    out, ro = tmp_path / "out", tmp_path / "ro"
+    out = tmp_path / "out"
     assert run(root, out, "infer.stride_px=40", "infer.cleanup=knn2d").complete  # type: ignore[attr-defined]
-    ro.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("a read-only bind mount needs root")
-    if subprocess.run(["mount", "--bind", "-o", "ro", str(out), str(ro)], capture_output=True).returncode:
-        pytest.skip("mount --bind -o ro is not available here")
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], capture_output=True, check=False)
+    with read_only_view(out, tmp_path / "ro") as ro:
         again = run(root, ro, "infer.stride_px=40", "infer.cleanup=knn2d")
         assert again.complete and again.written == 0 and again.cleaned == []  # type: ignore[attr-defined]
-    finally:
-        subprocess.run(["umount", str(ro)], check=False)
 
 
 def test_named_sections_open_only_their_stores(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

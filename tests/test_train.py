@@ -438,22 +438,14 @@ def test_a_finished_run_on_a_read_only_mount_is_skipped(
 ) -> None:
     """Rerunning a finished stage whose folder is on a read-only mount skips it: the folder lock, which it
     cannot create there, guards nothing on a folder nobody can write. Needs root for the bind mount."""
-    finished, ro = tmp_path / "finished", tmp_path / "ro"
+    from procs import read_only_view
+
+    finished = tmp_path / "finished"
     shutil.copytree(data / "ref", finished)
     (finished / ".cytonet-step.lock").unlink(missing_ok=True)
-    ro.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("a read-only bind mount needs root")
-    if subprocess.run(["mount", "--bind", "-o", "ro", str(finished), str(ro)], capture_output=True).returncode:
-        pytest.skip("mount --bind -o ro is not available here")
-    try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], capture_output=True, check=False)
-        with pytest.raises(OSError):
-            (ro / "probe").write_text("x")  # the mount is read-only indeed
+    with read_only_view(finished, tmp_path / "ro") as ro:
         r = run(cli(data, "pretrain", ro), 300, env=ENV)
         assert r.returncode == 0 and "already holds a finished run" in r.stderr, tail(r.stderr)
-    finally:
-        subprocess.run(["umount", str(ro)], check=False)
 
 
 def test_distance_loss_refuses_patches_without_coordinates(data: Path, tmp_path: Path) -> None:
