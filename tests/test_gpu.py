@@ -89,6 +89,11 @@ def test_pretrain_on_cuda_with_nccl_and_fp16(tmp_path: Path) -> None:
     state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
     assert all(v.isfinite().all() for v in state["model"].values() if torch.is_tensor(v) and v.is_floating_point())
     assert state["scaler"], "fp16 trains with a loss scaler"
+    # The siamese distance task (seed 002's distance baseline) on the same path: its pair distances and
+    # location regression under fp16 autocast, its gather on nccl.
+    cmd[-2:] = ["loss.kind=siamese", "pretrain.epochs=1", "--out", str(tmp_path / "siamese")]  # after CONFIG
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ}, timeout=600)
+    assert p.returncode == 0 and (tmp_path / "siamese" / "DONE").is_file(), (p.stdout + p.stderr)[-6000:]
 
 
 def test_nccl_collectives_sync_batchnorm_and_ddp_on_one_gpu(tmp_path: Path) -> None:
