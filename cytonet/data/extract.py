@@ -77,8 +77,8 @@ from cytonet.data.patches import (
     SPLITS,
     PatchGeometry,
     ShardWriter,
-    exclusive_lock,
     finalize_store,
+    lock_held,
     partial_path,
     remove_path,
     shard_name,
@@ -650,17 +650,6 @@ def _is_ours(p: Path) -> bool:
     return p.name in _OURS or _OURS_PATTERN.fullmatch(p.name) is not None
 
 
-def _held(lock: Path) -> bool:
-    """Whether another process holds the flock on ``lock`` right now (looked at without waiting)."""
-    try:
-        with exclusive_lock(lock, blocking=False):
-            return False
-    except BlockingIOError:
-        return True
-    except OSError:  # no locks on this file system: nothing to tell
-        return False
-
-
 def _extracted_any(out: Path) -> bool:
     """Whether ``out`` holds a shard (finished or being written) or a finished store's files."""
     return any(p.name in (MANIFEST, METADATA) or p.name.startswith("shard-") for p in out.iterdir())
@@ -717,7 +706,7 @@ def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, sections_
             "extraction's own files: move the others away or choose another --out"
         )
     if overwrite and out.exists():
-        busy = [p.name for p in sorted(out.glob(".worker-*-of-*.lock")) if _held(p)]
+        busy = [p.name for p in sorted(out.glob(".worker-*-of-*.lock")) if lock_held(p)]
         if busy:
             raise OutputExistsError(
                 f"extract: {out} is being written by another process right now (it holds {out / busy[0]}); "
@@ -826,7 +815,7 @@ def run_extract(
         )
     worker, n_workers = task_id * world_size + rank, num_tasks * world_size
     started = time.perf_counter()
-    who = (task_id, num_tasks, rank, world_size, started)
+    who = f"task {task_id}/{num_tasks}, rank {rank}/{world_size}"
     ecfg = cfg.extract
     src = sections_dir if sections_dir is not None else cfg.resolve_path(ecfg.sections_dir)
     entries = assign_splits(discover_sections(src), cfg)
@@ -843,7 +832,9 @@ def run_extract(
     # This worker's share has one writer: the same task launched twice (an array resubmitted while it runs)
     # is refused instead of both writing the same shards.
     with step_lock(out, f"extract worker {worker} of {n_workers}", name=worker_lock_name(worker, n_workers)):
-        return _extract(cfg, out, src, entries, names, factor, geometry, settings, worker, n_workers, workers, who)
+        return _extract(
+            cfg, out, src, entries, names, factor, geometry, settings, worker, n_workers, workers, who, started
+        )
 
 
 def _complete_store(out: Path) -> int | None:
@@ -874,10 +865,11 @@ def _extract(
     worker: int,
     n_workers: int,
     workers: int,
-    who: tuple[int, int, int, int, float],
+    who: str,
+    started: float,
 ) -> ExtractResult:
-    """Survey, plan and write this worker's shards, and the manifest when every shard is there."""
-    task_id, num_tasks, rank, world_size, started = who
+    """Survey, plan and write this worker's shards (``who``: its task and rank, for the log), and the manifest
+    when every shard is there."""
     ecfg = cfg.extract
     write_bytes_atomic(out / "config.resolved.yaml", config_to_yaml(cfg).encode())
 
@@ -923,11 +915,8 @@ def _extract(
     results = _run_jobs(write_shard, [(job,) for job in shard_jobs], workers)
     written = results.count("written")
     log.info(
-        "extract: task %d/%d, rank %d/%d wrote %d of its %d shards (%d already complete) in %.1f s",
-        task_id,
-        num_tasks,
-        rank,
-        world_size,
+        "extract: %s wrote %d of its %d shards (%d already complete) in %.1f s",
+        who,
         written,
         mine,
         mine - len(shard_jobs),

@@ -180,17 +180,24 @@ def unfinished_step(folder: Path) -> str | None:
     Looks only: creates nothing (the folder may be read-only)."""
     if not (folder / STARTED_MARKER).is_file():
         return None
-    lock = folder / STEP_LOCK
-    if lock.is_file():
-        try:
-            with open(lock, "rb") as fh:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        except BlockingIOError:
-            return f"a step is writing it right now (it holds {lock})"
-        except OSError:
-            pass  # no locks on this file system: judge by the marker alone
+    if lock_held(folder / STEP_LOCK):
+        return f"a step is writing it right now (it holds {folder / STEP_LOCK})"
     return f"a step started there and never ended ({folder / STARTED_MARKER} remains): rerun it to finish"
+
+
+def lock_held(lock: Path) -> bool:
+    """Whether another process holds the flock on ``lock`` right now. Looks only, without waiting: creates
+    nothing and needs no write access (the folder may be read-only); False for a missing file, or where the
+    file system has no locks."""
+    try:
+        with open(lock, "rb") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    except BlockingIOError:
+        return True
+    except OSError:  # missing, or no locks here: nothing to tell
+        return False
+    return False
 
 
 @contextlib.contextmanager
