@@ -302,6 +302,11 @@ class LossConfig:
     scale_mm: float = 10.0
     """``siamese``: distances and coordinates are regressed in units of this length (targets of order 1)."""
 
+    @property
+    def needs_coords(self) -> bool:
+        """Whether the loss trains on the patches' 3D coordinates (distance-weighted, siamese), not labels."""
+        return self.kind in ("distance", "siamese")
+
     def validate(self, prefix: str) -> None:
         _check(self.temperature > 0, f"{prefix}.temperature", self.temperature, "> 0 (paper: 0.07)")
         _check(self.radius_mm > 0, f"{prefix}.radius_mm", self.radius_mm, "> 0 mm")

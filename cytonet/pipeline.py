@@ -33,9 +33,10 @@ DEMO_OWN_FILES = ("config.resolved.yaml", "config.resolved.yaml.tmp", "results.t
 #: The demo's seed 002 ``distance`` baseline: the siamese distance task's pretraining, then scratch training
 #: from its encoder, in these folders below ``run.root_dir`` (the config's pretrain and scratch settings
 #: otherwise: the overrides the demo passes are exactly these).
+DISTANCE_PRETRAIN_DIR, DISTANCE_DIR = "distance-pretrain", "distance"
 DISTANCE_STEPS = (
-    ("pretrain", ["loss.kind=siamese", "pretrain.out_dir=distance-pretrain"]),
-    ("scratch", ["scratch.init_from=distance-pretrain", "scratch.out_dir=distance"]),
+    ("pretrain", ["loss.kind=siamese", f"pretrain.out_dir={DISTANCE_PRETRAIN_DIR}"]),
+    ("scratch", [f"scratch.init_from={DISTANCE_PRETRAIN_DIR}", f"scratch.out_dir={DISTANCE_DIR}"]),
 )
 
 StepAction = Literal["skip", "run", "resume"]
@@ -258,7 +259,7 @@ def demo_entries(cfg: Config) -> set[str]:
     every step folder that lies below ``run.root_dir``."""
     root = cfg.root_path
     # and what cytonet's launchers write below run.root_dir: sbatch logs and scripts, submitit's folder
-    names = set(DEMO_OWN_FILES) | {"distance-pretrain", "distance", "slurm", "submitit"}
+    names = set(DEMO_OWN_FILES) | {DISTANCE_PRETRAIN_DIR, DISTANCE_DIR, "slurm", "submitit"}
     for path in (
         cfg.synth.out_dir,
         cfg.extract.sections_dir,
@@ -335,7 +336,7 @@ def _run_demo_steps(cfg: Config, root: Path, config_path: Path, *, overwrite: bo
         if kind == "distance":
             for command, overrides in DISTANCE_STEPS:
                 run_torchrun(config_path, command, 2, (["--overwrite"] if overwrite else []) + overrides)
-            out = cfg.resolve_path("distance")
+            out = cfg.resolve_path(DISTANCE_DIR)
         else:
             run_torchrun(config_path, kind, 2, ["--overwrite"] if overwrite else [])
             out = cfg.resolve_path(getattr(cfg, kind).out_dir)

@@ -356,7 +356,7 @@ def _run(
     if env.is_main:
         save_config(cfg, out)
 
-    if kind == "pretrain" and cfg.loss.kind in ("distance", "siamese"):
+    if kind == "pretrain" and cfg.loss.needs_coords:
         _check_coordinates(store, cfg.loss.kind)
     class_names = [store.areas[a] for a in store.area_ids]
     per_rank = tcfg.per_rank_batch(env.world_size, kind, cfg.loader.samples_per_class if cfg.loader.class_aware else 1)
@@ -467,7 +467,7 @@ def _run(
                 with mp.autocast():
                     outputs = model(batch.images)
                 targets = batch.labels
-                if kind == "pretrain" and cfg.loss.kind in ("distance", "siamese"):
+                if kind == "pretrain" and cfg.loss.needs_coords:
                     targets = batch.coords
                 share = loss_fn(outputs, targets)
                 optimizer.zero_grad(set_to_none=True)
@@ -487,11 +487,7 @@ def _run(
                     raise NonFiniteLossError(
                         f"{kind}: the loss is not finite at step {step} on {int(bad)} rank(s); "
                         "lower optim.base_lr or use optim.precision=fp32"
-                        + (
-                            " (or a patch's 3D coordinate is not finite)"
-                            if cfg.loss.kind in ("distance", "siamese")
-                            else ""
-                        )
+                        + (" (or a patch's 3D coordinate is not finite)" if cfg.loss.needs_coords else "")
                     )
                 mp.step(optimizer)
                 step += 1
@@ -573,7 +569,9 @@ def _run(
 
 #: Names of what a training stage writes into its run folder; temporary files' names hold ".tmp".
 _OWN_PREFIXES = ("ckpt-", "metrics-", "per-area-", "confusion-")
-_OWN_NAMES = (DONE_FILE, ENCODER_FILE, MODEL_FILE, "train-log.csv", "config.resolved.yaml", "tensorboard", STEP_LOCK)
+#: The results a run leaves, which --overwrite removes with the prefixed files; then everything else it writes.
+_RESULT_NAMES = (DONE_FILE, ENCODER_FILE, MODEL_FILE, "train-log.csv")
+_OWN_NAMES = (*_RESULT_NAMES, "config.resolved.yaml", "tensorboard", STEP_LOCK)
 
 
 def _own(name: str) -> bool:
@@ -642,7 +640,7 @@ def _clear_run(out: Path) -> None:
     if not out.is_dir():
         return
     for p in out.iterdir():
-        if p.is_file() and (p.name.startswith(_OWN_PREFIXES) or p.name in _OWN_NAMES[:4]):
+        if p.is_file() and (p.name.startswith(_OWN_PREFIXES) or p.name in _RESULT_NAMES):
             p.unlink()
         elif p.is_dir() and p.name == "tensorboard":  # the old run's curves would mix with the new run's
             shutil.rmtree(p)
