@@ -38,6 +38,27 @@ def check_value(ok: bool, key: str, value: Any, allowed: str) -> None:
 _check = check_value
 
 
+def diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested settings mappings, sorted; a key missing from one
+    counts as None there."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            keys += diff_keys(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            keys.append(prefix + k)
+    return keys
+
+
+def lookup(d: Any, key: str) -> tuple[bool, Any]:
+    """(whether nested mapping ``d`` holds dotted ``key``, its value or None)."""
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return False, None
+        d = d[part]
+    return True, d
+
+
 def expand_user(path: str | Path, key: str = "") -> Path:
     """``path`` with a leading ``~`` or ``~user`` expanded (``run.root_dir=~/runs`` means the home folder, not a
     folder named ``~``); raises :class:`ConfigError` naming ``key`` (else the path) when it cannot be expanded."""

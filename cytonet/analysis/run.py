@@ -67,7 +67,7 @@ from cytonet.analysis.features import (
 )
 from cytonet.analysis.report import write_report
 from cytonet.analysis.steps import AnalysisResult
-from cytonet.config import Config, config_to_dict, save_config
+from cytonet.config import Config, config_to_dict, diff_keys, lookup, save_config
 from cytonet.data.patches import PatchStore, file_sha256
 from cytonet.distributed import DistEnv
 from cytonet.errors import ConfigError, InputError, OutputExistsError
@@ -292,18 +292,6 @@ def _analysis_settings(cfg: Config, enc: Path, store: PatchStore) -> dict[str, A
     }
 
 
-def _differing_keys(stored: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[tuple[str, bool]]:
-    """The dotted keys whose values differ, each with whether ``stored`` lacks it (a key added since)."""
-    out: list[tuple[str, bool]] = []
-    for key in sorted(stored.keys() | wanted.keys()):
-        a, b = stored.get(key), wanted.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differing_keys(a, b, f"{prefix}{key}.")
-        elif a != b or (key in stored) != (key in wanted):
-            out.append((prefix + key, key not in stored))
-    return out
-
-
 def _finished(out: Path, settings: dict[str, Any], overwrite: bool) -> AnalysisResult | None:
     """The stored result when ``out`` holds a finished analysis with ``settings``; raises when it holds one of
     other settings and ``overwrite`` is not set."""
@@ -317,13 +305,13 @@ def _finished(out: Path, settings: dict[str, Any], overwrite: bool) -> AnalysisR
     wanted = json.loads(json.dumps(settings))
     stored = done.get("settings") if isinstance(done.get("settings"), dict) else {}
     if stored != wanted:
-        differ = _differing_keys(stored, wanted)
-        if differ and all(missing for _, missing in differ):
+        differ = diff_keys(stored, wanted)
+        if all(not lookup(stored, key)[0] for key in differ):
             # Only settings that the cytonet which wrote it did not have (analysis.layer_borders, ...): its
             # results are those of an older analysis, which is done again rather than refused.
-            log.warning("%s holds an analysis of an older cytonet (without %s): analysing again", out, differ[0][0])
+            log.warning("%s holds an analysis of an older cytonet (without %s): analysing again", out, differ[:1])
             return None
-        keys = ", ".join(key for key, _ in differ[:4]) or "its result file"
+        keys = ", ".join(differ[:4])
         raise OutputExistsError(
             f"{out} holds an analysis with other settings ({keys}); pass --overwrite to replace it or choose "
             "another --out"

@@ -67,7 +67,7 @@ from typing import Any
 
 import numpy as np
 
-from cytonet.config import Config, config_to_dict, config_to_yaml
+from cytonet.config import Config, config_to_dict, config_to_yaml, diff_keys, lookup
 from cytonet.data import rng
 from cytonet.data.patches import (
     COLUMNS,
@@ -655,20 +655,6 @@ def _extracted_any(out: Path) -> bool:
     return any(p.name in (MANIFEST, METADATA) or p.name.startswith("shard-") for p in out.iterdir())
 
 
-def _nested_diff(old: Any, new: dict[str, Any], keys: list[str]) -> list[str]:
-    """``keys`` (top-level keys whose values differ), with the differing sub-keys of the sections that are
-    mappings in both (``extract.sampling: 'centerline' -> 'cortex'``) and just the name of the others."""
-    out = []
-    for k in keys:
-        a, b = old.get(k) if isinstance(old, dict) else None, new[k]
-        if isinstance(a, dict) and isinstance(b, dict):
-            subs = sorted(x for x in a.keys() | b.keys() if a.get(x) != b.get(x))
-            out += [f"{k}.{x}: {a.get(x)!r} -> {b.get(x)!r}" for x in subs] or [k]
-        else:
-            out.append(k)
-    return out
-
-
 def _legacy_sections(old: Any) -> bool:
     """Whether recorded settings come from a cytonet that did not record each section's identity ("store")."""
     sections = old.get("sections") if isinstance(old, dict) else None
@@ -737,7 +723,10 @@ def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, sections_
             return
         if old != plain:
             diff = sorted(k for k in plain if not isinstance(old, dict) or old.get(k) != plain[k])
-            what = ", ".join(_nested_diff(old, plain, diff)) or "all"
+            what = ", ".join(
+                f"{key}: {lookup(old, key)[1]!r} -> {lookup(plain, key)[1]!r}" if "." in key else key
+                for key in diff_keys(old, plain)
+            )
             if "sections" in diff:
                 changed = _changed_sections(old.get("sections") if isinstance(old, dict) else None, plain["sections"])
                 if changed:

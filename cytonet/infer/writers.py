@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cytonet.config import diff_keys
 from cytonet.data.chunks import open_chunked
 from cytonet.data.patches import ensure_space, exclusive_lock, remove_path, write_json_atomic
 from cytonet.errors import InputError, OutputExistsError
@@ -350,16 +351,6 @@ class HDF5Volume(Volume):
         self._file.close()
 
 
-def _diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            keys += _diff_keys(a[k], b[k], f"{prefix}{k}.")
-        elif a.get(k) != b.get(k):
-            keys.append(prefix + k)
-    return keys
-
-
 def check_existing(out: Path, section: str, spec: dict[str, Any]) -> None:
     """Refuse to continue a section whose existing volume was made with other settings, or whose done markers
     outlived their volume (both would mix results of different runs)."""
@@ -382,7 +373,7 @@ def check_existing(out: Path, section: str, spec: dict[str, Any]) -> None:
             else "it is not a volume this output folder's inference wrote: move it away or choose another --out"
         )
         raise InputError(f"{path}: cannot read the output volume ({exc}); {hint}") from None
-    differ = _diff_keys(stored.get("settings", {}), spec)
+    differ = diff_keys(stored.get("settings", {}), spec)
     if differ:
         raise InputError(
             f"{path} was written with other settings ({', '.join(differ[:8])} differ); "
