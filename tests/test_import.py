@@ -44,6 +44,12 @@ def rand_u8(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
 
+def region_labels(ids: int, seed: int, dtype: type = np.int32) -> np.ndarray:
+    """H x W labels of ``ids`` ids in 10 x 10 px squares: a map of regions, as real label images are."""
+    coarse = np.random.default_rng(seed).integers(0, ids, (H // 10 + 1, W // 10 + 1))
+    return np.kron(coarse, np.ones((10, 10), dtype=int))[:H, :W].astype(dtype)
+
+
 def write_h5(path: Path, datasets: dict[str, np.ndarray]) -> Path:
     with h5py.File(path, "a") as f:
         for key, value in datasets.items():
@@ -187,7 +193,7 @@ def test_rgb_and_float_images(tmp_path: Path) -> None:
 def test_hdf5_and_zarr_sources_with_all_layers(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     image = rand_u8((H, W), seed=7)
-    labels = rng.integers(0, 6, (H, W)).astype(np.int32)
+    labels = region_labels(6, seed=7)
     labels[:10] = 300
     coords = rng.normal(size=(3, H, W))  # 3 x H x W float64, mm
     depth = rng.random((H, W), dtype=np.float32)
@@ -425,6 +431,19 @@ def test_bad_labels_coords_depth(tmp_path: Path) -> None:
     _expect_input_error(make_cfg(image=img, depth=f"{maps}:dint"), out, "maps.h5:dint", "float H x W depth")
 
 
+def test_intensity_image_given_as_labels_is_refused(tmp_path: Path) -> None:
+    """A greyscale scan (or its thumbnail) given as importer.labels would make each grey value an area."""
+    img = tmp_path / "img.tif"
+    tifffile.imwrite(img, rand_u8((H, W)), tile=(64, 64))
+    smooth = np.add.outer(np.arange(H), np.arange(W)).astype(np.uint8)  # a gradient: neighbours differ by 1
+    tifffile.imwrite(tmp_path / "grey.tif", smooth)
+    out = tmp_path / "out"
+    _expect_input_error(make_cfg(image=img, labels=tmp_path / "grey.tif"), out, "grey.tif", "100%", "label map")
+    tifffile.imwrite(tmp_path / "regions.tif", region_labels(12, seed=3, dtype=np.uint8))
+    path = import_section(make_cfg(image=img, labels=tmp_path / "regions.tif"), out, overwrite=False)
+    assert open_section(path).has("labels")
+
+
 def test_empty_image_and_bad_label_names_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"importer\.image"):
         import_section(make_cfg(), tmp_path / "out", overwrite=False)
@@ -487,7 +506,7 @@ def error_lines(stderr: str) -> list[str]:
 def test_cli_import(tmp_path: Path) -> None:
     image = rand_u8((H, W), seed=11)
     tifffile.imwrite(tmp_path / "scan.tif", image, tile=(64, 64))
-    labels = np.random.default_rng(11).integers(0, 4, (H, W)).astype(np.uint8)
+    labels = region_labels(4, seed=11, dtype=np.uint8)
     tifffile.imwrite(tmp_path / "labels.tif", labels)
     config = tmp_path / "import.yaml"
     config.write_text(
@@ -715,11 +734,12 @@ def test_tiff_photometric_miniswhite_and_palette(tmp_path: Path) -> None:
     black = import_section(make_cfg(image=tmp_path / "black16.tif"), tmp_path / "c", overwrite=False)
     np.testing.assert_array_equal(open_section(white).read("image"), open_section(black).read("image"))
     # Labels are ids: a min-is-white label image is not inverted.
-    tifffile.imwrite(tmp_path / "labels.tif", (image % 7).astype(np.uint8), photometric="miniswhite")
+    labels = region_labels(7, seed=24, dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "labels.tif", labels, photometric="miniswhite")
     path = import_section(
         make_cfg(image=tmp_path / "white.tif", labels=tmp_path / "labels.tif"), tmp_path / "d", overwrite=False
     )
-    np.testing.assert_array_equal(open_section(path).read("labels"), image % 7)
+    np.testing.assert_array_equal(open_section(path).read("labels"), labels)
     # Float min-is-white is refused.
     tifffile.imwrite(tmp_path / "whitef.tif", image.astype(np.float32) / 255, photometric="miniswhite")
     _expect_input_error(make_cfg(image=tmp_path / "whitef.tif"), tmp_path / "bad", "whitef.tif", "MINISWHITE", "float")

@@ -48,7 +48,9 @@ Layers and conversions:
   else ``palette-luma``, the luma of each colour); CMYK (SEPARATED), CIE L*a*b*, undecoded YCbCr and the rest
   are refused. Labels, depth and coordinates are values, not intensities: their photometric is not applied.
   Anything else is refused with an :class:`~cytonet.errors.InputError`.
-- ``labels`` (optional): any integer dtype with ids in 0..65535 -> uint16, same H x W as the image.
+- ``labels`` (optional): any integer dtype with ids in 0..65535 -> uint16, same H x W as the image. An image
+  where more than half of the horizontally neighbouring pixels differ is refused (:data:`LABEL_CHANGE_MAX`):
+  areas are regions, so that is an intensity image given as labels.
 - ``coords`` (optional): float, ``H x W x 3`` or ``3 x H x W``, mm (or µm with ``importer.coords_unit=um``,
   divided by 1000) -> float32 ``H x W x 3`` in mm. A map with a finite value farther than :data:`COORDS_MAX_MM`
   from the origin is refused (no brain is that large: the map is in another unit); a subsample is checked before
@@ -956,12 +958,24 @@ def check_labels(src: Source, image: Source) -> None:
     _check_same_hw(src, "labels", image)
 
 
+#: Largest share of horizontally neighbouring pixels of a label image that may carry different ids. A label
+#: map's areas are regions of one id, so only their borders differ (a few % of the pixels); in a scan, a
+#: thumbnail or any intensity image given as labels by mistake, nearly every neighbour differs.
+LABEL_CHANGE_MAX = 0.5
+#: Fewest neighbour pairs for that test (a tiny image's share says nothing).
+LABEL_CHANGE_MIN_PAIRS = 4096
+
+
 def scan_labels(src: Source, band_rows: int) -> set[int]:
-    """Check every label id fits uint16 and return the ids present (band by band)."""
+    """Check every label id fits uint16 and that the image is a map of regions (:data:`LABEL_CHANGE_MAX`), and
+    return the ids present (band by band)."""
     present = np.zeros(1 << 16, dtype=bool)
     needs_range = not (src.dtype.kind == "u" and src.dtype.itemsize <= 2)
+    pairs = changes = 0
     for y0, y1 in _band_ranges(src.hw[0], band_rows):
         band = src.read_rows(y0, y1)
+        pairs += band[:, 1:].size
+        changes += int(np.count_nonzero(band[:, 1:] != band[:, :-1]))
         if needs_range and band.size:
             lo, hi = int(band.min()), int(band.max())
             if lo < 0 or hi > 65535:
@@ -970,6 +984,12 @@ def scan_labels(src: Source, band_rows: int) -> set[int]:
                     f"labels {src.spec}: id {bad} in rows {y0}:{y1} does not fit uint16 (ids must be 0..65535)"
                 )
         present |= np.bincount(band.astype(np.uint16, copy=False).ravel(), minlength=1 << 16) > 0
+    if pairs >= LABEL_CHANGE_MIN_PAIRS and changes > LABEL_CHANGE_MAX * pairs:
+        raise InputError(
+            f"labels {src.spec}: {100 * changes / pairs:.0f}% of horizontally neighbouring pixels have different "
+            f"ids ({int(present.sum())} ids); a label map's areas are regions of one id, so this looks like an "
+            "intensity image (the scan, or a thumbnail of it), not a label map: check importer.labels"
+        )
     return {int(i) for i in np.flatnonzero(present)}
 
 
