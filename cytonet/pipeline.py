@@ -191,9 +191,11 @@ def run_torchrun(config_path: Path, command: str, nproc: int, extra: list[str] |
     cmd = torchrun_command(config_path, command, nproc, extra)
     log.info("demo: %s", " ".join(cmd[2:]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # The steps' own stdout (e.g. the output path `cytonet infer` prints) goes to stderr with their logs:
-    # the demo's stdout is its results.
-    result = subprocess.run(cmd, env=env, check=False, stdout=sys.stderr)
+    # The steps' own stdout (the output path `cytonet infer` prints for scripts) goes into the demo's log as
+    # such: the demo's stdout is its results. Their logs stream to stderr as they come.
+    result = subprocess.run(cmd, env=env, check=False, stdout=subprocess.PIPE, text=True)
+    for line in result.stdout.splitlines():
+        log.info("demo: %s printed %s", command, line)
     if result.returncode != 0:
         raise CytonetError(f"`{' '.join(cmd[2:])}` failed with exit status {result.returncode}")
 

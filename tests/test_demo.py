@@ -49,6 +49,9 @@ def test_demo_end_to_end_and_rerun(tmp_path: Path) -> None:
     assert (demo / "sections" / "preview.png").stat().st_size > 10_000
     assert "pixel accuracy" in r.stdout and "after knn2d clean-up" in r.stdout
     assert (demo / "inference-overlay.png").stat().st_size > 10_000
+    # The infer step's stdout (its output path, for scripts) is logged as such, not dropped bare into the log.
+    assert f"demo: infer printed {demo / 'infer'}" in r.stderr
+    assert f"\n{demo / 'infer'}\n" not in r.stderr
     report = Path(lines[-1].removeprefix("report: "))
     assert report.is_file() and report.read_text().count("data:image/png;base64") >= 5
     assert (demo / "results.txt").read_text().strip() == "\n".join(lines[:-1]).strip()
