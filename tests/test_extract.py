@@ -243,6 +243,28 @@ def test_the_same_task_launched_twice_is_refused(sections: Path, tmp_path: Path)
     assert run_extract(cfg, out, sections_dir=sections).written == 1 and shard.exists()
 
 
+def test_a_shard_another_process_is_writing_is_left_to_it(sections: Path, reference: Path, tmp_path: Path) -> None:
+    """Arrays of different sizes deal the shards out differently, so two running at once can both be given a
+    shard: the one that finds its lock held leaves it, and the other's .partial, alone (the old code deleted
+    that .partial and wrote the shard beside the other writer). A later run completes the same store."""
+    from cytonet.data.extract import shard_lock_name
+    from cytonet.data.patches import exclusive_lock
+
+    cfg = make_cfg()
+    out = tmp_path / "p"
+    out.mkdir()
+    partial = out / "shard-00002.h5.partial"
+    partial.write_bytes(b"being written")  # the other writer's file
+    with exclusive_lock(out / shard_lock_name("shard-00002.h5"), blocking=False):
+        result = run_extract(cfg, out, sections_dir=sections)
+        assert result.manifest is None and not (out / "shard-00002.h5").exists()
+        assert partial.read_bytes() == b"being written"
+    result = run_extract(cfg, out, sections_dir=sections)  # the lock is free: a killed writer's partial
+    assert result.manifest is not None and result.written == 1
+    assert not list(out.glob(".shard-*.lock"))  # each goes once its shard is there
+    assert_same_store(out, reference)
+
+
 def test_rerun_with_other_settings_is_refused(sections: Path, tmp_path: Path) -> None:
     out = tmp_path / "p"
     cfg = make_cfg("extract.patches_per_area=10", "extract.eval_patches_per_area=2")

@@ -83,6 +83,7 @@ from cytonet.data.patches import (
     remove_path,
     shard_name,
     step_lock,
+    try_exclusive_lock,
     unfinished_step,
     write_bytes_atomic,
     write_json_atomic,
@@ -568,11 +569,34 @@ def _crash_point() -> tuple[int, int] | None:
 
 
 def write_shard(job: ShardJob) -> str:
-    """Write one shard (skip it when it already exists under its final name); runs in a worker process."""
+    """Write one shard (skip it when it already exists under its final name); runs in a worker process.
+
+    Its writer holds the shard's lock (:func:`shard_lock_name`) while it writes: arrays of different sizes
+    deal the shards out differently, so two of them running at once may both be given a shard; the second
+    finds it ``busy`` and leaves it (and its ``.partial``) to the first. Only a writer holding the lock removes
+    a ``.partial``, which a killed writer left. The lock file goes once the shard is there under its name."""
     out = Path(job.out)
     path = out / job.name
     if path.exists():
         return "skipped"
+    lock = out / shard_lock_name(job.name)
+    with try_exclusive_lock(lock) as mine:
+        if not mine:
+            return "busy"
+        if path.exists():  # finished by the writer that held the lock before
+            return "skipped"
+        remove_path(partial_path(path))
+        _write_shard(job, path)
+        lock.unlink(missing_ok=True)  # under the lock: a later writer checks the shard first, and finds it
+    return "written"
+
+
+def shard_lock_name(shard: str) -> str:
+    """The lock file of a shard's writer."""
+    return f".{shard}.lock"
+
+
+def _write_shard(job: ShardJob, path: Path) -> None:
     crash = _crash_point()
     recs = job.records
     n = len(recs)
@@ -616,7 +640,6 @@ def write_shard(job: ShardJob) -> str:
         writer.close(cols)
     for reader in readers.values():
         reader.close()
-    return "written"
 
 
 def _run_jobs(fn: Callable[..., str], jobs: list[tuple[Any, ...]], workers: int) -> list[str]:
@@ -641,7 +664,7 @@ _OURS = (SETTINGS_FILE, MANIFEST, METADATA, "config.resolved.yaml", SURVEY_DIR)
 #: and the temp files of :func:`write_bytes_atomic` (``.<name>.<pid>.<thread>.tmp``).
 _OURS_PATTERN = re.compile(
     r"shard-\d{5,}\.(h5|zarr)(\.partial)?|\.(" + "|".join(re.escape(n) for n in _OURS) + r")\.\d+\.\d+\.tmp"
-    r"|\.worker-\d+-of-\d+\.lock"
+    r"|\.worker-\d+-of-\d+\.lock|\.shard-\d{5,}\.(h5|zarr)\.lock"
 )
 
 
@@ -692,7 +715,7 @@ def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, sections_
             "extraction's own files: move the others away or choose another --out"
         )
     if overwrite and out.exists():
-        busy = [p.name for p in sorted(out.glob(".worker-*-of-*.lock")) if lock_held(p)]
+        busy = [p.name for p in sorted(out.glob(".*.lock")) if lock_held(p)]  # workers' and shards' locks
         if busy:
             raise OutputExistsError(
                 f"extract: {out} is being written by another process right now (it holds {out / busy[0]}); "
@@ -882,7 +905,6 @@ def _extract(
         offsets[s["split"]] += s["n"]
         if i % n_workers != worker:
             continue
-        remove_path(partial_path(out / s["name"]))  # left by a killed run: never complete, redo the shard
         if (out / s["name"]).exists():
             continue
         shard_jobs.append(
@@ -902,13 +924,14 @@ def _extract(
         )
     mine = sum(1 for i in range(len(shards)) if i % n_workers == worker)
     results = _run_jobs(write_shard, [(job,) for job in shard_jobs], workers)
-    written = results.count("written")
+    written, busy = results.count("written"), results.count("busy")
     log.info(
-        "extract: %s wrote %d of its %d shards (%d already complete) in %.1f s",
+        "extract: %s wrote %d of its %d shards (%d already complete%s) in %.1f s",
         who,
         written,
         mine,
-        mine - len(shard_jobs),
+        mine - len(shard_jobs) + results.count("skipped"),
+        f", {busy} being written by another process" if busy else "",
         time.perf_counter() - started,
     )
     manifest: Path | None = None

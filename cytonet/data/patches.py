@@ -215,6 +215,24 @@ def exclusive_lock(path: Path, blocking: bool = True) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def try_exclusive_lock(path: Path) -> Iterator[bool]:
+    """:func:`exclusive_lock` without waiting: yields False when another process holds ``path``, else True
+    while this one holds it. Where the file system has no locks, or is read-only, it yields True unguarded
+    (a write there fails on its own, naming its file)."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive_lock(path, blocking=False))
+        except BlockingIOError:
+            yield False
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            log.debug("%s: no lock taken (%s)", path, exc)
+        yield True
+
+
+@contextlib.contextmanager
 def step_lock(out: Path, what: str, doing: str = "written", name: str = STEP_LOCK) -> Iterator[None]:
     """Hold ``out``'s lock file ``name`` while a step runs (``what``: the step, for the messages): a second
     process on the same folder at the same time is refused, rather than taking a running step for an
