@@ -72,7 +72,8 @@ def run(command: list[str], exit_code: int = 75, env: LaunchEnv | None = None, m
         if signum in ENDING:
             ending.append(signal.Signals(signum).name)
             log.warning(
-                "received %s: the job is ending (scancel, time limit or preemption); it will not be requeued",
+                "received %s: the job is ending (scancel, time limit, preemption or scontrol requeue); this "
+                "wrapper will not requeue it itself",
                 ending[-1],
             )
             if not pass_ending:
@@ -96,8 +97,8 @@ def run(command: list[str], exit_code: int = 75, env: LaunchEnv | None = None, m
         return status
     if ending:
         log.warning(
-            "exit status %d after %s: not requeueing a job that is being ended; resubmit it to resume from its "
-            "checkpoint",
+            "exit status %d after %s: this wrapper does not requeue a job that is being ended (one requeued by "
+            "scontrol runs again by itself; a cancelled one resumes from its checkpoint when resubmitted)",
             status,
             ending[0],
         )
@@ -108,6 +109,14 @@ def run(command: list[str], exit_code: int = 75, env: LaunchEnv | None = None, m
         log.warning("exit status %d asks for a requeue, but this is not a SLURM job: rerun to resume", status)
         return status
     if max_requeues is not None and env.restart_count >= max_requeues:
+        if max_requeues == 0:
+            log.error(
+                "exit status %d asks for a requeue, but requeues are off (max_requeues 0): not requeueing job %s; "
+                "resubmit to resume from its checkpoint",
+                status,
+                target,
+            )
+            return status
         log.error(
             "exit status %d asks for a requeue, but job %s has been requeued %d times already (max_requeues %d): "
             "not requeueing it again. If it keeps stopping before it makes progress, check that the time limit "

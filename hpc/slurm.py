@@ -141,12 +141,17 @@ def render(
 
     The config is loaded (and so validated) here, so that a bad config fails at submission, not in the queue.
     Logs go to ``<run.root_dir>/slurm/`` (``%x-%j.out``; arrays ``%x-%A_%a.out``), appended across requeues.
+    The job runs in the current folder, whatever folder it is submitted from: a relative ``run.root_dir`` (as
+    the shipped configs have) then names the same run when a failed task is resubmitted from elsewhere.
     """
     if kind not in KINDS:
         raise UsageError(f"unknown job kind {kind!r}; use one of {', '.join(KINDS)}")
     config = Path(config_path).resolve()
     cfg = load_config(config, list(overrides))
     log_dir = cfg.resolve_path("slurm").resolve()
+    workdir = Path.cwd()  # what relative paths in the config and overrides are relative to
+    if "%" in str(log_dir):  # sbatch would expand it in --output, into a folder nobody created
+        raise ConfigError(f"run.root_dir: the log folder {log_dir} holds a '%', which sbatch expands in --output")
     is_array = kind in ARRAY_KINDS
     tasks = profile.array_tasks if array_tasks is None else array_tasks
     if tasks < 1:
@@ -155,7 +160,11 @@ def render(
         "kind": kind,
         "job_name": _sbatch_value("job_name_prefix", f"{profile.job_name_prefix}-{kind}"),
         "time": getattr(profile.time, kind),
-        "output": _sbatch_value("run.root_dir", str(log_dir / ("%x-%A_%a.out" if is_array else "%x-%j.out"))),
+        "output": _sbatch_value(
+            f"--output (in the log folder below run.root_dir={cfg.run.root_dir!r})",
+            str(log_dir / ("%x-%A_%a.out" if is_array else "%x-%j.out")),
+        ),
+        "workdir": shlex.quote(str(workdir)),
         "site_sbatch": "\n".join(_site_sbatch(kind, profile)),
         "setup": "\n".join(profile.setup),
         "srun_env": _srun_env(kind, profile),

@@ -195,10 +195,17 @@ def test_failed_stage_cancels_the_rest_and_hostile_strings_stay_literal(data: Pa
 
 
 def test_extraction_array_equals_one_process(data: Path, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "array.yaml", tmp_path, data / "sections")
-    job = cytonet("slurm", "extract", str(config), "--profile", str(LOCAL_PROFILE), "--array", "3", "--submit").strip()
+    """Also: the script runs where it was rendered, so a relative run.root_dir (as the shipped configs have) names
+    the same run when the script is submitted from another folder (a failed task resubmitted from elsewhere)."""
+    config = write_config(tmp_path / "array.yaml", Path("run"), data / "sections")
+    script = tmp_path / "extract.sbatch"
+    cytonet(
+        "slurm", "extract", str(config), "--profile", str(LOCAL_PROFILE), "--array", "3", "--write", str(script),
+        cwd=tmp_path,
+    )  # fmt: skip
+    job = sbatch(script, data)
     wait_gone([job])
-    assert_same_store(tmp_path / "patches", data / "patches")
+    assert_same_store(tmp_path / "run" / "patches", data / "patches")
     # The profile's array_parallelism (2) is the %2 of the array: never more than 2 tasks ran at once.
     r = subprocess.run(
         ["sacct", "-n", "-X", "-P", "-o", "JobID,State,Start,End", "-j", job],

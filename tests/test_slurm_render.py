@@ -37,7 +37,8 @@ def test_shipped_profiles_load(path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_rendered_scripts_match_golden_files(kind: str) -> None:
+def test_rendered_scripts_match_golden_files(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)  # the folder the job runs in: where it was rendered
     job = render(kind, load_profile(EXAMPLE), PAPER, ["run.root_dir=/scratch/brainmap/isbi2021"])
     # The config path is absolute; the golden files show the checkout at /opt/cytonet.
     script = job.script.replace(str(REPO), "/opt/cytonet")
@@ -175,6 +176,9 @@ def test_paths_that_cannot_go_on_sbatch_lines_are_refused(tmp_path: Path) -> Non
     config.write_text(yaml.safe_dump({"run": {"root_dir": str(tmp_path / "my runs")}}))
     with pytest.raises(ConfigError, match=r"run.root_dir=.*my runs.*cannot go on an #SBATCH line"):
         render("pretrain", SiteProfile(), config)
+    config.write_text(yaml.safe_dump({"run": {"root_dir": str(tmp_path / "run-%j")}}))
+    with pytest.raises(ConfigError, match=r"run.root_dir: the log folder .*run-%j/slurm holds a '%'"):
+        render("pretrain", SiteProfile(), config)
 
 
 #: How the training scripts start a step: the requeue wrapper (the default profile's max_requeues) around srun.
@@ -202,18 +206,22 @@ def test_hostile_config_path_and_overrides_stay_literal_under_bash(tmp_path: Pat
     record = tmp_path / "argv.json"
     interpreter = tmp_path / "record-argv"
     interpreter.write_text(
-        f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n"
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"json.dump([os.getcwd(), *sys.argv[1:]], open({str(record)!r}, 'w'))\n"
     )
     interpreter.chmod(0o755)
     config = hostile_config(tmp_path)
     profile = SiteProfile(python=str(interpreter))
     script = tmp_path / "job.sbatch"
-    script.write_text(render("probe", profile, config, HOSTILE_OVERRIDES).script)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(config.parent)  # rendered in the hostile folder: the job runs there, whoever submits it
+        script.write_text(render("probe", profile, config, HOSTILE_OVERRIDES).script)
     work = tmp_path / "cwd"
     work.mkdir()
     r = subprocess.run(["bash", str(script)], cwd=work, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    argv = json.loads(record.read_text())
+    cwd, *argv = json.loads(record.read_text())
+    assert cwd == str(config.parent)
     assert argv == [
         *REQUEUE_SRUN,
         str(interpreter),
@@ -332,10 +340,15 @@ def requeue_env(bin_dir: Path, **slurm: str) -> dict[str, str]:
     return {**env, "PATH": f"{bin_dir}:{env['PATH']}", **slurm}
 
 
-@pytest.mark.parametrize(("restarts", "requeued"), [("", True), ("2", True), ("3", False), ("7", False)])
-def test_requeue_wrapper_stops_requeueing_after_max_requeues(tmp_path: Path, restarts: str, requeued: bool) -> None:
+@pytest.mark.parametrize(
+    ("max_requeues", "restarts", "requeued"),
+    [("3", "", True), ("3", "2", True), ("3", "3", False), ("3", "7", False), ("0", "", False)],
+)
+def test_requeue_wrapper_stops_requeueing_after_max_requeues(
+    tmp_path: Path, max_requeues: str, restarts: str, requeued: bool
+) -> None:
     """A job that always stops with 75 (a signal before training starts, with nothing to resume) is requeued at
-    most --max-requeues times: then it ends with the status and says why."""
+    most --max-requeues times: then it ends with the status and says why (0: requeues are off)."""
     calls = tmp_path / "scontrol.txt"
     fake_scontrol(tmp_path / "bin", calls)
     slurm = {"SLURM_JOB_ID": "77", **({"SLURM_RESTART_COUNT": restarts} if restarts else {})}
@@ -345,7 +358,7 @@ def test_requeue_wrapper_stops_requeueing_after_max_requeues(tmp_path: Path, res
             "-m",
             "hpc.requeue",
             "--max-requeues",
-            "3",
+            max_requeues,
             "--",
             sys.executable,
             "-c",
@@ -362,7 +375,8 @@ def test_requeue_wrapper_stops_requeueing_after_max_requeues(tmp_path: Path, res
         assert "requeueing job 77" in r.stderr
     else:
         assert not calls.exists(), calls.read_text()
-        assert f"requeued {restarts} times already (max_requeues 3): not requeueing" in r.stderr, r.stderr
+        says = "requeues are off (max_requeues 0)" if max_requeues == "0" else f"requeued {restarts} times already"
+        assert says in r.stderr, r.stderr
 
 
 FAKE_SRUN = """#!{python}
@@ -430,7 +444,7 @@ def test_requeue_wrapper_keeps_ending_signals_from_srun_and_does_not_requeue(
     _, err = wrapper.communicate(timeout=60)
     assert wrapper.returncode == 75, err
     assert not calls.exists(), calls.read_text()
-    assert f"received {sig.name}: the job is ending" in err and "not requeueing a job that is being ended" in err
+    assert f"received {sig.name}: the job is ending" in err and "does not requeue a job that is being ended" in err
 
 
 def test_requeue_wrapper_passes_ending_signals_to_a_command_other_than_srun(tmp_path: Path) -> None:
