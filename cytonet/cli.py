@@ -16,12 +16,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cytonet import __version__
 from cytonet.config import Config, config_to_yaml, expand_user, load_config
 from cytonet.errors import ConfigError, CytonetError, UsageError
 from cytonet.log import setup_logging
 from hpc.env import LaunchEnv, LaunchEnvError  # wrong launcher variables: a usage error, like a bad flag
+
+if TYPE_CHECKING:
+    import submitit
 
 log = logging.getLogger("cytonet.cli")
 
@@ -321,6 +325,21 @@ def _features_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _job_failure(job: submitit.Job[Any], exc: Exception) -> str:
+    """Why a submitit job failed: the last ``cytonet: error:`` line of its stderr log (submitit's exception ends
+    with the log paths, not the cause), else the exception's first line; and where the log is."""
+    err = Path(job.paths.stderr)
+    reason = ""
+    try:
+        errors = [line for line in err.read_text(errors="replace").splitlines() if line.startswith("cytonet: error:")]
+        reason = errors[-1].removeprefix("cytonet: error:").strip() if errors else ""
+    except OSError:
+        pass
+    lines = [line.strip() for line in str(exc).strip().splitlines()]
+    raised = [line for line in lines if "Error: " in line]  # the job's exception, inside submitit's trace
+    return f"{reason or (raised or lines or [type(exc).__name__])[-1 if raised else 0]} (log: {err})"
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from hpc.site import load_profile
     from hpc.submit import submit
@@ -339,7 +358,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 job.results()
             except Exception as exc:  # submitit raises several kinds; each is reported, the exit status counts them
                 failed += 1
-                print(f"cytonet: job {job.job_id} failed: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
+                print(f"cytonet: job {job.job_id} failed: {_job_failure(job, exc)}", file=sys.stderr)
         return EXIT_FAILURE if failed else EXIT_OK
     return EXIT_OK
 
@@ -362,20 +381,32 @@ def _submit_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_slurm(args: argparse.Namespace) -> int:
     from hpc.site import load_profile
-    from hpc.slurm import render, sbatch, submit_pipeline, write_script
+    from hpc.slurm import ARRAY_KINDS, render, submit_jobs, submit_pipeline, write_script
 
     profile = load_profile(args.profile)
     if args.kind == "pipeline":
-        stages = [s for s in args.stages.split(",") if s]
+        if args.write is not None:
+            raise UsageError("--write is for one job; a pipeline writes its scripts into <run.root_dir>/slurm/")
+        stages = args.stages.split(",")
         for stage in submit_pipeline(profile, args.config, args.overrides, stages=stages, array_tasks=args.array):
             print(f"{stage.kind} {stage.job_id} {stage.script}")
         return EXIT_OK
+    if args.array is not None and args.kind not in ARRAY_KINDS:
+        raise UsageError(f"--array is for {' and '.join(ARRAY_KINDS)}, not {args.kind}")
     job = render(args.kind, profile, args.config, args.overrides, array_tasks=args.array)
-    if args.write is None and not args.submit:
+    path = Path(args.write) if args.write else job.log_dir / f"{args.kind}.sbatch"
+    if args.submit:
+        print(submit_jobs([job], [path])[0].job_id)  # the script file is written once sbatch took it
+    elif args.write is not None:
+        print(write_script(job, path))
+    else:
         sys.stdout.write(job.script)
-        return EXIT_OK
-    path = write_script(job, args.write or job.log_dir / f"{args.kind}.sbatch")
-    print(sbatch(path) if args.submit else path)
+        if not job.log_dir.is_dir():
+            print(
+                f"cytonet: note: the job's log folder {job.log_dir} does not exist yet; sbatch needs it "
+                "(mkdir -p it, or use --write or --submit, which create it)",
+                file=sys.stderr,
+            )
     return EXIT_OK
 
 

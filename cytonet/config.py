@@ -981,7 +981,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r} is invalid: expected a string")
+            quote = isinstance(value, int | float) and not isinstance(value, bool)  # YAML read `90` as a number
+            raise ConfigError(
+                f"{key}={value!r} is invalid: expected a string" + (f' (quote it in YAML: "{value}")' if quote else "")
+            )
         return value
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):

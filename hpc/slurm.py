@@ -36,6 +36,8 @@ ARRAY_KINDS = ("extract", "infer")
 KINDS = ("extract", "pretrain", "probe", "scratch", "infer")
 #: What ``cytonet slurm pipeline`` submits unless told otherwise.
 DEFAULT_STAGES = ("pretrain", "probe", "infer")
+#: The order of a pipeline's stages: each needs the output of those before it (probe and scratch: either way).
+STAGE_ORDER = {"extract": 0, "pretrain": 1, "probe": 2, "scratch": 2, "infer": 3}
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
@@ -190,6 +192,8 @@ def render(
 def write_script(job: RenderedJob, path: str | Path) -> Path:
     """Write the script (mode 0755) and create its log folder; returns the path."""
     p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"--write {p}: that is a folder; give the script's file name")
     p.parent.mkdir(parents=True, exist_ok=True)
     job.log_dir.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
@@ -199,19 +203,23 @@ def write_script(job: RenderedJob, path: str | Path) -> Path:
     return p
 
 
-def sbatch(script: str | Path, *, after_ok: str | None = None, extra: Sequence[str] = ()) -> str:
+def sbatch(
+    script: str | Path, *, after_ok: str | None = None, extra: Sequence[str] = (), text: str | None = None
+) -> str:
     """Submit ``script`` with sbatch and return the job id. ``after_ok``: a job id that must finish successfully
-    first (``--dependency=afterok``; the job is cancelled if that one fails: ``--kill-on-invalid-dep=yes``)."""
+    first (``--dependency=afterok``; the job is cancelled if that one fails: ``--kill-on-invalid-dep=yes``).
+    ``text``: submit this script on sbatch's stdin instead of the file (``script`` names it in messages)."""
     cmd = ["sbatch", "--parsable"]
     if after_ok is not None:
         cmd += [f"--dependency=afterok:{after_ok}", "--kill-on-invalid-dep=yes"]
-    cmd += [*extra, str(script)]
+    cmd += [*extra] if text is not None else [*extra, str(script)]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        r = subprocess.run(cmd, input=text, capture_output=True, text=True, timeout=120, check=False)
     except FileNotFoundError:
         raise SlurmError("sbatch is not installed here: submit from a SLURM login node") from None
     if r.returncode != 0:
-        raise SlurmError(f"`{shlex.join(cmd)}` failed ({r.returncode}): {r.stderr.strip()}")
+        said = " / ".join(line.strip() for line in r.stderr.strip().splitlines())  # one line, as CLI errors are
+        raise SlurmError(f"`{shlex.join(cmd)}` failed ({r.returncode}): {said}")
     job_id = r.stdout.strip().split(";")[0]
     if not job_id.isdigit():
         raise SlurmError(f"`{shlex.join(cmd)}` printed no job id: {r.stdout!r}")
@@ -226,6 +234,51 @@ class SubmittedStage:
     script: Path
 
 
+def check_stages(stages: Sequence[str]) -> None:
+    """Refuse a pipeline's stage list that is empty, names an unknown or empty stage, repeats one, or puts a stage
+    before one it needs (:data:`STAGE_ORDER`): infer before pretrain would map with the old model."""
+    listed = ",".join(stages)
+    bad = [s for s in stages if s not in KINDS]
+    if bad or not stages:
+        raise UsageError(f"--stages {listed}: use a comma-separated list of {', '.join(KINDS)}")
+    twice = sorted({s for s in stages if stages.count(s) > 1})
+    if twice:
+        raise UsageError(f"--stages {listed}: {twice[0]} is listed twice; each stage runs once")
+    ranks = [STAGE_ORDER[s] for s in stages]
+    if ranks != sorted(ranks):
+        raise UsageError(
+            f"--stages {listed}: out of order; each stage needs the ones before it: extract, pretrain, "
+            "probe and scratch (either way), infer"
+        )
+
+
+def submit_jobs(jobs: Sequence[RenderedJob], script_names: Sequence[Path]) -> list[SubmittedStage]:
+    """Submit ``jobs`` in order, each after the previous one succeeded (``--dependency=afterok``), and write
+    their scripts to ``script_names`` once every submission went through. A refused submission cancels the
+    jobs submitted before it and leaves the scripts already there as they were (a resubmission of failed array
+    tasks uses them); :class:`SlurmError` says which jobs were cancelled. Log folders are created first: a job
+    whose log folder is missing fails without a word."""
+    submitted: list[SubmittedStage] = []
+    previous: str | None = None
+    try:
+        for job, path in zip(jobs, script_names):
+            job.log_dir.mkdir(parents=True, exist_ok=True)
+            previous = sbatch(path, after_ok=previous, text=job.script)
+            submitted.append(SubmittedStage(job.kind, previous, Path(path)))
+    except SlurmError as exc:
+        if not submitted:
+            raise
+        ids = [s.job_id for s in submitted]
+        r = subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=120, check=False)
+        done = "cancelled" if r.returncode == 0 else f"could not cancel them ({r.stderr.strip()}): scancel"
+        raise SlurmError(
+            f"{exc}; {done} the stages submitted before it: " + ", ".join(f"{s.kind} {s.job_id}" for s in submitted)
+        ) from None
+    for job, stage in zip(jobs, submitted):
+        write_script(job, stage.script)
+    return submitted
+
+
 def submit_pipeline(
     profile: SiteProfile,
     config_path: str | Path,
@@ -235,15 +288,7 @@ def submit_pipeline(
     array_tasks: int | None = None,
 ) -> list[SubmittedStage]:
     """Render the scripts of ``stages`` into ``<run.root_dir>/slurm/`` and submit them, each after the previous
-    one succeeded (``--dependency=afterok``); a failed stage cancels the ones after it."""
-    bad = [s for s in stages if s not in KINDS]
-    if bad or not stages:
-        raise UsageError(f"--stages {','.join(stages)}: use a comma-separated list of {', '.join(KINDS)}")
+    one succeeded (``--dependency=afterok``); a failed stage cancels the ones after it (:func:`submit_jobs`)."""
+    check_stages(stages)
     jobs = [render(kind, profile, config_path, overrides, array_tasks=array_tasks) for kind in stages]
-    submitted: list[SubmittedStage] = []
-    previous: str | None = None
-    for job in jobs:
-        path = write_script(job, job.log_dir / f"{job.kind}.sbatch")
-        previous = sbatch(path, after_ok=previous)
-        submitted.append(SubmittedStage(job.kind, previous, path))
-    return submitted
+    return submit_jobs(jobs, [job.log_dir / f"{job.kind}.sbatch" for job in jobs])

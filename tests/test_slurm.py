@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -192,6 +193,32 @@ def test_failed_stage_cancels_the_rest_and_hostile_strings_stay_literal(data: Pa
     log = log_of(tmp_path / "run", ids["pretrain"])
     assert shlex.join(["pretrain", str(config), *hostile]) in log, log[-2000:]
     assert not list(tmp_path.rglob("PWNED*")) and not list(data.rglob("PWNED*"))
+
+
+def test_a_refused_submission_cancels_the_stages_before_it_and_keeps_the_scripts(data: Path, tmp_path: Path) -> None:
+    """sbatch refuses the infer array (more memory than a node has): the pipeline's pretrain and probe, already
+    queued, are cancelled rather than left to run, and the scripts of an earlier submission stay as they were
+    (`sbatch --array=2,5 <run>/slurm/infer.sbatch` resubmits failed tasks with them)."""
+    profile = tmp_path / "big.yaml"
+    profile.write_text(LOCAL_PROFILE.read_text() + "array_mem: 900G\n")
+    config = write_config(tmp_path / "cfg.yaml", tmp_path / "run", data / "sections")
+    old = {k: f"# the script of an earlier {k} submission\n" for k in ("pretrain", "probe", "infer")}
+    (tmp_path / "run" / "slurm").mkdir(parents=True)
+    for kind, text in old.items():
+        (tmp_path / "run" / "slurm" / f"{kind}.sbatch").write_text(text)
+    r = subprocess.run(
+        [CYTONET, "slurm", "pipeline", str(config), "--profile", str(profile), "--stages", "pretrain,probe,infer"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 1 and r.stdout == "", r.stderr
+    message = r.stderr.strip().splitlines()[-1]  # the error is one line
+    assert message.startswith("cytonet: error: `sbatch") and "cancelled the stages submitted before it" in message
+    ids = re.findall(r"(pretrain|probe) (\d+)", message.split("cancelled", 1)[1])
+    assert [kind for kind, _ in ids] == ["pretrain", "probe"], message
+    wait_gone([job for _, job in ids])
+    assert [job_state(job) for _, job in ids] == ["CANCELLED", "CANCELLED"]
+    for kind, text in old.items():
+        assert (tmp_path / "run" / "slurm" / f"{kind}.sbatch").read_text() == text
 
 
 def test_extraction_array_equals_one_process(data: Path, tmp_path: Path) -> None:

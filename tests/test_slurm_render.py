@@ -153,11 +153,14 @@ def test_unknown_profile_key_lists_the_valid_ones() -> None:
         ({"array_parallelism": 0}, "array_parallelism"),
         ({"time": {"probe": "5"}}, "signal_lead_s"),
         ({"time": {"scratch": "6"}, "signal_lead_s": 301}, "signal_lead_s"),
+        ({"time": {"pretrain": 90}}, r"time\.pretrain"),
     ],
 )
 def test_bad_profile_values_are_refused_naming_the_key(data: dict[str, object], key: str) -> None:
-    with pytest.raises(ConfigError, match=rf"^site profile: {key}="):
+    with pytest.raises(ConfigError, match=rf"^site profile: {key}=") as info:
         profile_from_dict(data)
+    if data == {"time": {"pretrain": 90}}:  # a bare YAML number where a time string goes
+        assert 'expected a string (quote it in YAML: "90")' in str(info.value)
 
 
 def test_time_limits() -> None:
@@ -511,3 +514,33 @@ def test_submitit_rank0_requeue_status_is_not_reported_as_a_failure(
     with pytest.raises(JobPreemptedError, match="resubmit it to resume"):
         job()
     assert (time.monotonic() - start >= 1.0) == slurm
+
+
+def test_slurm_cli_refuses_what_it_would_ignore_or_misorder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Pipelines run their stages in the order they need each other, each once; --array and --write are refused
+    where they would be ignored; --write into a folder is named. Nothing is written or submitted."""
+    from cytonet.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"run": {"root_dir": str(tmp_path / "run")}}))
+    base = ["slurm", "pipeline", str(config), "--profile", str(EXAMPLE)]
+    for stages, says in [
+        ("infer,pretrain", "out of order"),
+        ("pretrain,probe,probe", "probe is listed twice"),
+        ("pretrain,,probe", "use a comma-separated list"),
+        ("probe,extract", "out of order"),
+    ]:
+        assert main([*base, "--stages", stages]) == 2
+        assert says in capsys.readouterr().err, stages
+    assert main([*base, "--write", str(tmp_path / "x.sbatch")]) == 2
+    assert "--write is for one job" in capsys.readouterr().err
+    assert main(["slurm", "pretrain", str(config), "--profile", str(EXAMPLE), "--array", "3"]) == 2
+    assert "--array is for extract and infer, not pretrain" in capsys.readouterr().err
+    assert main(["slurm", "probe", str(config), "--profile", str(EXAMPLE), "--write", str(tmp_path)]) == 2
+    assert f"--write {tmp_path}: that is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    # Printing only: the script on stdout, and a note that its log folder must exist before sbatch.
+    assert main(["slurm", "probe", str(config), "--profile", str(EXAMPLE)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("#!/bin/bash") and f"log folder {tmp_path / 'run' / 'slurm'} does not exist yet" in err
+    assert not (tmp_path / "run").exists()
