@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -117,6 +118,23 @@ def test_kill_at_random_step_and_resume_is_bitwise(data: Path, reference: dict[s
     assert [int(row.split(",")[0]) for row in rows[1:]] == list(range(1, 25))
 
 
+def test_kill_with_loader_workers_then_an_immediate_rerun_resumes(
+    data: Path, reference: dict[str, torch.Tensor]
+) -> None:
+    """The loader's worker processes die with the trainer: a forked worker inherits the run folder's lock, and
+    torch's workers used to notice their parent's death only seconds later, so a rerun right after a kill -9
+    (an OOM kill, a node's cleanup) was refused as a concurrent run."""
+    out = data / "killed-workers"
+    workers = "loader.workers=2"
+    proc = subprocess.Popen(cli(data, "pretrain", out, workers), env=ENV, stdout=subprocess.DEVNULL, text=True)
+    wait_for_checkpoint(out, proc, 2)  # type: ignore[arg-type]
+    proc.kill()
+    proc.wait()
+    r = run(cli(data, "pretrain", out, workers), 300, env=ENV)
+    assert r.returncode == 0 and "resumed from" in r.stderr, tail(r.stderr)
+    assert_bitwise_equal(final_state(out), reference)
+
+
 def test_signal_checkpoints_exits_for_requeue_and_resumes(data: Path, reference: dict[str, torch.Tensor]) -> None:
     out = data / "signalled"
     proc = subprocess.Popen(
@@ -127,6 +145,11 @@ def test_signal_checkpoints_exits_for_requeue_and_resumes(data: Path, reference:
     (err,) = wait_all([proc], 120)
     assert proc.returncode == 75, tail(err)
     assert "preempted at step" in err
+    # A resume under other settings is refused and leaves the run's record of its settings as it was.
+    recorded = (out / "config.resolved.yaml").read_bytes()
+    r = run(cli(data, "pretrain", out, "optim.base_lr=0.5"), 300, env=ENV)
+    assert r.returncode == 1 and "optim.base_lr" in r.stderr, tail(r.stderr)
+    assert (out / "config.resolved.yaml").read_bytes() == recorded
     # Completing from the preemption checkpoint gives the uninterrupted weights.
     r = run(cli(data, "pretrain", out), 300, env=ENV)
     assert r.returncode == 0, tail(r.stderr)
@@ -315,6 +338,39 @@ def test_finished_stage_without_its_checkpoints_is_not_trained_again(
     r = run(cli(data, "pretrain", out, "optim.base_lr=0.5"), 300, env=ENV)
     assert r.returncode == 1 and "other settings" in r.stderr and "optim.base_lr" in r.stderr, tail(r.stderr)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    # An --overwrite refused for its inputs (a mistyped patch store) deletes nothing of the finished run.
+    r = run(cli(data, "pretrain", out, f"extract.out_dir={tmp_path / 'patchez'}", "--overwrite"), 300, env=ENV)
+    assert r.returncode != 0 and "patchez" in r.stderr, tail(r.stderr)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_a_preemption_signal_outside_the_steps_is_not_fatal(
+    data: Path, reference: dict[str, torch.Tensor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGUSR1 while a stage sets up makes it checkpoint and stop for requeue at the first step boundary; after its
+    last step, it lets the stage finish. (The handlers used to cover the steps only: the signal's default action
+    killed the process, and no requeue followed.) In process, with the signal sent at those points."""
+    import cytonet.train.loop as loop
+    from cytonet.distributed import DistEnv
+    from cytonet.train.preempt import Preempted
+
+    def signal_first(fn: Any) -> Any:
+        def signalled(*args: Any, **kwargs: Any) -> Any:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            return fn(*args, **kwargs)
+
+        return signalled
+
+    with monkeypatch.context() as mp:
+        mp.setattr(loop, "build_loader", signal_first(loop.build_loader))  # while it sets up
+        with pytest.raises(Preempted):
+            loop.run_stage(load_config(data / "base.yaml"), DistEnv(), "pretrain", out=tmp_path / "pre")
+    assert latest_checkpoint(tmp_path / "pre") is not None and not (tmp_path / "pre" / "DONE").exists()
+    with monkeypatch.context() as mp:
+        mp.setattr(loop, "predict", signal_first(loop.predict))  # the evaluation after the last step
+        cfg = load_config(data / "base.yaml", [f"probe.encoder_from={data / 'ref'}"])
+        loop.run_stage(cfg, DistEnv(), "probe", out=tmp_path / "probe")
+    assert (tmp_path / "probe" / "DONE").is_file()
 
 
 def test_probe_refuses_an_encoder_of_another_store_and_a_replaced_encoder(

@@ -24,6 +24,8 @@ only the centre crop.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from cytonet.config import AugmentConfig, Config, LoaderConfig
 from cytonet.data.augment import BatchAugmenter
 from cytonet.data.patches import PatchStore
 from cytonet.data.sampler import ClassAwareBatchSampler, ShardSampler
+from cytonet.workers import die_with_parent
 
 Item = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -94,14 +97,17 @@ class _RangeSampler(Sampler[int]):
         return len(self.ids)
 
 
-def _leave_preemption_to_the_trainer(worker_id: int) -> None:
+def _leave_preemption_to_the_trainer(parent: int, worker_id: int) -> None:
     """DataLoader workers ignore SIGTERM and SIGUSR1: on clusters that signal every process of a step (SLURM
     with cgroup process tracking, ``scancel --signal``), a worker killed by the preemption signal would make the
     next batch fail before the training process could checkpoint. The trainer handles the signal; workers end
-    with it (torch stops them when their parent exits)."""
+    with it, at once also when it is killed (``kill -9``, the OOM killer): torch's own check of the parent takes
+    seconds, during which a forked worker kept the run folder's lock (an inherited descriptor), and an
+    immediate rerun was refused as "being trained by another process"."""
     del worker_id
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    die_with_parent(parent)
 
 
 class PatchLoader:
@@ -161,7 +167,7 @@ class PatchLoader:
         self.loader = DataLoader(
             self.dataset,
             num_workers=loader_cfg.workers,
-            worker_init_fn=_leave_preemption_to_the_trainer,
+            worker_init_fn=functools.partial(_leave_preemption_to_the_trainer, os.getpid()),
             pin_memory=loader_cfg.pin_memory and self.device.type == "cuda",
             **kwargs,
         )

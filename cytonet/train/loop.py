@@ -235,14 +235,17 @@ def _finished(out: Path) -> dict[str, Any] | None:
 
 
 def _shared_view(
-    cfg: Config, kind: Kind, store: PatchStore, out: Path
+    cfg: Config, kind: Kind, store: PatchStore, out: Path, fresh: bool = False
 ) -> tuple[dict[str, Any], str | None, dict[str, Any] | None, str | None]:
-    """(the run's identity, newest checkpoint's name, DONE's contents, error message), as rank 0 sees them."""
+    """(the run's identity, newest checkpoint's name, DONE's contents, error message), as rank 0 sees them;
+    ``fresh`` (--overwrite): the old run's checkpoints and DONE are not looked at (they are to go)."""
     try:
         encoder = _encoder_path(cfg, kind)
         identity = training_identity(
             cfg, kind, store, file_sha256(encoder) if encoder is not None and encoder.is_file() else None
         )
+        if fresh:
+            return identity, None, None, None
         found = ckpt.latest_checkpoint(out)
         return identity, (found.name if found else None), _finished(out), None
     except (CytonetError, OSError) as exc:
@@ -278,31 +281,38 @@ def run_stage(
     """Train one stage to the end (or until preempted: raises :class:`Preempted` after the checkpoint).
 
     ``resume``: None resumes when the run folder holds a checkpoint, True requires one, False refuses one.
-    ``fresh`` (``--overwrite``) deletes the folder's checkpoints and results first.
+    ``fresh`` (``--overwrite``) deletes the folder's checkpoints and results, once the new run has set up (its
+    patch store, encoder, model and loader): an --overwrite that is refused for its inputs deletes nothing.
     """
     tcfg = stage_config(cfg, kind)
     out = out or stage_dir(cfg, kind)
     if cfg.run.reuse_host_memory:
         reuse_freed_memory()  # before the process group's and the loader's threads start
-    device = distributed.init_distributed(env, cfg.dist)
+    # The preemption signals are caught for the whole stage, not only its steps: one that comes while the stage
+    # sets up is acted on at the first step boundary (checkpoint, requeue status); one that comes after the last
+    # step lets the stage finish (evaluation and results), instead of killing it by the signal's default action.
+    flag = PreemptionFlag(tcfg.preempt_signals).__enter__()
+    try:
+        device = distributed.init_distributed(env, cfg.dist)
+    except BaseException:
+        flag.__exit__()
+        raise
     try:
         with contextlib.ExitStack() as held:
-            # Rank 0 judges the folder, takes its lock for the run (another run into the same folder at the same
-            # time is refused) and clears it for --overwrite, before anything is written there; every rank fails
-            # with its message, none is left waiting in a collective.
+            # Rank 0 judges the folder and takes its lock for the run (another run into the same folder at the
+            # same time is refused), before anything is written there; every rank fails with its message, none is
+            # left waiting in a collective.
             error = None
             if env.is_main:
                 try:
                     check_run_folder(cfg, kind, out)
                     held.enter_context(step_lock(out, kind, "trained"))
-                    if fresh:
-                        _clear_run(out)
                 except (CytonetError, OSError) as exc:
                     error = str(exc)
             error = distributed.all_gather_object(error)[0]
             if error:
                 raise CytonetError(error)
-            return _run(cfg, env, kind, tcfg, out, device, resume)
+            return _run(cfg, env, kind, tcfg, out, device, resume, fresh, flag)
     except BaseException as exc:
         # Free the stage's model (DDP holds the process group), loader and buffers now, while the group is up:
         # the exception's traceback would keep them alive past destroy_process_group, and gloo threads torn
@@ -316,17 +326,26 @@ def run_stage(
         # once at exit, "terminate called without an active exception", in a fresh-clone CI run).
         gc.collect()
         distributed.destroy_distributed()
+        flag.__exit__()
 
 
 def _run(
-    cfg: Config, env: DistEnv, kind: Kind, tcfg: TrainConfig, out: Path, device: torch.device, resume: bool | None
+    cfg: Config,
+    env: DistEnv,
+    kind: Kind,
+    tcfg: TrainConfig,
+    out: Path,
+    device: torch.device,
+    resume: bool | None,
+    fresh: bool,
+    flag: PreemptionFlag,
 ) -> StageResult:
     config_dict = config_to_dict(cfg)
     store = PatchStore(cfg.resolve_path(cfg.extract.out_dir))
     # Rank 0 looks at the folder and the inputs, and every rank acts on what it saw: on a shared file system with
     # attribute caching, ranks looking themselves right after a requeue could see different files and decide
     # differently (resume from different steps, or one finished and one refused).
-    shared = _shared_view(cfg, kind, store, out) if env.is_main else None
+    shared = _shared_view(cfg, kind, store, out, fresh) if env.is_main else None
     identity, latest_name, done, error = distributed.all_gather_object(shared)[0]
     if error:
         raise CytonetError(error)  # on every rank: none is left waiting in a collective
@@ -353,8 +372,6 @@ def _run(
         return StageResult(out, int(done.get("step", 0)), done.get("metrics", {}))
     if latest is None and resume is True:
         raise CytonetError(f"--resume: {out} holds no checkpoint to resume from")
-    if env.is_main:
-        save_config(cfg, out)
 
     if kind == "pretrain" and cfg.loss.needs_coords:
         _check_coordinates(store, cfg.loss.kind)
@@ -400,6 +417,10 @@ def _run(
     if kind == "pretrain":
         loss_fn = SiameseLoss(cfg.loss.scale_mm) if cfg.loss.kind == "siamese" else build_loss(cfg.loss)
 
+    if fresh:  # --overwrite: everything above is set up, so the old run goes now (rank 0 holds the lock)
+        if env.is_main:
+            _clear_run(out)
+        distributed.barrier()
     step, epoch = 0, 0
     if latest is not None:
         state, problem = None, None
@@ -430,6 +451,8 @@ def _run(
         ckpt.set_rng_state(rngs[env.rank])
         step, epoch = int(state["step"]), int(state["epoch"])
         log.info("%s: resumed from %s at step %d (epoch %d)", kind, latest.name, step, epoch)
+    if env.is_main:  # after any resume was accepted: a refused one leaves the record of the run it refused
+        save_config(cfg, out)
 
     def save(at_step: int, at_epoch: int) -> None:
         rngs = distributed.all_gather_object(ckpt.rng_state())
@@ -458,7 +481,7 @@ def _run(
     model.train()
     started, seen = time.perf_counter(), 0
     progress = Progress(out, kind, total_steps, step, active=env.is_main)
-    with PreemptionFlag(tcfg.preempt_signals) as flag, contextlib.closing(progress):
+    with contextlib.closing(progress):
         while step < total_steps:
             loader.set_epoch(epoch)
             for batch in loader:
@@ -521,6 +544,10 @@ def _run(
                 epoch += 1  # the epoch ran out (a checkpoint taken on its last batch resumes right here)
 
     save(step, epoch)
+    if flag.requested:
+        log.warning(
+            "%s: %s came after the last step: finishing the stage (evaluation and results)", kind, flag.received
+        )
     metrics: dict[str, dict[str, float]] = {}
     if kind != "pretrain":
         if env.is_distributed:
