@@ -265,6 +265,21 @@ def test_a_shard_another_process_is_writing_is_left_to_it(sections: Path, refere
     assert_same_store(out, reference)
 
 
+def test_overwrite_waits_for_no_reader_of_the_store(sections: Path, tmp_path: Path) -> None:
+    """A store a training run reads (its readers' lock held shared) is not deleted by extract --overwrite."""
+    from cytonet.data.patches import READERS_LOCK, reading_store
+
+    out = tmp_path / "p"
+    cfg = make_cfg(*SMALL)
+    run_extract(cfg, out, sections_dir=sections)
+    before = sorted(p.name for p in out.iterdir())
+    with reading_store(out, "pretrain"):
+        with pytest.raises(OutputExistsError, match=r"being read by a training run right now"):
+            run_extract(cfg, out, sections_dir=sections, overwrite=True)
+        assert sorted(p.name for p in out.iterdir() if p.name != READERS_LOCK) == before
+    assert run_extract(cfg, out, sections_dir=sections, overwrite=True).manifest is not None
+
+
 def test_rerun_with_other_settings_is_refused(sections: Path, tmp_path: Path) -> None:
     out = tmp_path / "p"
     cfg = make_cfg("extract.patches_per_area=10", "extract.eval_patches_per_area=2")

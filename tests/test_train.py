@@ -459,6 +459,31 @@ def test_a_second_run_into_a_folder_being_trained_is_refused(data: Path, tmp_pat
     assert r.returncode == 0 and (out / "DONE").is_file(), tail(r.stderr)
 
 
+def test_the_store_a_run_reads_is_not_replaced_under_it(data: Path, tmp_path: Path) -> None:
+    """extract --overwrite of the patch store a training run is reading is refused while it runs: the run read the
+    labels at its start and would pair them with the new store's pixels (it used to finish with exit 0, its DONE
+    naming the old store). The store is read under a shared lock, which the rewrite needs exclusively."""
+    store = tmp_path / "patches"
+    shutil.copytree(data / "patches", store)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        cli(data, "pretrain", out, f"extract.out_dir={store}", "pretrain.epochs=50"),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_checkpoint(out, proc, 1)  # type: ignore[arg-type]
+        manifest = (store / "manifest.json").read_bytes()
+        r = run([str(BIN / "cytonet"), "extract", str(data / "base.yaml"), "--out", str(store), "--overwrite"], 300)
+        assert r.returncode == 1 and "is being read by a training run right now" in r.stderr, tail(r.stderr)
+        assert (store / "manifest.json").read_bytes() == manifest and any(store.glob("shard-*"))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_missing_shard_fails_in_one_line_through_the_loader_workers(data: Path, tmp_path: Path) -> None:
     """An error in a DataLoader worker comes back wrapped in the worker's traceback ("Original Traceback ...");
     the CLI prints its message alone, naming the shard."""

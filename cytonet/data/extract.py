@@ -74,6 +74,7 @@ from cytonet.data.patches import (
     MANIFEST,
     META_DTYPE,
     METADATA,
+    READERS_LOCK,
     SPLITS,
     PatchGeometry,
     ShardWriter,
@@ -81,6 +82,7 @@ from cytonet.data.patches import (
     lock_held,
     partial_path,
     remove_path,
+    rewriting_store,
     shard_name,
     step_lock,
     try_exclusive_lock,
@@ -659,7 +661,7 @@ def _run_jobs(fn: Callable[..., str], jobs: list[tuple[Any, ...]], workers: int)
 # The command
 
 
-_OURS = (SETTINGS_FILE, MANIFEST, METADATA, "config.resolved.yaml", SURVEY_DIR)
+_OURS = (SETTINGS_FILE, MANIFEST, METADATA, "config.resolved.yaml", SURVEY_DIR, READERS_LOCK)
 #: What an extraction writes into its folder besides ``_OURS``: shards (and their ``.partial`` while written)
 #: and the temp files of :func:`write_bytes_atomic` (``.<name>.<pid>.<thread>.tmp``).
 _OURS_PATTERN = re.compile(
@@ -721,8 +723,9 @@ def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, sections_
                 f"extract: {out} is being written by another process right now (it holds {out / busy[0]}); "
                 "--overwrite would delete its files: wait for it to finish, or choose another --out"
             )
-        for p in out.iterdir():
-            remove_path(p)  # every entry is an extraction's own (checked above)
+        with rewriting_store(out, "extract --overwrite"):  # refused while a training run reads the store
+            for p in out.iterdir():
+                remove_path(p)  # every entry is an extraction's own (checked above)
     elif settings_path.is_file():
         unreadable = ""
         try:

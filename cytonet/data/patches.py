@@ -232,6 +232,54 @@ def try_exclusive_lock(path: Path) -> Iterator[bool]:
         yield True
 
 
+#: A patch store's readers' lock: training stages hold it shared while they read the store, an extraction
+#: with --overwrite takes it exclusively before it deletes the store (:func:`reading_store`, :func:`rewriting_store`).
+READERS_LOCK = ".cytonet-readers.lock"
+
+
+@contextlib.contextmanager
+def reading_store(store: Path, what: str) -> Iterator[None]:
+    """Hold ``store``'s readers' lock shared while ``what`` (a training stage) reads it, so that an extraction
+    cannot replace the store under it: its labels, read at the start, would be paired with other pixels. A
+    store that is missing, read-only or on a file system without locks is read unguarded."""
+    lock = store / READERS_LOCK
+    try:
+        fh = open(lock, "a+") if store.is_dir() else None  # held for the block, closed below
+    except OSError as exc:  # read-only, or not ours to write: nobody replaces it from here either
+        log.debug("%s: no readers' lock on %s (%s)", what, store, exc)
+        fh = None
+    try:
+        if fh is not None:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise OutputExistsError(
+                    f"{what}: the patch store {store} is being rewritten by an extraction right now (it holds "
+                    f"{lock}); wait for it to finish"
+                ) from None
+            except OSError as exc:
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+        yield
+    finally:
+        if fh is not None:
+            fh.close()
+
+
+@contextlib.contextmanager
+def rewriting_store(store: Path, what: str) -> Iterator[None]:
+    """Hold ``store``'s readers' lock exclusively while ``what`` deletes and rewrites it; refused while a
+    training stage reads the store (:func:`reading_store`)."""
+    with try_exclusive_lock(store / READERS_LOCK) as mine:
+        if not mine:
+            raise OutputExistsError(
+                f"{what}: the patch store {store} is being read by a training run right now (it holds "
+                f"{store / READERS_LOCK}); --overwrite would replace its patches under it: wait for it to finish, "
+                "or extract into another --out"
+            )
+        yield
+
+
 @contextlib.contextmanager
 def step_lock(out: Path, what: str, doing: str = "written", name: str = STEP_LOCK) -> Iterator[None]:
     """Hold ``out``'s lock file ``name`` while a step runs (``what``: the step, for the messages): a second

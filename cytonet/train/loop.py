@@ -49,7 +49,14 @@ from torch.nn.parallel import DistributedDataParallel
 from cytonet import distributed
 from cytonet.config import Config, TrainConfig, config_to_dict, save_config
 from cytonet.data.loader import PatchLoader, build_loader
-from cytonet.data.patches import STEP_LOCK, PatchStore, file_sha256, step_lock, write_json_atomic
+from cytonet.data.patches import (
+    STEP_LOCK,
+    PatchStore,
+    file_sha256,
+    reading_store,
+    step_lock,
+    write_json_atomic,
+)
 from cytonet.distributed import DistEnv
 from cytonet.errors import CytonetError
 from cytonet.hostmem import reuse_freed_memory
@@ -312,6 +319,8 @@ def run_stage(
             error = distributed.all_gather_object(error)[0]
             if error:
                 raise CytonetError(error)
+            # Every rank reads the patch store from here on: an extraction must not replace it meanwhile.
+            held.enter_context(reading_store(cfg.resolve_path(cfg.extract.out_dir), kind))
             return _run(cfg, env, kind, tcfg, out, device, resume, fresh, flag)
     except BaseException as exc:
         # Free the stage's model (DDP holds the process group), loader and buffers now, while the group is up:
