@@ -373,6 +373,29 @@ def test_a_preemption_signal_outside_the_steps_is_not_fatal(
     assert (tmp_path / "probe" / "DONE").is_file()
 
 
+def test_a_finished_run_missing_its_results_writes_them_again_from_its_last_checkpoint(
+    data: Path, reference: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    """DONE without encoder.pt (a partial copy of the folder) used to count as finished, so nothing could use the
+    run short of retraining it: the last checkpoint gives the results again, without a step of training."""
+    out = tmp_path / "ref"
+    shutil.copytree(data / "ref", out)
+    expected = torch.load(out / "encoder.pt", weights_only=True)["encoder"]
+    (out / "encoder.pt").unlink()
+    r = run(cli(data, "pretrain", out), 300, env=ENV)
+    assert r.returncode == 0 and "finished run without its encoder.pt: writing them again" in r.stderr, tail(r.stderr)
+    assert_bitwise_equal(torch.load(out / "encoder.pt", weights_only=True)["encoder"], expected)
+    assert "pretrain step" not in r.stderr and "resumed from ckpt-000000024" in r.stderr  # no training step
+    # Without a checkpoint to write them from, it says so; a probe of the missing encoder names the file.
+    (out / "encoder.pt").unlink()
+    for p in list_checkpoints(out):
+        p.unlink()
+    r = run(cli(data, "pretrain", out), 300, env=ENV)
+    assert r.returncode == 1 and "without its encoder.pt, and no checkpoint" in r.stderr, tail(r.stderr)
+    r = run(cli(data, "probe", tmp_path / "probe", f"probe.encoder_from={out}"), 300, env=ENV)
+    assert r.returncode == 1 and f"{out / 'encoder.pt'} does not exist" in r.stderr, tail(r.stderr)
+
+
 def test_probe_refuses_an_encoder_of_another_store_and_a_replaced_encoder(
     data: Path, reference: dict[str, torch.Tensor], tmp_path: Path
 ) -> None:

@@ -248,13 +248,33 @@ def _shared_view(
     ``fresh`` (--overwrite): the old run's checkpoints and DONE are not looked at (they are to go)."""
     try:
         encoder = _encoder_path(cfg, kind)
-        identity = training_identity(
-            cfg, kind, store, file_sha256(encoder) if encoder is not None and encoder.is_file() else None
-        )
+        if encoder is not None and not encoder.is_file():
+            # said as such, not as a finished run's "other settings (encoder: ... -> None)"
+            raise CytonetError(
+                f"{encoder} does not exist: run `cytonet pretrain` to the end first ({_ENCODER_KEYS[kind]})"
+            )
+        identity = training_identity(cfg, kind, store, file_sha256(encoder) if encoder is not None else None)
         if fresh:
             return identity, None, None, None
         found = ckpt.latest_checkpoint(out)
-        return identity, (found.name if found else None), _finished(out), None
+        done = _finished(out)
+        results = (ENCODER_FILE,) if kind == "pretrain" else (ENCODER_FILE, MODEL_FILE)
+        missing = [name for name in results if not (out / name).is_file()] if done is not None else []
+        if missing and found is None:
+            raise CytonetError(
+                f"{out} holds a finished {kind} run (DONE) without its {' and '.join(missing)}, and no checkpoint "
+                "to write them again from; pass --overwrite to train again"
+            )
+        if missing:  # a partial copy of the folder: the last checkpoint gives them again, without training
+            log.warning(
+                "%s: %s holds a finished run without its %s: writing them again from %s",
+                kind,
+                out,
+                " and ".join(missing),
+                found.name if found else None,
+            )
+            done = None
+        return identity, (found.name if found else None), done, None
     except (CytonetError, OSError) as exc:
         return {}, None, None, str(exc)
 
