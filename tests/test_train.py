@@ -396,6 +396,29 @@ def test_a_finished_run_missing_its_results_writes_them_again_from_its_last_chec
     assert r.returncode == 1 and f"{out / 'encoder.pt'} does not exist" in r.stderr, tail(r.stderr)
 
 
+def test_a_damaged_newest_checkpoint_gives_way_to_the_one_before(
+    data: Path, reference: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
+    """Checkpoints are written atomically, so a damaged one was damaged since (a disk error, a copy cut short): the
+    run resumes from the one before it, with a warning, and ends with the uninterrupted weights. It used to fail
+    with an empty "EOFError:" (or a bare KeyError for junk) and no way forward but --overwrite."""
+    out = tmp_path / "run"
+    out.mkdir()
+    older, newest = list_checkpoints(data / "ref")[-2:]  # keep_checkpoints=2: the last two
+    shutil.copy(older, out)
+    (out / newest.name).write_bytes(b"")
+    r = run(cli(data, "pretrain", out), 300, env=ENV)
+    assert r.returncode == 0, tail(r.stderr)
+    assert f"{newest.name} cannot be read (an empty file)" in r.stderr, tail(r.stderr)
+    assert f"resumed from {older.name}" in r.stderr
+    assert_bitwise_equal(final_state(out), reference)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / newest.name).write_bytes(b"junk" * 100)
+    r = run(cli(data, "pretrain", alone), 300, env=ENV)
+    assert r.returncode == 1 and "no checkpoint in" in r.stderr and "pass --overwrite" in r.stderr, tail(r.stderr)
+
+
 def test_probe_refuses_an_encoder_of_another_store_and_a_replaced_encoder(
     data: Path, reference: dict[str, torch.Tensor], tmp_path: Path
 ) -> None:

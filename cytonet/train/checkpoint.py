@@ -20,8 +20,8 @@ fingerprint        hash of ``identity``
 =================  =====================================================================================
 
 Writing: rank 0 writes ``ckpt-<step>.pt`` through a temporary file, ``fsync`` and ``os.replace``, then fsyncs the
-folder and deletes all but the newest ``keep`` checkpoints. Reading: :func:`latest_checkpoint` finds the newest
-complete one; :func:`load_checkpoint` checks version, kind and identity before anything is loaded into the
+folder and deletes all but the newest ``keep`` checkpoints. Reading: :func:`readable_checkpoint` finds the newest
+one that can be read; :func:`load_checkpoint` checks version, kind and identity before anything is loaded into the
 model, so a wrong checkpoint is refused whole, never loaded half. Settings outside the identity (logging,
 checkpoint cadence, loader workers, the inference and analysis sections) may change between a run and its
 resumption.
@@ -133,6 +133,45 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` cannot be a checkpoint (its structure read, memory-mapped: the tensors are not), or None."""
+    try:
+        if path.stat().st_size == 0:
+            return "an empty file"
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        if "mmap" not in str(exc):
+            return _load_error(exc)
+        try:  # not a zip archive, which mmap needs: a plain load says what it is instead
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as plain:
+            return _load_error(plain)
+    return None if isinstance(state, dict) and "format_version" in state else "not a cytonet checkpoint"
+
+
+def _load_error(exc: Exception) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]  # torch's unpickling errors run to a page
+    return f"{exc.__class__.__name__}: {first or 'an empty or cut-short file'}"
+
+
+def readable_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint in ``run_dir`` that can be read: one damaged since it was written (they are written
+    atomically: a disk error, a copy cut short) is passed over, with a warning, for the one before it. Raises
+    :class:`CheckpointError` when there are checkpoints and none can be read."""
+    found = list_checkpoints(run_dir)
+    for path in reversed(found):
+        why = _unreadable(path)
+        if why is None:
+            return path
+        log.warning("checkpoint %s cannot be read (%s): resuming from an older one, if any", path, why)
+    if found:
+        raise CheckpointError(
+            f"no checkpoint in {run_dir} can be read (the newest, {found[-1].name}: {_unreadable(found[-1])}); "
+            "pass --overwrite to train again"
+        )
+    return None
+
+
 def torch_save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` through a temporary file (``<name>.tmp<pid>``), fsync, rename and a folder fsync: a reader
     sees the whole file or none, after a killed process or a lost node alike."""
@@ -176,7 +215,7 @@ def load_checkpoint(path: Path, *, kind: str, identity: dict[str, Any], config: 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path} cannot be read: {exc.__class__.__name__}: {exc}") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read: {_load_error(exc)}") from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not a cytonet checkpoint")
     if state["format_version"] != FORMAT_VERSION:

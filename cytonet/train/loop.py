@@ -256,7 +256,7 @@ def _shared_view(
         identity = training_identity(cfg, kind, store, file_sha256(encoder) if encoder is not None else None)
         if fresh:
             return identity, None, None, None
-        found = ckpt.latest_checkpoint(out)
+        found = ckpt.readable_checkpoint(out)
         done = _finished(out)
         results = (ENCODER_FILE,) if kind == "pretrain" else (ENCODER_FILE, MODEL_FILE)
         missing = [name for name in results if not (out / name).is_file()] if done is not None else []
