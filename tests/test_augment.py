@@ -25,6 +25,7 @@ from cytonet.data.augment import (
     sample_params,
 )
 from cytonet.data.patches import PatchGeometry, stored_edge_px
+from cytonet.errors import ConfigError
 
 PIXEL_UM = 8.0
 
@@ -230,8 +231,10 @@ def test_augmenter_refuses_patches_without_margin() -> None:
     BatchAugmenter(load_config(None, ["augment.shift_max_mm=0.04"]).augment, geometry, 33)
     with pytest.raises(ValueError, match="shift_max_mm"):
         BatchAugmenter(AugmentConfig(), geometry, 33)  # 0.2 mm needs a larger stored patch
-    with pytest.raises(ValueError, match="patch_size_px"):
+    with pytest.raises(ValueError, match="patch_size_px") as info:
         BatchAugmenter(load_config(None, ["augment.shift_max_mm=0.04"]).augment, geometry, 65)
+    # A settings error: the CLI reports it in one line with exit 2, not as an "unexpected ValueError".
+    assert isinstance(info.value, ConfigError)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -186,7 +186,7 @@ def test_resuming_with_another_number_of_ranks_is_refused(
     cmd = torchrun("--standalone", "--nproc_per_node=2") + ["pretrain", str(data / "base.yaml"), "--out", str(out)]
     r = run(cmd, 300, env=ENV)
     assert r.returncode != 0
-    assert r.stderr.count("was written by 1 ranks, this run has 2") == 2, tail(r.stderr)
+    assert r.stderr.count("was written by 1 rank, this run has 2") == 2, tail(r.stderr)
 
 
 def test_two_simulated_nodes(data: Path) -> None:
@@ -741,3 +741,14 @@ def test_training_log_keeps_each_step_once_across_a_resumption(tmp_path: Path) -
     progress.close()
     rows = (tmp_path / "train-log.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in rows] == ["step", "1", "2", "3"] and all(len(r.split(",")) == 5 for r in rows)
+
+
+def test_a_done_file_of_the_wrong_shape_is_named(tmp_path: Path) -> None:
+    """A hand-edited DONE used to end in an "unexpected TypeError"; it is named as not a DONE file."""
+    from cytonet.errors import CytonetError
+    from cytonet.train.loop import _finished
+
+    for content in ('{"identity": 5}', "[1, 2]"):
+        (tmp_path / "DONE").write_text(content)
+        with pytest.raises(CytonetError, match=r"DONE is not a cytonet DONE file; pass --overwrite"):
+            _finished(tmp_path)

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from cytonet.config import AugmentConfig
 from cytonet.data import rng
 from cytonet.data.patches import PatchGeometry, stored_edge_px
+from cytonet.errors import ConfigError
 
 _TAG = 31
 #: Order of the uniform numbers drawn per sample.
@@ -244,6 +245,11 @@ def center_crop(patches: torch.Tensor, crop_px: int) -> torch.Tensor:
     return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
 
 
+class PatchMarginError(ConfigError, ValueError):
+    """The store's patches are too small for the crop, shift and blur the settings ask for: a settings error
+    (the CLI says so in one line, exit 2); still a ValueError, as it was."""
+
+
 class BatchAugmenter:
     """Augments collated batches on their device: ``augmenter(patches, index, epoch) -> (B, 1, P, P)``.
 
@@ -258,7 +264,7 @@ class BatchAugmenter:
         shift_mm = cfg.shift_max_mm if cfg.enabled else 0.0
         if not geometry.allows(crop_px, shift_mm, self.pad_px):
             need = stored_edge_px(crop_px, shift_mm * 1000.0 / geometry.pixel_size_um, self.pad_px)
-            raise ValueError(
+            raise PatchMarginError(
                 f"stored patches of {geometry.stored_px} px are too small for a {crop_px} px crop shifted by up to "
                 f"{shift_mm} mm with blur radius {self.pad_px} px (needs {need} px); extract again with these "
                 f"settings, or lower model.patch_size_px / augment.shift_max_mm"

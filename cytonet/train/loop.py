@@ -236,7 +236,7 @@ def _finished(out: Path) -> dict[str, Any] | None:
         done = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise CytonetError(f"{path} cannot be read ({exc}); pass --overwrite to train again") from None
-    if not isinstance(done, dict):
+    if not isinstance(done, dict) or not isinstance(done.get("identity", {}), dict):
         raise CytonetError(f"{path} is not a cytonet DONE file; pass --overwrite to train again")
     return done
 
@@ -470,7 +470,8 @@ def _run(
         rngs = state["rng"]
         if len(rngs) != env.world_size:  # before the loader, whose position is per rank
             raise ckpt.CheckpointError(
-                f"{latest} was written by {len(rngs)} ranks, this run has {env.world_size}; "
+                f"{latest} was written by {len(rngs)} rank{'s' if len(rngs) > 1 else ''}, this run has "
+                f"{env.world_size}; "
                 "resume with the same number of processes"
             )
         raw_model.load_state_dict(state["model"], strict=True)
