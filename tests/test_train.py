@@ -752,3 +752,29 @@ def test_a_done_file_of_the_wrong_shape_is_named(tmp_path: Path) -> None:
         (tmp_path / "DONE").write_text(content)
         with pytest.raises(CytonetError, match=r"DONE is not a cytonet DONE file; pass --overwrite"):
             _finished(tmp_path)
+
+
+def test_an_encoder_replaced_while_a_probe_starts_is_refused(
+    data: Path, reference: dict[str, torch.Tensor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe records its encoder's hash, then loads the weights: the two used to come from two reads, so an
+    encoder replaced in between (a pretraining finishing) was trained on while DONE named the old one."""
+    import cytonet.train.loop as loop
+    from cytonet.distributed import DistEnv
+    from cytonet.errors import CytonetError
+
+    enc = tmp_path / "enc"
+    shutil.copytree(data / "ref", enc)
+    real = loop.build_loader
+
+    def replace_then_build(*args: Any, **kwargs: Any) -> Any:
+        state = torch.load(enc / "encoder.pt", weights_only=True)
+        next(iter(state["encoder"].values())).add_(1.0)
+        torch.save(state, enc / "encoder.pt")  # after the hash, before the weights are loaded
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "build_loader", replace_then_build)
+    cfg = load_config(data / "base.yaml", [f"probe.encoder_from={enc}"])
+    with pytest.raises(CytonetError, match=r"encoder.pt was replaced while this stage started"):
+        loop.run_stage(cfg, DistEnv(), "probe", out=tmp_path / "probe")
+    assert not (tmp_path / "probe" / "DONE").exists()

@@ -31,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import hashlib
+import io
 import json
 import logging
 import math
@@ -111,14 +113,18 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def load_encoder_file(path: Path, key: str = "probe.encoder_from") -> dict[str, Any]:
+def load_encoder_file(path: Path, key: str = "probe.encoder_from", sha256: str | None = None) -> dict[str, Any]:
     """An ``encoder.pt`` written by a finished stage: ``encoder`` (state dict), ``config``, and from this
     version on ``patch_store`` (the manifest hash of the store it was trained on). ``key``: the setting that
-    names it, for the error when it is missing."""
+    names it, for the error when it is missing. ``sha256``: the hash the run recorded for it; the bytes loaded
+    must have it (the file may have been replaced since it was hashed)."""
     if not path.is_file():
         raise CytonetError(f"{path} does not exist: run `cytonet pretrain` to the end first ({key})")
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise CytonetError(f"{path} was replaced while this stage started (a pretraining finishing?); run it again")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
         first = (str(exc).strip().splitlines() or [""])[0]  # torch's unpickling errors run to a page
         raise CytonetError(f"{path} cannot be read as an encoder file: {exc.__class__.__name__}: {first}") from None
@@ -195,13 +201,15 @@ def training_identity(cfg: Config, kind: Kind, store: PatchStore, encoder_sha256
     return identity
 
 
-def _build_model(cfg: Config, kind: Kind, n_classes: int, store: PatchStore) -> nn.Module:
+def _build_model(cfg: Config, kind: Kind, n_classes: int, store: PatchStore, encoder_sha256: str | None) -> nn.Module:
+    """The stage's model; for a probe or scratch.init_from, with the encoder file of hash ``encoder_sha256`` (the
+    run's identity: the weights loaded are the ones it names)."""
     if kind == "pretrain":
         return build_siamese_model(cfg.model) if cfg.loss.kind == "siamese" else build_contrastive_model(cfg.model)
     model = build_classifier(cfg.model, n_classes, freeze_encoder=kind == "probe")
     path = _encoder_path(cfg, kind)
     if path is not None:
-        state = load_encoder_file(path, _ENCODER_KEYS[kind])
+        state = load_encoder_file(path, _ENCODER_KEYS[kind], encoder_sha256)
         check_encoder_store(path, state, store)
         weights = state["encoder"]
         try:
@@ -432,7 +440,7 @@ def _run(
         total_steps = min(total_steps, tcfg.max_steps)
 
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
-    model = _build_model(cfg, kind, len(class_names), store).to(device)
+    model = _build_model(cfg, kind, len(class_names), store, identity.get("encoder")).to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if env.is_distributed and cfg.dist.sync_batchnorm and kind != "probe":
