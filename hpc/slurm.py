@@ -17,6 +17,7 @@ Quoting: every value that reaches the shell (interpreter, config path, overrides
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shlex
 import subprocess
@@ -39,6 +40,8 @@ DEFAULT_STAGES = ("pretrain", "probe", "infer")
 #: The order of a pipeline's stages: each needs the output of those before it (probe and scratch: either way).
 STAGE_ORDER = {"extract": 0, "pretrain": 1, "probe": 2, "scratch": 2, "infer": 3}
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+#: How long sbatch may take to answer (a controller under load answers in seconds).
+SBATCH_TIMEOUT_S = 120
 
 
 class SlurmError(CytonetError):
@@ -131,6 +134,18 @@ def _fill(template: str, values: dict[str, str], name: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _logical_cwd() -> Path:
+    """The current folder as the shell names it (``$PWD``, through symbolic links, which may be the name that
+    holds on the compute nodes), else as the kernel does."""
+    pwd = os.environ.get("PWD", "")
+    try:
+        if os.path.isabs(pwd) and os.path.samefile(pwd, "."):
+            return Path(pwd)
+    except OSError:
+        pass
+    return Path.cwd()
+
+
 def render(
     kind: str,
     profile: SiteProfile,
@@ -151,7 +166,7 @@ def render(
     config = Path(config_path).resolve()
     cfg = load_config(config, list(overrides))
     log_dir = cfg.resolve_path("slurm").resolve()
-    workdir = Path.cwd()  # what relative paths in the config and overrides are relative to
+    workdir = _logical_cwd()  # what relative paths in the config and overrides are relative to
     if "%" in str(log_dir):  # sbatch would expand it in --output, into a folder nobody created
         raise ConfigError(f"run.root_dir: the log folder {log_dir} holds a '%', which sbatch expands in --output")
     is_array = kind in ARRAY_KINDS
@@ -214,9 +229,14 @@ def sbatch(
         cmd += [f"--dependency=afterok:{after_ok}", "--kill-on-invalid-dep=yes"]
     cmd += [*extra] if text is not None else [*extra, str(script)]
     try:
-        r = subprocess.run(cmd, input=text, capture_output=True, text=True, timeout=120, check=False)
+        r = subprocess.run(cmd, input=text, capture_output=True, text=True, timeout=SBATCH_TIMEOUT_S, check=False)
     except FileNotFoundError:
         raise SlurmError("sbatch is not installed here: submit from a SLURM login node") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmError(
+            f"`{shlex.join(cmd)}` gave no answer in {SBATCH_TIMEOUT_S} s (a busy controller?): the job may have been "
+            "submitted; look with squeue before submitting again"
+        ) from None
     if r.returncode != 0:
         said = " / ".join(line.strip() for line in r.stderr.strip().splitlines())  # one line, as CLI errors are
         raise SlurmError(f"`{shlex.join(cmd)}` failed ({r.returncode}): {said}")
@@ -258,6 +278,9 @@ def submit_jobs(jobs: Sequence[RenderedJob], script_names: Sequence[Path]) -> li
     jobs submitted before it and leaves the scripts already there as they were (a resubmission of failed array
     tasks uses them); :class:`SlurmError` says which jobs were cancelled. Log folders are created first: a job
     whose log folder is missing fails without a word."""
+    for path in script_names:  # before anything is submitted
+        if Path(path).is_dir():
+            raise UsageError(f"--write {path}: that is a folder; give the script's file name")
     submitted: list[SubmittedStage] = []
     previous: str | None = None
     try:
@@ -265,17 +288,17 @@ def submit_jobs(jobs: Sequence[RenderedJob], script_names: Sequence[Path]) -> li
             job.log_dir.mkdir(parents=True, exist_ok=True)
             previous = sbatch(path, after_ok=previous, text=job.script)
             submitted.append(SubmittedStage(job.kind, previous, Path(path)))
-    except SlurmError as exc:
+        for job, stage in zip(jobs, submitted):
+            write_script(job, stage.script)
+    except (SlurmError, OSError) as exc:
         if not submitted:
             raise
         ids = [s.job_id for s in submitted]
-        r = subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=120, check=False)
+        r = subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=SBATCH_TIMEOUT_S, check=False)
         done = "cancelled" if r.returncode == 0 else f"could not cancel them ({r.stderr.strip()}): scancel"
         raise SlurmError(
-            f"{exc}; {done} the stages submitted before it: " + ", ".join(f"{s.kind} {s.job_id}" for s in submitted)
+            f"{exc}; {done} the jobs submitted: " + ", ".join(f"{s.kind} {s.job_id}" for s in submitted)
         ) from None
-    for job, stage in zip(jobs, submitted):
-        write_script(job, stage.script)
     return submitted
 
 

@@ -267,7 +267,7 @@ def test_a_shard_another_process_is_writing_is_left_to_it(sections: Path, refere
 
 def test_overwrite_waits_for_no_reader_of_the_store(sections: Path, tmp_path: Path) -> None:
     """A store a training run reads (its readers' lock held shared) is not deleted by extract --overwrite."""
-    from cytonet.data.patches import READERS_LOCK, reading_store
+    from cytonet.data.patches import READERS_LOCK, reading_store, rewriting_store
 
     out = tmp_path / "p"
     cfg = make_cfg(*SMALL)
@@ -277,7 +277,14 @@ def test_overwrite_waits_for_no_reader_of_the_store(sections: Path, tmp_path: Pa
         with pytest.raises(OutputExistsError, match=r"being read by a training run right now"):
             run_extract(cfg, out, sections_dir=sections, overwrite=True)
         assert sorted(p.name for p in out.iterdir() if p.name != READERS_LOCK) == before
+    # The rewrite holds the lock throughout, and keeps its file: deleted, a reader would lock a new file beside it.
+    inode = (out / READERS_LOCK).stat().st_ino
+    with rewriting_store(out, "extract --overwrite"):
+        with pytest.raises(OutputExistsError, match=r"pretrain: the patch store .* is being rewritten"):
+            with reading_store(out, "pretrain"):
+                pass
     assert run_extract(cfg, out, sections_dir=sections, overwrite=True).manifest is not None
+    assert (out / READERS_LOCK).stat().st_ino == inode
 
 
 def test_rerun_with_other_settings_is_refused(sections: Path, tmp_path: Path) -> None:

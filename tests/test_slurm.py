@@ -212,7 +212,7 @@ def test_a_refused_submission_cancels_the_stages_before_it_and_keeps_the_scripts
     )  # fmt: skip
     assert r.returncode == 1 and r.stdout == "", r.stderr
     message = r.stderr.strip().splitlines()[-1]  # the error is one line
-    assert message.startswith("cytonet: error: `sbatch") and "cancelled the stages submitted before it" in message
+    assert message.startswith("cytonet: error: `sbatch") and "cancelled the jobs submitted" in message
     ids = re.findall(r"(pretrain|probe) (\d+)", message.split("cancelled", 1)[1])
     assert [kind for kind, _ in ids] == ["pretrain", "probe"], message
     wait_gone([job for _, job in ids])

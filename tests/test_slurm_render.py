@@ -536,8 +536,9 @@ def test_slurm_cli_refuses_what_it_would_ignore_or_misorder(tmp_path: Path, caps
     assert "--write is for one job" in capsys.readouterr().err
     assert main(["slurm", "pretrain", str(config), "--profile", str(EXAMPLE), "--array", "3"]) == 2
     assert "--array is for extract and infer, not pretrain" in capsys.readouterr().err
-    assert main(["slurm", "probe", str(config), "--profile", str(EXAMPLE), "--write", str(tmp_path)]) == 2
-    assert f"--write {tmp_path}: that is a folder" in capsys.readouterr().err
+    for submit in ([], ["--submit"]):  # with --submit: refused before sbatch, not after (the job left queued)
+        assert main(["slurm", "probe", str(config), "--profile", str(EXAMPLE), "--write", str(tmp_path), *submit]) == 2
+        assert f"--write {tmp_path}: that is a folder" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     # Printing only: the script on stdout, and a note that its log folder must exist before sbatch.
     assert main(["slurm", "probe", str(config), "--profile", str(EXAMPLE)]) == 0

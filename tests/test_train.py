@@ -348,8 +348,9 @@ def test_a_preemption_signal_outside_the_steps_is_not_fatal(
     data: Path, reference: dict[str, torch.Tensor], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SIGUSR1 while a stage sets up makes it checkpoint and stop for requeue at the first step boundary; after its
-    last step, it lets the stage finish. (The handlers used to cover the steps only: the signal's default action
-    killed the process, and no requeue followed.) In process, with the signal sent at those points."""
+    last step, before the next evaluation, and the requeued run evaluates without a step. (The handlers used to
+    cover the steps only: the signal's default action killed the process.) In process, with the signal sent at
+    those points."""
     import cytonet.train.loop as loop
     from cytonet.distributed import DistEnv
     from cytonet.train.preempt import Preempted
@@ -366,11 +367,16 @@ def test_a_preemption_signal_outside_the_steps_is_not_fatal(
         with pytest.raises(Preempted):
             loop.run_stage(load_config(data / "base.yaml"), DistEnv(), "pretrain", out=tmp_path / "pre")
     assert latest_checkpoint(tmp_path / "pre") is not None and not (tmp_path / "pre" / "DONE").exists()
+    cfg = load_config(data / "base.yaml", [f"probe.encoder_from={data / 'ref'}"])
     with monkeypatch.context() as mp:
         mp.setattr(loop, "predict", signal_first(loop.predict))  # the evaluation after the last step
-        cfg = load_config(data / "base.yaml", [f"probe.encoder_from={data / 'ref'}"])
-        loop.run_stage(cfg, DistEnv(), "probe", out=tmp_path / "probe")
-    assert (tmp_path / "probe" / "DONE").is_file()
+        with pytest.raises(Preempted) as info:
+            loop.run_stage(cfg, DistEnv(), "probe", out=tmp_path / "probe")
+    final = latest_checkpoint(tmp_path / "probe")
+    assert final is not None and info.value.step == int(final.stem.split("-")[1]) > 0
+    assert not (tmp_path / "probe" / "DONE").exists()
+    loop.run_stage(cfg, DistEnv(), "probe", out=tmp_path / "probe")  # the requeued run: evaluation only
+    assert (tmp_path / "probe" / "DONE").is_file() and latest_checkpoint(tmp_path / "probe") == final
 
 
 def test_a_finished_run_missing_its_results_writes_them_again_from_its_last_checkpoint(
@@ -412,6 +418,14 @@ def test_a_damaged_newest_checkpoint_gives_way_to_the_one_before(
     assert f"{newest.name} cannot be read (an empty file)" in r.stderr, tail(r.stderr)
     assert f"resumed from {older.name}" in r.stderr
     assert_bitwise_equal(final_state(out), reference)
+    # Set aside, the damaged file no longer counts among the newest kept (it got the new ones pruned).
+    assert (out / (newest.name + ".damaged")).read_bytes() == b""
+    assert [p.name for p in list_checkpoints(out)] == [older.name, newest.name]
+    # A finished run reads no checkpoint: damaged ones do not stop its rerun from being skipped.
+    for p in list_checkpoints(out):
+        p.write_bytes(b"")
+    r = run(cli(data, "pretrain", out), 300, env=ENV)
+    assert r.returncode == 0 and "already holds a finished run" in r.stderr, tail(r.stderr)
     alone = tmp_path / "alone"
     alone.mkdir()
     (alone / newest.name).write_bytes(b"junk" * 100)

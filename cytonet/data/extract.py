@@ -52,6 +52,7 @@ writing that many patches of that shard, leaving a ``.partial`` shard as a kille
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -717,14 +718,15 @@ def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, sections_
             "extraction's own files: move the others away or choose another --out"
         )
     if overwrite and out.exists():
-        busy = [p.name for p in sorted(out.glob(".*.lock")) if lock_held(p)]  # workers' and shards' locks
+        # workers' and shards' locks (the readers' lock is this rewrite's own)
+        busy = [p.name for p in sorted(out.glob(".*.lock")) if p.name != READERS_LOCK and lock_held(p)]
         if busy:
             raise OutputExistsError(
                 f"extract: {out} is being written by another process right now (it holds {out / busy[0]}); "
                 "--overwrite would delete its files: wait for it to finish, or choose another --out"
             )
-        with rewriting_store(out, "extract --overwrite"):  # refused while a training run reads the store
-            for p in out.iterdir():
+        for p in out.iterdir():
+            if p.name != READERS_LOCK:  # held by this rewrite (run_extract): a new file would not exclude readers
                 remove_path(p)  # every entry is an extraction's own (checked above)
     elif settings_path.is_file():
         unreadable = ""
@@ -839,17 +841,21 @@ def run_extract(
     crop = ecfg.patch_size_px if ecfg.patch_size_px is not None else cfg.model.patch_size_px
     geometry = PatchGeometry.for_crop(crop, pixel_um, cfg.augment.shift_max_mm, cfg.augment.blur_radius_px)
     settings = extraction_settings(cfg, entries, geometry)
-    _prepare_out(out, settings, overwrite, src)
-    done = _complete_store(out)
-    if done is not None:  # these settings (checked above), every shard there: write nothing (a read-only mount)
-        log.info("extract: %s already holds the complete store with these settings; nothing to do", out)
-        return ExtractResult(out, done, 0, done, out / MANIFEST)
-    # This worker's share has one writer: the same task launched twice (an array resubmitted while it runs)
-    # is refused instead of both writing the same shards.
-    with step_lock(out, f"extract worker {worker} of {n_workers}", name=worker_lock_name(worker, n_workers)):
-        return _extract(
-            cfg, out, src, entries, names, factor, geometry, settings, worker, n_workers, workers, who, started
-        )
+    with contextlib.ExitStack() as rewriting:
+        if overwrite and out.is_dir() and all(_is_ours(p) for p in out.iterdir()):  # (else refused below)
+            # No training run may read the store while it is deleted and rewritten.
+            rewriting.enter_context(rewriting_store(out, "extract --overwrite"))
+        _prepare_out(out, settings, overwrite, src)
+        done = _complete_store(out)
+        if done is not None:  # these settings (checked above), every shard there: write nothing (a read-only mount)
+            log.info("extract: %s already holds the complete store with these settings; nothing to do", out)
+            return ExtractResult(out, done, 0, done, out / MANIFEST)
+        # This worker's share has one writer: the same task launched twice (an array resubmitted while it runs)
+        # is refused instead of both writing the same shards.
+        with step_lock(out, f"extract worker {worker} of {n_workers}", name=worker_lock_name(worker, n_workers)):
+            return _extract(
+                cfg, out, src, entries, names, factor, geometry, settings, worker, n_workers, workers, who, started
+            )
 
 
 def _complete_store(out: Path) -> int | None:

@@ -233,51 +233,65 @@ def try_exclusive_lock(path: Path) -> Iterator[bool]:
 
 
 #: A patch store's readers' lock: training stages hold it shared while they read the store, an extraction
-#: with --overwrite takes it exclusively before it deletes the store (:func:`reading_store`, :func:`rewriting_store`).
+#: with --overwrite holds it exclusively while it deletes and rewrites the store (:func:`reading_store`,
+#: :func:`rewriting_store`). It is never deleted (a reader would lock a new file beside the deleted one).
 READERS_LOCK = ".cytonet-readers.lock"
 
 
+def _readers_lock_fd(store: Path) -> int | None:
+    """A descriptor of ``store``'s readers' lock, created if missing; read-only, as flock needs no more (the file
+    may be another user's). None where it cannot be had: no store folder, a read-only one without the file."""
+    if not store.is_dir():
+        return None
+    try:
+        return os.open(store / READERS_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        return None  # read-only: nobody rewrites it from here either
+
+
 @contextlib.contextmanager
-def reading_store(store: Path, what: str) -> Iterator[None]:
-    """Hold ``store``'s readers' lock shared while ``what`` (a training stage) reads it, so that an extraction
-    cannot replace the store under it: its labels, read at the start, would be paired with other pixels. A
-    store that is missing, read-only or on a file system without locks is read unguarded."""
-    lock = store / READERS_LOCK
+def _readers_lock(store: Path, mode: int, refusal: str) -> Iterator[None]:
+    """Hold ``store``'s readers' lock in ``mode`` (LOCK_SH or LOCK_EX) without waiting, else raise
+    :class:`OutputExistsError` with ``refusal``; unguarded where the file system has no locks."""
+    fd = _readers_lock_fd(store)
     try:
-        fh = open(lock, "a+") if store.is_dir() else None  # held for the block, closed below
-    except OSError as exc:  # read-only, or not ours to write: nobody replaces it from here either
-        log.debug("%s: no readers' lock on %s (%s)", what, store, exc)
-        fh = None
-    try:
-        if fh is not None:
+        if fd is not None:
             try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise OutputExistsError(
-                    f"{what}: the patch store {store} is being rewritten by an extraction right now (it holds "
-                    f"{lock}); wait for it to finish"
-                ) from None
+                raise OutputExistsError(refusal) from None
             except OSError as exc:
                 if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                     raise
         yield
     finally:
-        if fh is not None:
-            fh.close()
+        if fd is not None:
+            os.close(fd)
 
 
-@contextlib.contextmanager
-def rewriting_store(store: Path, what: str) -> Iterator[None]:
-    """Hold ``store``'s readers' lock exclusively while ``what`` deletes and rewrites it; refused while a
-    training stage reads the store (:func:`reading_store`)."""
-    with try_exclusive_lock(store / READERS_LOCK) as mine:
-        if not mine:
-            raise OutputExistsError(
-                f"{what}: the patch store {store} is being read by a training run right now (it holds "
-                f"{store / READERS_LOCK}); --overwrite would replace its patches under it: wait for it to finish, "
-                "or extract into another --out"
-            )
-        yield
+def reading_store(store: Path, what: str) -> contextlib.AbstractContextManager[None]:
+    """Hold ``store``'s readers' lock shared while ``what`` (a training stage) reads it, so that an extraction
+    cannot replace the store under it: its labels, read at the start, would be paired with other pixels."""
+    return _readers_lock(
+        store,
+        fcntl.LOCK_SH,
+        f"{what}: the patch store {store} is being rewritten by an extraction right now (it holds "
+        f"{store / READERS_LOCK}); wait for it to finish",
+    )
+
+
+def rewriting_store(store: Path, what: str) -> contextlib.AbstractContextManager[None]:
+    """Hold ``store``'s readers' lock exclusively while ``what`` deletes and rewrites it; refused while a training
+    stage reads the store (:func:`reading_store`)."""
+    return _readers_lock(
+        store,
+        fcntl.LOCK_EX,
+        f"{what}: the patch store {store} is being read by a training run right now (it holds "
+        f"{store / READERS_LOCK}); --overwrite would replace its patches under it: wait for it to finish, or "
+        "extract into another --out",
+    )
 
 
 @contextlib.contextmanager

@@ -154,19 +154,30 @@ def _load_error(exc: Exception) -> str:
     return f"{exc.__class__.__name__}: {first or 'an empty or cut-short file'}"
 
 
+#: Suffix a damaged checkpoint is renamed with (kept for a look, out of the way of the run's checkpoints).
+DAMAGED_SUFFIX = ".damaged"
+
+
 def readable_checkpoint(run_dir: Path) -> Path | None:
     """The newest checkpoint in ``run_dir`` that can be read: one damaged since it was written (they are written
-    atomically: a disk error, a copy cut short) is passed over, with a warning, for the one before it. Raises
-    :class:`CheckpointError` when there are checkpoints and none can be read."""
+    atomically: a disk error, a copy cut short) is passed over, with a warning, for the one before it, and set
+    aside as ``<name>.damaged`` (the caller holds the run folder's lock): left in place, it would count among
+    the newest checkpoints kept and get the new ones pruned. Raises :class:`CheckpointError` when there are
+    checkpoints and none can be read."""
     found = list_checkpoints(run_dir)
     for path in reversed(found):
         why = _unreadable(path)
         if why is None:
             return path
         log.warning("checkpoint %s cannot be read (%s): resuming from an older one, if any", path, why)
+        if path != found[0]:  # the oldest stays, for the message below if none can be read
+            try:
+                path.replace(path.with_name(path.name + DAMAGED_SUFFIX))
+            except OSError as exc:  # a read-only folder: the run cannot write there anyway
+                log.warning("could not set %s aside: %s", path, exc)
     if found:
         raise CheckpointError(
-            f"no checkpoint in {run_dir} can be read (the newest, {found[-1].name}: {_unreadable(found[-1])}); "
+            f"no checkpoint in {run_dir} can be read ({found[0].name}: {_unreadable(found[0])}); "
             "pass --overwrite to train again"
         )
     return None

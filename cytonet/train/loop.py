@@ -264,10 +264,11 @@ def _shared_view(
         identity = training_identity(cfg, kind, store, file_sha256(encoder) if encoder is not None else None)
         if fresh:
             return identity, None, None, None
-        found = ckpt.readable_checkpoint(out)
         done = _finished(out)
         results = (ENCODER_FILE,) if kind == "pretrain" else (ENCODER_FILE, MODEL_FILE)
         missing = [name for name in results if not (out / name).is_file()] if done is not None else []
+        # A finished run needs no checkpoint read (its checkpoints may be gone or damaged); others resume from one.
+        found = ckpt.latest_checkpoint(out) if done is not None and not missing else ckpt.readable_checkpoint(out)
         if missing and found is None:
             raise CytonetError(
                 f"{out} holds a finished {kind} run (DONE) without its {' and '.join(missing)}, and no checkpoint "
@@ -323,9 +324,10 @@ def run_stage(
     out = out or stage_dir(cfg, kind)
     if cfg.run.reuse_host_memory:
         reuse_freed_memory()  # before the process group's and the loader's threads start
-    # The preemption signals are caught for the whole stage, not only its steps: one that comes while the stage
-    # sets up is acted on at the first step boundary (checkpoint, requeue status); one that comes after the last
-    # step lets the stage finish (evaluation and results), instead of killing it by the signal's default action.
+    # The preemption signals are caught for the whole stage, not only its steps, instead of killing a rank by the
+    # signal's default action: one that comes while the stage sets up is acted on at the first step boundary,
+    # one after the last step before each evaluation (checkpoint, requeue status); while the results are written
+    # (seconds), the stage finishes.
     flag = PreemptionFlag(tcfg.preempt_signals).__enter__()
     try:
         device = distributed.init_distributed(env, cfg.dist)
@@ -342,13 +344,14 @@ def run_stage(
                 try:
                     check_run_folder(cfg, kind, out)
                     held.enter_context(step_lock(out, kind, "trained"))
+                    # The ranks read the patch store from here on: no extraction may replace it meanwhile (rank
+                    # 0's shared lock is enough to keep one out; ranks on other nodes may not share flocks).
+                    held.enter_context(reading_store(cfg.resolve_path(cfg.extract.out_dir), kind))
                 except (CytonetError, OSError) as exc:
                     error = str(exc)
             error = distributed.all_gather_object(error)[0]
             if error:
                 raise CytonetError(error)
-            # Every rank reads the patch store from here on: an extraction must not replace it meanwhile.
-            held.enter_context(reading_store(cfg.resolve_path(cfg.extract.out_dir), kind))
             return _run(cfg, env, kind, tcfg, out, device, resume, fresh, flag)
     except BaseException as exc:
         # Free the stage's model (DDP holds the process group), loader and buffers now, while the group is up:
@@ -440,7 +443,20 @@ def _run(
         total_steps = min(total_steps, tcfg.max_steps)
 
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
-    model = _build_model(cfg, kind, len(class_names), store, identity.get("encoder")).to(device)
+    # Each rank loads the encoder file itself: all learn whether any failed (it may have been replaced between
+    # two ranks' reads), so that none goes on into DDP's collectives alone.
+    built: nn.Module | None = None
+    failed: CytonetError | None = None
+    try:
+        built = _build_model(cfg, kind, len(class_names), store, identity.get("encoder"))
+    except CytonetError as exc:
+        failed = exc
+    problem = next((p for p in distributed.all_gather_object(None if failed is None else str(failed)) if p), None)
+    if failed is not None:
+        raise failed
+    if problem is not None or built is None:
+        raise CytonetError(problem or f"{kind}: the model could not be built")
+    model = built.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if env.is_distributed and cfg.dist.sync_batchnorm and kind != "probe":
@@ -582,10 +598,15 @@ def _run(
                 epoch += 1  # the epoch ran out (a checkpoint taken on its last batch resumes right here)
 
     save(step, epoch)
-    if flag.requested:
-        log.warning(
-            "%s: %s came after the last step: finishing the stage (evaluation and results)", kind, flag.received
-        )
+
+    def stop_if_preempted() -> None:
+        """After the last step, between checkpoint and evaluations: stop for requeue if any rank saw a signal
+        (the requeued job resumes from the final checkpoint, runs no step, and evaluates)."""
+        requested = torch.tensor([float(flag.requested)], device=device)
+        if float(distributed.all_reduce_sum(requested).item()) > 0:
+            raise Preempted(tcfg.requeue_exit_code, step)
+
+    stop_if_preempted()
     metrics: dict[str, dict[str, float]] = {}
     if kind != "pretrain":
         if env.is_distributed:
@@ -595,6 +616,7 @@ def _run(
         for split in EVAL_SPLITS:
             if split not in store.splits:
                 continue
+            stop_if_preempted()
             scores, labels, _ = predict(raw_model, make_loader(split, train=False), mp.autocast)
             bad = int((~np.isfinite(scores).all(axis=1)).sum())  # the same gathered scores on every rank
             if bad:
