@@ -335,9 +335,11 @@ def _job_failure(job: submitit.Job[Any], exc: Exception) -> str:
         reason = errors[-1].removeprefix("cytonet: error:").strip() if errors else ""
     except OSError:
         pass
-    lines = [line.strip() for line in str(exc).strip().splitlines()]
-    raised = [line for line in lines if "Error: " in line]  # the job's exception, inside submitit's trace
-    return f"{reason or (raised or lines or [type(exc).__name__])[-1 if raised else 0]} (log: {err})"
+    if not reason:
+        lines = [line.strip() for line in str(exc).strip().splitlines()]
+        raised = [line for line in lines if "Error: " in line]  # the job's exception, inside submitit's trace
+        reason = raised[-1] if raised else lines[0] if lines else type(exc).__name__
+    return f"{reason} (log: {err})"
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -381,7 +383,7 @@ def _submit_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_slurm(args: argparse.Namespace) -> int:
     from hpc.site import load_profile
-    from hpc.slurm import ARRAY_KINDS, render, submit_jobs, submit_pipeline, write_script
+    from hpc.slurm import check_array_kind, render, submit_jobs, submit_pipeline, write_script
 
     profile = load_profile(args.profile)
     if args.kind == "pipeline":
@@ -391,8 +393,7 @@ def cmd_slurm(args: argparse.Namespace) -> int:
         for stage in submit_pipeline(profile, args.config, args.overrides, stages=stages, array_tasks=args.array):
             print(f"{stage.kind} {stage.job_id} {stage.script}")
         return EXIT_OK
-    if args.array is not None and args.kind not in ARRAY_KINDS:
-        raise UsageError(f"--array is for {' and '.join(ARRAY_KINDS)}, not {args.kind}")
+    check_array_kind(args.kind, args.array)
     job = render(args.kind, profile, args.config, args.overrides, array_tasks=args.array)
     path = Path(args.write) if args.write else job.log_dir / f"{args.kind}.sbatch"
     if args.submit:

@@ -1,4 +1,5 @@
-"""Pools of worker processes for the steps that spread sections over cores (synth, extract).
+"""Pools of worker processes for the steps that spread sections over cores (synth, extract), and
+:func:`die_with_parent`, which the training loader's workers also call.
 
 Workers are spawned, not forked: zarr runs an event-loop thread and h5py holds library state, which a forked
 child would inherit without the thread (and hang). On Linux each worker asks the kernel to kill it when the

@@ -134,6 +134,12 @@ def _fill(template: str, values: dict[str, str], name: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def check_array_kind(kind: str, array_tasks: int | None) -> None:
+    """Refuse ``--array`` for a kind that is not a job array (it would be ignored)."""
+    if array_tasks is not None and kind not in ARRAY_KINDS:
+        raise UsageError(f"--array is for {' and '.join(ARRAY_KINDS)}, not {kind}")
+
+
 def _logical_cwd() -> Path:
     """The current folder as the shell names it (``$PWD``, through symbolic links, which may be the name that
     holds on the compute nodes), else as the kernel does."""
@@ -204,11 +210,17 @@ def render(
     return RenderedJob(kind, script, log_dir)
 
 
-def write_script(job: RenderedJob, path: str | Path) -> Path:
-    """Write the script (mode 0755) and create its log folder; returns the path."""
+def _script_file(path: str | Path) -> Path:
+    """``path`` as a script's file name; a folder is refused (``--write DIR``)."""
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"--write {p}: that is a folder; give the script's file name")
+    return p
+
+
+def write_script(job: RenderedJob, path: str | Path) -> Path:
+    """Write the script (mode 0755) and create its log folder; returns the path."""
+    p = _script_file(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     job.log_dir.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
@@ -279,8 +291,7 @@ def submit_jobs(jobs: Sequence[RenderedJob], script_names: Sequence[Path]) -> li
     tasks uses them); :class:`SlurmError` says which jobs were cancelled. Log folders are created first: a job
     whose log folder is missing fails without a word."""
     for path in script_names:  # before anything is submitted
-        if Path(path).is_dir():
-            raise UsageError(f"--write {path}: that is a folder; give the script's file name")
+        _script_file(path)
     submitted: list[SubmittedStage] = []
     previous: str | None = None
     try:

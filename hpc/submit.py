@@ -40,12 +40,10 @@ from cytonet.config import load_config
 from cytonet.errors import CytonetError, UsageError
 from hpc.env import detect
 from hpc.site import SiteProfile
+from hpc.slurm import ARRAY_KINDS, KINDS, TRAIN_KINDS, check_array_kind
 
 log = logging.getLogger(__name__)
 
-TRAIN_COMMANDS = ("pretrain", "probe", "scratch")
-ARRAY_COMMANDS = ("extract", "infer")
-COMMANDS = ("extract", "pretrain", "probe", "scratch", "infer")
 #: Seconds the checkpoint handler leaves before the time limit: USR2 comes up to ~30 s late (slurmctld checks
 #: time limits about every 30 s), and submitit still has to requeue the job after the handler returns.
 CHECKPOINT_MARGIN_S = 60.0
@@ -176,7 +174,7 @@ def _additional(options: Sequence[str]) -> dict[str, Any]:
 
 def make_executor(command: str, profile: SiteProfile, folder: Path, *, local: bool) -> submitit.Executor:
     """The submitit executor for ``command`` with the profile's resources."""
-    train = command in TRAIN_COMMANDS
+    train = command in TRAIN_KINDS
     nodes = profile.pretrain_nodes if command == "pretrain" else 1
     gpus = profile.gpus_per_node if train else (1 if command == "infer" and profile.gpus_per_node else 0)
     tasks = profile.nproc_per_node if train else 1
@@ -210,7 +208,7 @@ def make_executor(command: str, profile: SiteProfile, folder: Path, *, local: bo
         if getattr(profile, key):
             params[key] = getattr(profile, key)
     # Training jobs hold whole nodes (``mem``, possibly 0: all of it); array tasks share them (see hpc.slurm).
-    mem = profile.array_mem if command in ARRAY_COMMANDS else profile.mem
+    mem = profile.array_mem if command in ARRAY_KINDS else profile.mem
     if mem:
         params["mem"] = mem
     if profile.extra_sbatch:
@@ -233,8 +231,9 @@ def submit(
 
     submitit's files (scripts, pickles, logs) go to ``folder`` (default ``<run.root_dir>/submitit``).
     """
-    if command not in COMMANDS:
-        raise UsageError(f"cytonet submit: unknown command {command!r}; use one of {', '.join(COMMANDS)}")
+    if command not in KINDS:
+        raise UsageError(f"cytonet submit: unknown command {command!r}; use one of {', '.join(KINDS)}")
+    check_array_kind(command, array_tasks)
     config = Path(config_path).resolve()
     cfg = load_config(config, list(overrides))  # a bad config fails here, not in the queue
     out = Path(folder) if folder is not None else cfg.resolve_path("submitit")
@@ -246,12 +245,10 @@ def submit(
         profile.python_path,
         checkpoint_wait_s=checkpoint_wait_s(profile.signal_lead_s),
     )
-    if command in ARRAY_COMMANDS:
+    if command in ARRAY_KINDS:
         n = profile.array_tasks if array_tasks is None else array_tasks
         if n < 1:
             raise UsageError(f"--array={n}: an array needs at least 1 task")
         extras = [["--task-id", str(i), "--num-tasks", str(n)] for i in range(n)]
         return executor.map_array(job, extras)
-    if array_tasks is not None:
-        raise UsageError(f"--array is for {' and '.join(ARRAY_COMMANDS)}, not {command}")
     return [executor.submit(job)]

@@ -200,6 +200,12 @@ def lock_held(lock: Path) -> bool:
     return False
 
 
+#: errnos of a lock file that cannot be created or opened for writing: a read-only folder (nobody writes it).
+READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES)
+#: errnos of a file system without flock (Lustre mounted noflock, some NFS): locks cannot guard anything there.
+NO_LOCK_ERRNOS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: Path, blocking: bool = True) -> Iterator[None]:
     """An exclusive advisory lock (flock) on ``path``, created if missing; released on exit, and by the kernel
@@ -226,7 +232,7 @@ def try_exclusive_lock(path: Path) -> Iterator[bool]:
             yield False
             return
         except OSError as exc:
-            if exc.errno not in (errno.EROFS, errno.EACCES, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            if exc.errno not in (*READ_ONLY_ERRNOS, *NO_LOCK_ERRNOS):
                 raise
             log.debug("%s: no lock taken (%s)", path, exc)
         yield True
@@ -246,7 +252,7 @@ def _readers_lock_fd(store: Path) -> int | None:
     try:
         return os.open(store / READERS_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
     except OSError as exc:
-        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+        if exc.errno not in (*READ_ONLY_ERRNOS, errno.EPERM):
             raise
         return None  # read-only: nobody rewrites it from here either
 
@@ -263,7 +269,7 @@ def _readers_lock(store: Path, mode: int, refusal: str) -> Iterator[None]:
             except BlockingIOError:
                 raise OutputExistsError(refusal) from None
             except OSError as exc:
-                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                if exc.errno not in NO_LOCK_ERRNOS:
                     raise
         yield
     finally:
@@ -309,11 +315,11 @@ def step_lock(out: Path, what: str, doing: str = "written", name: str = STEP_LOC
                 "wait for it to finish, or choose another --out"
             ) from None
         except OSError as exc:
-            if exc.errno in (errno.EROFS, errno.EACCES):
+            if exc.errno in READ_ONLY_ERRNOS:
                 # A read-only folder (a finished run on a read-only mount): nobody can write it, so there is
                 # nothing to guard; a step that does have to write fails there, naming the file.
                 log.debug("%s: %s is read-only (%s): no lock taken", what, out, exc)
-            elif exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            elif exc.errno in NO_LOCK_ERRNOS:
                 log.warning("%s: %s has no file locks (%s): a second process would not be refused", what, out, exc)
             else:
                 raise

@@ -141,15 +141,16 @@ def _unreadable(path: Path) -> str | None:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
         if "mmap" not in str(exc):
-            return _load_error(exc)
+            return load_error(exc)
         try:  # not a zip archive, which mmap needs: a plain load says what it is instead
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as plain:
-            return _load_error(plain)
+            return load_error(plain)
     return None if isinstance(state, dict) and "format_version" in state else "not a cytonet checkpoint"
 
 
-def _load_error(exc: Exception) -> str:
+def load_error(exc: Exception) -> str:
+    """``Class: first line`` of an exception from ``torch.load`` (for a file that cannot be read)."""
     first = (str(exc).strip().splitlines() or [""])[0]  # torch's unpickling errors run to a page
     return f"{exc.__class__.__name__}: {first or 'an empty or cut-short file'}"
 
@@ -226,7 +227,7 @@ def load_checkpoint(path: Path, *, kind: str, identity: dict[str, Any], config: 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path} cannot be read: {_load_error(exc)}") from None
+        raise CheckpointError(f"checkpoint {path} cannot be read: {load_error(exc)}") from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not a cytonet checkpoint")
     if state["format_version"] != FORMAT_VERSION:

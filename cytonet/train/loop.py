@@ -118,19 +118,23 @@ def load_encoder_file(path: Path, key: str = "probe.encoder_from", sha256: str |
     version on ``patch_store`` (the manifest hash of the store it was trained on). ``key``: the setting that
     names it, for the error when it is missing. ``sha256``: the hash the run recorded for it; the bytes loaded
     must have it (the file may have been replaced since it was hashed)."""
-    if not path.is_file():
-        raise CytonetError(f"{path} does not exist: run `cytonet pretrain` to the end first ({key})")
+    _require_encoder(path, key)
     data = path.read_bytes()
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise CytonetError(f"{path} was replaced while this stage started (a pretraining finishing?); run it again")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        first = (str(exc).strip().splitlines() or [""])[0]  # torch's unpickling errors run to a page
-        raise CytonetError(f"{path} cannot be read as an encoder file: {exc.__class__.__name__}: {first}") from None
+        raise CytonetError(f"{path} cannot be read as an encoder file: {ckpt.load_error(exc)}") from None
     if not isinstance(state, dict) or "encoder" not in state:
         raise CytonetError(f"{path} is not a cytonet encoder file")
     return state
+
+
+def _require_encoder(path: Path, key: str) -> None:
+    """Refuse a missing ``encoder.pt`` (``key``: the setting that names it)."""
+    if not path.is_file():
+        raise CytonetError(f"{path} does not exist: run `cytonet pretrain` to the end first ({key})")
 
 
 def load_encoder_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -256,11 +260,8 @@ def _shared_view(
     ``fresh`` (--overwrite): the old run's checkpoints and DONE are not looked at (they are to go)."""
     try:
         encoder = _encoder_path(cfg, kind)
-        if encoder is not None and not encoder.is_file():
-            # said as such, not as a finished run's "other settings (encoder: ... -> None)"
-            raise CytonetError(
-                f"{encoder} does not exist: run `cytonet pretrain` to the end first ({_ENCODER_KEYS[kind]})"
-            )
+        if encoder is not None:  # a missing one said as such, not as "other settings (encoder: ... -> None)"
+            _require_encoder(encoder, _ENCODER_KEYS[kind])
         identity = training_identity(cfg, kind, store, file_sha256(encoder) if encoder is not None else None)
         if fresh:
             return identity, None, None, None
@@ -328,45 +329,40 @@ def run_stage(
     # signal's default action: one that comes while the stage sets up is acted on at the first step boundary,
     # one after the last step before each evaluation (checkpoint, requeue status); while the results are written
     # (seconds), the stage finishes.
-    flag = PreemptionFlag(tcfg.preempt_signals).__enter__()
-    try:
+    with PreemptionFlag(tcfg.preempt_signals) as flag:
         device = distributed.init_distributed(env, cfg.dist)
-    except BaseException:
-        flag.__exit__()
-        raise
-    try:
-        with contextlib.ExitStack() as held:
-            # Rank 0 judges the folder and takes its lock for the run (another run into the same folder at the
-            # same time is refused), before anything is written there; every rank fails with its message, none is
-            # left waiting in a collective.
-            error = None
-            if env.is_main:
-                try:
-                    check_run_folder(cfg, kind, out)
-                    held.enter_context(step_lock(out, kind, "trained"))
-                    # The ranks read the patch store from here on: no extraction may replace it meanwhile (rank
-                    # 0's shared lock is enough to keep one out; ranks on other nodes may not share flocks).
-                    held.enter_context(reading_store(cfg.resolve_path(cfg.extract.out_dir), kind))
-                except (CytonetError, OSError) as exc:
-                    error = str(exc)
-            error = distributed.all_gather_object(error)[0]
-            if error:
-                raise CytonetError(error)
-            return _run(cfg, env, kind, tcfg, out, device, resume, fresh, flag)
-    except BaseException as exc:
-        # Free the stage's model (DDP holds the process group), loader and buffers now, while the group is up:
-        # the exception's traceback would keep them alive past destroy_process_group, and gloo threads torn
-        # down in interpreter finalization can abort the process (SIGABRT instead of the requeue status, seen
-        # once after a preemption of a 2-rank run).
-        traceback.clear_frames(exc.__traceback__)
-        raise
-    finally:
-        # On every path, also the one that returns: objects in reference cycles (a DDP model's) would otherwise
-        # live until a later collection or interpreter finalization (a finished 2-rank run's rank 1 aborted
-        # once at exit, "terminate called without an active exception", in a fresh-clone CI run).
-        gc.collect()
-        distributed.destroy_distributed()
-        flag.__exit__()
+        try:
+            with contextlib.ExitStack() as held:
+                # Rank 0 judges the folder and takes its lock for the run (another run into the same folder at the
+                # same time is refused), before anything is written there; every rank fails with its message, none is
+                # left waiting in a collective.
+                error = None
+                if env.is_main:
+                    try:
+                        check_run_folder(cfg, kind, out)
+                        held.enter_context(step_lock(out, kind, "trained"))
+                        # The ranks read the patch store from here on: no extraction may replace it meanwhile (rank
+                        # 0's shared lock is enough to keep one out; ranks on other nodes may not share flocks).
+                        held.enter_context(reading_store(cfg.resolve_path(cfg.extract.out_dir), kind))
+                    except (CytonetError, OSError) as exc:
+                        error = str(exc)
+                error = distributed.all_gather_object(error)[0]
+                if error:
+                    raise CytonetError(error)
+                return _run(cfg, env, kind, tcfg, out, device, resume, fresh, flag)
+        except BaseException as exc:
+            # Free the stage's model (DDP holds the process group), loader and buffers now, while the group is up:
+            # the exception's traceback would keep them alive past destroy_process_group, and gloo threads torn
+            # down in interpreter finalization can abort the process (SIGABRT instead of the requeue status, seen
+            # once after a preemption of a 2-rank run).
+            traceback.clear_frames(exc.__traceback__)
+            raise
+        finally:
+            # On every path, also the one that returns: objects in reference cycles (a DDP model's) would otherwise
+            # live until a later collection or interpreter finalization (a finished 2-rank run's rank 1 aborted
+            # once at exit, "terminate called without an active exception", in a fresh-clone CI run).
+            gc.collect()
+            distributed.destroy_distributed()
 
 
 def _run(
@@ -451,11 +447,13 @@ def _run(
         built = _build_model(cfg, kind, len(class_names), store, identity.get("encoder"))
     except CytonetError as exc:
         failed = exc
-    problem = next((p for p in distributed.all_gather_object(None if failed is None else str(failed)) if p), None)
+    problems = distributed.all_gather_object(None if failed is None else str(failed))
     if failed is not None:
         raise failed
-    if problem is not None or built is None:
-        raise CytonetError(problem or f"{kind}: the model could not be built")
+    problem = next((p for p in problems if p), None)
+    if problem is not None:
+        raise CytonetError(problem)
+    assert built is not None
     model = built.to(device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -495,8 +493,7 @@ def _run(
         if len(rngs) != env.world_size:  # before the loader, whose position is per rank
             raise ckpt.CheckpointError(
                 f"{latest} was written by {len(rngs)} rank{'s' if len(rngs) > 1 else ''}, this run has "
-                f"{env.world_size}; "
-                "resume with the same number of processes"
+                f"{env.world_size}; resume with the same number of processes"
             )
         raw_model.load_state_dict(state["model"], strict=True)
         optimizer.load_state_dict(state["optimizer"])
@@ -697,7 +694,6 @@ def check_run_folder(cfg: Config, kind: Kind, out: Path) -> None:
             f"{kind}: the output folder {out} is the folder of the encoder it starts from ({_ENCODER_KEYS[kind]}), "
             f"whose {ENCODER_FILE} it would replace; choose another --out"
         )
-    # the lock file alone: a run that ended (or was killed) before writing anything
     # the lock file and temporary files alone: a run that ended (or was killed, or found the disk full) before
     # writing anything
     entries = sorted(p.name for p in out.iterdir() if p.name != STEP_LOCK) if out.is_dir() else []
