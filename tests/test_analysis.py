@@ -516,3 +516,24 @@ def test_features_and_analysis_refuse_another_steps_folder(analysed: Path, brain
         assert r.returncode == 1 and "but no analysis" in r.stderr, r.stderr[-2000:]
     assert sorted(p.name for p in other.iterdir()) == ["DONE", "config.resolved.yaml"]
     assert (other / "config.resolved.yaml").read_text() == "# the probe's own config\n"
+
+
+def test_features_and_analysis_wait_for_no_extraction_of_their_store(analysed: Path, brain: Path) -> None:
+    """While `extract --overwrite` rewrites the patch store (its readers' lock held exclusively), features and
+    analyze are refused rather than pairing the old manifest's labels with new pixels (they take the lock shared,
+    which keeps an extraction out while they read), and nothing in their folder changes."""
+    from cytonet.data.patches import rewriting_store
+
+    before = sorted(p.name for p in analysed.iterdir())
+    with rewriting_store(brain / "patches", "extract --overwrite"):
+        for command in ("features", "analyze"):
+            r = subprocess.run(
+                [str(BIN / "cytonet"), command, str(brain / "c.yaml"), "--overwrite"],
+                env=ENV,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert r.returncode == 1 and f"{command}: the patch store" in r.stderr, r.stderr[-2000:]
+            assert "is being rewritten by an extraction" in r.stderr
+    assert sorted(p.name for p in analysed.iterdir()) == before

@@ -274,7 +274,7 @@ def test_overwrite_waits_for_no_reader_of_the_store(sections: Path, tmp_path: Pa
     run_extract(cfg, out, sections_dir=sections)
     before = sorted(p.name for p in out.iterdir())
     with reading_store(out, "pretrain"):
-        with pytest.raises(OutputExistsError, match=r"being read by a training run right now"):
+        with pytest.raises(OutputExistsError, match=r"being read by a training run or an analysis right now"):
             run_extract(cfg, out, sections_dir=sections, overwrite=True)
         assert sorted(p.name for p in out.iterdir() if p.name != READERS_LOCK) == before
     # The rewrite holds the lock throughout, and keeps its file: deleted, a reader would lock a new file beside it.

@@ -68,7 +68,7 @@ from cytonet.analysis.features import (
 from cytonet.analysis.report import write_report
 from cytonet.analysis.steps import AnalysisResult
 from cytonet.config import Config, config_to_dict, diff_keys, lookup, save_config
-from cytonet.data.patches import PatchStore, file_sha256
+from cytonet.data.patches import PatchStore, file_sha256, reading_store
 from cytonet.distributed import DistEnv
 from cytonet.errors import ConfigError, InputError, OutputExistsError
 
@@ -263,18 +263,19 @@ def compute_features(
     """`cytonet features`: write the feature stores; returns their paths."""
     out = out or cfg.resolve_path(cfg.analysis.out_dir)
     _check_folder(out, overwrite)
-    enc, store = _inputs(cfg, encoder_path)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
-    device = _device(env)
-    paths = []
-    for split in splits or cfg.analysis.splits:
-        split_features(cfg, store, split, out, enc, overwrite, device)
-        paths.append(out / "features" / f"{split}.zarr")
-    if dense:
-        for i, (name, path) in enumerate(dense_sections(cfg, store)):
-            section_features(cfg, store, name, path, i, out, enc, overwrite, device)
-            paths.append(out / "features" / f"dense-{name}.zarr")
+    with reading_store(cfg.resolve_path(cfg.extract.out_dir), "features"):
+        enc, store = _inputs(cfg, encoder_path)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+        device = _device(env)
+        paths = []
+        for split in splits or cfg.analysis.splits:
+            split_features(cfg, store, split, out, enc, overwrite, device)
+            paths.append(out / "features" / f"{split}.zarr")
+        if dense:
+            for i, (name, path) in enumerate(dense_sections(cfg, store)):
+                section_features(cfg, store, name, path, i, out, enc, overwrite, device)
+                paths.append(out / "features" / f"dense-{name}.zarr")
     return paths
 
 
@@ -350,26 +351,29 @@ def run_analysis(
     acfg = cfg.analysis
     out = out or cfg.resolve_path(acfg.out_dir)
     _check_folder(out, overwrite)
-    enc, store = _inputs(cfg, encoder_path)
-    settings = _analysis_settings(cfg, enc, store)
-    result = _finished(out, settings, overwrite)
-    if result is not None:
-        log.info("analysis: %s already holds this analysis; rewriting the report only", out)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
-        result = _analyse(cfg, env, out, enc, store, overwrite)
-        summary = {
-            "settings": settings,
-            "metrics": result.metrics,
-            "figures": {k: str(v) for k, v in result.figures.items()},
-            "tables": {k: str(v) for k, v in result.tables.items()},
-            "maps": {k: str(v) for k, v in result.maps.items()},
-            "notes": result.notes,
-        }
-        tmp = out / (RESULT_FILE + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=1))
-        tmp.replace(out / RESULT_FILE)  # last: its presence marks a finished analysis
+    # The store's patches and manifest are read from here to the end of _analyse: no extraction may replace
+    # them meanwhile (its labels would be paired with other pixels).
+    with reading_store(cfg.resolve_path(cfg.extract.out_dir), "analyze"):
+        enc, store = _inputs(cfg, encoder_path)
+        settings = _analysis_settings(cfg, enc, store)
+        result = _finished(out, settings, overwrite)
+        if result is not None:
+            log.info("analysis: %s already holds this analysis; rewriting the report only", out)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out)
+            result = _analyse(cfg, env, out, enc, store, overwrite)
+            summary = {
+                "settings": settings,
+                "metrics": result.metrics,
+                "figures": {k: str(v) for k, v in result.figures.items()},
+                "tables": {k: str(v) for k, v in result.tables.items()},
+                "maps": {k: str(v) for k, v in result.maps.items()},
+                "notes": result.notes,
+            }
+            tmp = out / (RESULT_FILE + ".tmp")
+            tmp.write_text(json.dumps(summary, indent=1))
+            tmp.replace(out / RESULT_FILE)  # last: its presence marks a finished analysis
     result.report = _report(result, title, metrics_rows, overlays)
     log.info("analysis: report %s written after %.1f s", result.report, time.perf_counter() - started)
     return result

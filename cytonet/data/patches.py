@@ -238,8 +238,8 @@ def try_exclusive_lock(path: Path) -> Iterator[bool]:
         yield True
 
 
-#: A patch store's readers' lock: training stages hold it shared while they read the store, an extraction
-#: with --overwrite holds it exclusively while it deletes and rewrites the store (:func:`reading_store`,
+#: A patch store's readers' lock: training stages and analyses hold it shared while they read the store, an
+#: extraction with --overwrite holds it exclusively while it deletes and rewrites the store (:func:`reading_store`,
 #: :func:`rewriting_store`). It is never deleted (a reader would lock a new file beside the deleted one).
 READERS_LOCK = ".cytonet-readers.lock"
 
@@ -278,7 +278,7 @@ def _readers_lock(store: Path, mode: int, refusal: str) -> Iterator[None]:
 
 
 def reading_store(store: Path, what: str) -> contextlib.AbstractContextManager[None]:
-    """Hold ``store``'s readers' lock shared while ``what`` (a training stage) reads it, so that an extraction
+    """Hold ``store``'s readers' lock shared while ``what`` (a training stage, an analysis) reads it, so that an extraction
     cannot replace the store under it: its labels, read at the start, would be paired with other pixels."""
     return _readers_lock(
         store,
@@ -294,7 +294,7 @@ def rewriting_store(store: Path, what: str) -> contextlib.AbstractContextManager
     return _readers_lock(
         store,
         fcntl.LOCK_EX,
-        f"{what}: the patch store {store} is being read by a training run right now (it holds "
+        f"{what}: the patch store {store} is being read by a training run or an analysis right now (it holds "
         f"{store / READERS_LOCK}); --overwrite would replace its patches under it: wait for it to finish, or "
         "extract into another --out",
     )
