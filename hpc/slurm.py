@@ -252,9 +252,14 @@ def sbatch(
     if r.returncode != 0:
         said = " / ".join(line.strip() for line in r.stderr.strip().splitlines())  # one line, as CLI errors are
         raise SlurmError(f"`{shlex.join(cmd)}` failed ({r.returncode}): {said}")
-    job_id = r.stdout.strip().split(";")[0]
+    # "<id>" or "<id>;<cluster>" on the last line: a site's sbatch wrapper may print notices before it.
+    lines = r.stdout.strip().splitlines()
+    job_id = lines[-1].strip().split(";")[0] if lines else ""
     if not job_id.isdigit():
-        raise SlurmError(f"`{shlex.join(cmd)}` printed no job id: {r.stdout!r}")
+        raise SlurmError(
+            f"`{shlex.join(cmd)}` succeeded but printed no job id ({r.stdout.strip()[:200]!r}): the job may have been "
+            "submitted; look with squeue before submitting again"
+        )
     log.info("submitted %s as job %s%s", script, job_id, f" (after {after_ok})" if after_ok else "")
     return job_id
 

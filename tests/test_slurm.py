@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -198,7 +199,12 @@ def test_failed_stage_cancels_the_rest_and_hostile_strings_stay_literal(data: Pa
 def test_a_refused_submission_cancels_the_stages_before_it_and_keeps_the_scripts(data: Path, tmp_path: Path) -> None:
     """sbatch refuses the infer array (more memory than a node has): the pipeline's pretrain and probe, already
     queued, are cancelled rather than left to run, and the scripts of an earlier submission stay as they were
-    (`sbatch --array=2,5 <run>/slurm/infer.sbatch` resubmits failed tasks with them)."""
+    (`sbatch --array=2,5 <run>/slurm/infer.sbatch` resubmits failed tasks with them). sbatch is a site's
+    wrapper here, which prints a notice before the job id: the ids are still found, and cancelled."""
+    wrapper = tmp_path / "bin" / "sbatch"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\necho "site notice: maintenance on Friday"\nexec {shutil.which("sbatch")} "$@"\n')
+    wrapper.chmod(0o755)
     profile = tmp_path / "big.yaml"
     profile.write_text(LOCAL_PROFILE.read_text() + "array_mem: 900G\n")
     config = write_config(tmp_path / "cfg.yaml", tmp_path / "run", data / "sections")
@@ -209,6 +215,7 @@ def test_a_refused_submission_cancels_the_stages_before_it_and_keeps_the_scripts
     r = subprocess.run(
         [CYTONET, "slurm", "pipeline", str(config), "--profile", str(profile), "--stages", "pretrain,probe,infer"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "PATH": f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}"},
     )  # fmt: skip
     assert r.returncode == 1 and r.stdout == "", r.stderr
     message = r.stderr.strip().splitlines()[-1]  # the error is one line
