@@ -21,7 +21,7 @@ from cytonet.distributed import DistEnv
 from cytonet.errors import ConfigError, InputError
 from cytonet.infer import writers
 from cytonet.infer.blocks import Block, Grid, assign, pyramid_mean
-from cytonet.infer.cleanup import grid_positions, knn_cleanup, seed_mask, stack_cleanup
+from cytonet.infer.cleanup import grid_axes, knn_cleanup, seed_mask, stack_cleanup
 from cytonet.infer.dense import DenseEncoder, PerPatchEncoder
 from cytonet.infer.run import BlockReader, _smallest_first, load_classifier, run_infer, select_sections
 from cytonet.models.build import MODEL_FILE, MODEL_FORMAT, build_encoder
@@ -947,10 +947,10 @@ def test_knn_cleanup_relabels_small_islands_from_seeds() -> None:
     lab[0:2, 0:2] = 0  # unlabelled stays unlabelled
     seeds = seed_mask(lab, 1)
     assert not seeds[5:8, 3:6].any() and not seeds[20, 25] and seeds[15, 3]
-    out = knn_cleanup(lab, grid_positions(lab.shape, 1.0), k=5, components=1)
+    out = knn_cleanup(lab, grid_axes(lab.shape, 1.0), k=5, components=1)
     assert (out[:, 2:15] == 2).all() and (out[:, 15:] == 3).all() and (out[0:2, 0:2] == 0).all()
     # with two components kept per area the island of 3 survives
-    out2 = knn_cleanup(lab, grid_positions(lab.shape, 1.0), k=5, components=2)
+    out2 = knn_cleanup(lab, grid_axes(lab.shape, 1.0), k=5, components=2)
     assert (out2[5:8, 3:6] == 3).all()
 
 
@@ -962,7 +962,7 @@ def test_cleanup_keeps_m_i_components_per_area() -> None:
     lab[18:28, 28:38] = 3  # area 3: two pieces of 100 px
     lab[4:6, 4:6] = 4
     lab[20:28, 2:10] = 4  # area 4: a piece of 64 px and a stray one of 4 px
-    pos = grid_positions(lab.shape, 1.0)
+    pos = grid_axes(lab.shape, 1.0)
     out = knn_cleanup(lab, pos, k=5, components=1, per_area={3: 2})
     assert (out == 3).sum() == 200 and (out[4:6, 4:6] == 2).all() and (out[20:28, 2:10] == 4).all()
     one = knn_cleanup(lab, pos, k=5, components=1)
@@ -971,8 +971,71 @@ def test_cleanup_keeps_m_i_components_per_area() -> None:
     assert (two[4:6, 4:6] == 4).all()  # m = 2 keeps area 4's stray piece
     np.testing.assert_array_equal(
         stack_cleanup([lab], [0.0], 1.0, k=5, components=1, per_area={3: 2})[0],
-        knn_cleanup(lab, grid_positions(lab.shape, 1.0, 0.0), k=5, components=1, per_area={3: 2}),
+        knn_cleanup(lab, grid_axes(lab.shape, 1.0), k=5, components=1, per_area={3: 2}),
     )
+
+
+def _cleanup_by_the_formula(labels: np.ndarray, positions: np.ndarray, k: int, components: int) -> np.ndarray:
+    """Seed 001's relabelling spelt out in full: every point's position, one query, a (points, k, areas) vote."""
+    from scipy.spatial import cKDTree
+
+    seeds = seed_mask(labels, components)
+    out = labels.copy()
+    todo = (labels != 0) & ~seeds
+    _, idx = cKDTree(positions[seeds]).query(positions[todo], k=k)
+    votes = labels[seeds][idx]
+    areas = np.unique(labels[seeds])
+    out[todo] = areas[np.argmax((votes[:, :, None] == areas).sum(axis=1), axis=1)]
+    return out
+
+
+@pytest.mark.parametrize("batch", [1, 7, 1 << 18])
+def test_batched_cleanup_equals_the_formula_over_the_whole_grid(batch: int) -> None:
+    """The clean-up relabels a few points at a time from their indices (a section's whole grid of positions
+    would take 16-24 bytes an output pixel): the same labels, ties included, as one query over all positions."""
+    rng = np.random.default_rng(3)
+    lab = np.repeat(np.repeat(rng.integers(1, 7, (12, 16)), 4, axis=0), 4, axis=1).astype(np.uint16)
+    noisy = rng.random(lab.shape) < 0.3
+    lab[noisy] = rng.integers(0, 7, int(noisy.sum()))
+    yy, xx = np.meshgrid(np.arange(48) * 2.5, np.arange(64) * 2.5, indexing="ij")
+    want = _cleanup_by_the_formula(lab, np.stack([yy, xx], axis=-1), k=6, components=2)
+    got = knn_cleanup(lab, grid_axes(lab.shape, 2.5), k=6, components=2, batch=batch)
+    assert (got != lab).sum() > 100  # the noise was relabelled
+    np.testing.assert_array_equal(got, want)
+    z = np.array([0.0, 30.0, 10.0])
+    vol = np.stack([lab, np.roll(lab, 5, axis=1), lab[::-1]])
+    pos = np.stack(np.broadcast_arrays(z[:, None, None], yy[None], xx[None]), axis=-1)
+    np.testing.assert_array_equal(
+        knn_cleanup(vol, [z, *grid_axes(lab.shape, 2.5)], k=6, components=2, batch=batch),
+        _cleanup_by_the_formula(vol, pos, k=6, components=2),
+    )
+
+
+def test_label_pyramid_takes_the_most_frequent_label_of_each_window() -> None:
+    """Level l of the cleaned map: per 2^l window, its most frequent non-zero label (the smallest id among
+    ties; 0 where the window has none), at the edges over the part of the window inside the map."""
+    from cytonet.infer.run import label_pyramid
+
+    class Grid:
+        def level_shape(self, lvl: int) -> tuple[int, int]:
+            return (-(-lab.shape[0] // 2**lvl), -(-lab.shape[1] // 2**lvl))
+
+    class Vol:
+        levels, grid = 3, Grid()
+
+    rng = np.random.default_rng(0)
+    lab = np.repeat(np.repeat(rng.integers(0, 7, (5, 5)), 5, axis=0), 3, axis=1)[:21, :14].astype(np.uint16)
+    lab[rng.random(lab.shape) < 0.2] = 5  # an area everywhere, the others in boxes of their own
+    lab[:8, :8] = 0
+    lab[20, 13] = 9  # one pixel, in the last (partial) window
+    levels = label_pyramid(Vol(), lab)  # type: ignore[arg-type]
+    assert [lv.shape for lv in levels] == [(21, 14), (11, 7), (6, 4)]
+    for lvl in (1, 2):
+        f = 2**lvl
+        for y, x in np.ndindex(levels[lvl].shape):
+            window = lab[y * f : (y + 1) * f, x * f : (x + 1) * f]
+            counts = np.bincount(window[window > 0].ravel(), minlength=10)
+            assert levels[lvl][y, x] == (counts.argmax() if counts.any() else 0), (lvl, y, x)
 
 
 def test_cleanup_components_per_area_by_name(root: Path) -> None:
@@ -994,7 +1057,7 @@ def test_3d_cleanup_uses_neighbouring_sections() -> None:
     side[:, 6:] = 3
     middle = np.full((10, 10), 2, np.uint16)
     middle[4:6, 1:3] = 3
-    flat = knn_cleanup(middle, grid_positions(middle.shape, 10.0), k=3, components=1)
+    flat = knn_cleanup(middle, grid_axes(middle.shape, 10.0), k=3, components=1)
     assert (flat[4:6, 1:3] == 3).all()
     out = stack_cleanup([middle, side, side.copy()], [40.0, 0.0, 20.0], pixel_um=10.0, k=3, components=1)
     assert (out[0] == 2).all()

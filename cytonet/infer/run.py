@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch import nn
 
 from cytonet import __version__
@@ -55,7 +56,7 @@ from cytonet.errors import ConfigError, InputError
 from cytonet.hostmem import BufferPool, process_pool, reuse_freed_memory
 from cytonet.infer import writers
 from cytonet.infer.blocks import Block, Grid, assign, pyramid_mean, section_grid, worker_of
-from cytonet.infer.cleanup import grid_positions, knn_cleanup, stack_cleanup
+from cytonet.infer.cleanup import grid_axes, knn_cleanup, stack_cleanup
 from cytonet.infer.dense import DenseEncoder, PerPatchEncoder, check_dense, dense_classifier_logits
 from cytonet.infer.progress import BlockProgress
 from cytonet.models.base import Encoder
@@ -908,7 +909,7 @@ def _clean_group(cfg: Config, out: Path, members: list[SectionJob], clf: Classif
             cleaned = stack_cleanup(maps, z_um, pixel_um, icfg.cleanup_k, icfg.cleanup_components, per_area)
         else:
             cleaned = [
-                knn_cleanup(m, grid_positions(m.shape, pixel_um), icfg.cleanup_k, icfg.cleanup_components, per_area)
+                knn_cleanup(m, grid_axes(m.shape, pixel_um), icfg.cleanup_k, icfg.cleanup_components, per_area)
                 for m in maps
             ]
         for v, lab in zip(vols, cleaned):
@@ -919,20 +920,26 @@ def _clean_group(cfg: Config, out: Path, members: list[SectionJob], clf: Classif
 
 
 def label_pyramid(vol: writers.Volume, labels: np.ndarray) -> list[np.ndarray]:
-    """Levels of a cleaned label map: level l takes, per 2^l window, the most frequent non-zero label."""
+    """Levels of a cleaned label map: level l takes, per 2^l window, the most frequent non-zero label (the
+    smallest id among ties). One area at a time, over the windows of its bounding box: memory of a few copies of
+    the map, and time about that of a pass over it, whatever the number of areas."""
     out = [labels]
+    boxes = ndimage.find_objects(labels)  # boxes[i - 1]: area i's rows and columns, None if absent
     for lvl in range(1, vol.levels):
         h, w = vol.grid.level_shape(lvl)
         f = 2**lvl
         padded = np.zeros((h * f, w * f), dtype=labels.dtype)
         padded[: labels.shape[0], : labels.shape[1]] = labels
-        windows = padded.reshape(h, f, w, f).transpose(0, 2, 1, 3).reshape(h, w, f * f)
-        ids = np.unique(labels[labels > 0])
-        if len(ids) == 0:
-            out.append(np.zeros((h, w), dtype=labels.dtype))
-            continue
-        counts = (windows[..., None] == ids[None, None, None, :]).sum(axis=2)
-        lab = ids[np.argmax(counts, axis=-1)].astype(labels.dtype)
-        lab[counts.max(axis=-1) == 0] = 0
+        windows = padded.reshape(h, f, w, f)
+        lab = np.zeros((h, w), dtype=labels.dtype)
+        best = np.zeros((h, w), dtype=np.int32)
+        for i, box in enumerate(boxes, start=1):  # ascending: a later id takes a window only with more pixels
+            if box is None:
+                continue
+            rows, cols = slice(box[0].start // f, -(-box[0].stop // f)), slice(box[1].start // f, -(-box[1].stop // f))
+            count = np.count_nonzero(windows[rows, :, cols, :] == i, axis=(1, 3))
+            more = count > best[rows, cols]
+            lab[rows, cols][more] = i
+            best[rows, cols][more] = count[more]
         out.append(lab)
     return out
