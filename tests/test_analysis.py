@@ -537,3 +537,20 @@ def test_features_and_analysis_wait_for_no_extraction_of_their_store(analysed: P
             assert r.returncode == 1 and f"{command}: the patch store" in r.stderr, r.stderr[-2000:]
             assert "is being rewritten by an extraction" in r.stderr
     assert sorted(p.name for p in analysed.iterdir()) == before
+
+
+def test_dense_grid_labels_and_depth_are_those_of_the_full_resolution(brain: Path) -> None:
+    """The dense grid's areas and depths are read at the grid points only (from a sampled level where they are
+    its pixel centres), and equal the full-resolution layers there."""
+    from cytonet.analysis.features import _sample_layer
+    from cytonet.data.sections import open_section
+
+    section = next((brain / "sections").rglob("*.zarr"))
+    with open_section(section) as reader:
+        h, w = reader.shape
+        for step, offset in ((2, 1), (8, 4), (5, 0)):
+            ys, xs = np.arange(offset, h, step), np.arange(offset, w, step)
+            for layer in ("labels", "depth"):
+                full = reader.read(layer, 0, h, 0, w)[np.ix_(ys, xs)]
+                np.testing.assert_array_equal(_sample_layer(reader, layer, ys, xs, np.nan), full)
+        assert np.isnan(_sample_layer(reader, "no-such-layer", ys, xs, np.nan)).all()

@@ -209,8 +209,8 @@ def dense_section_features(
         mx = cols * stride_px + patch_px // 2
         ys = (my * factor + factor // 2).astype(np.int32)
         xs = (mx * factor + factor // 2).astype(np.int32)
-        labels = _sample_layer(reader, "labels", ys, xs, 0).astype(np.int32)
-        depth = _sample_layer(reader, "depth", ys, xs, np.nan).astype(np.float32)
+        labels = _sample_layer(reader, "labels", ys[:, 0], xs[0], 0).astype(np.int32)
+        depth = _sample_layer(reader, "depth", ys[:, 0], xs[0], np.nan).astype(np.float32)
         meta = reader.meta
     n = gh * gw
     columns = {
@@ -243,24 +243,13 @@ def dense_section_features(
 
 
 def _sample_layer(reader: Any, layer: str, ys: np.ndarray, xs: np.ndarray, fill: float) -> np.ndarray:
-    """Values of ``layer`` at the pixels (ys, xs) (same shapes); ``fill`` where the section has no such layer.
-
-    Reads the bounding box row band by row band, so a huge section is never loaded whole.
-    """
+    """Values of ``layer`` at the section pixels of rows ``ys`` x columns ``xs`` (increasing): shape
+    ``(len(ys), len(xs))``; ``fill`` where the section has no such layer. Read at the points only, from the
+    layer's sampled level where the points are its pixel centres (:meth:`SectionReader.read_points`): never
+    the full-resolution rows around them."""
     if not reader.has(layer):
-        return np.full(ys.shape, fill)
-    out = np.empty(ys.shape, dtype=np.float64)
-    flat_y, flat_x, flat_out = ys.ravel(), xs.ravel(), out.reshape(-1)
-    x0, x1 = int(flat_x.min()), int(flat_x.max()) + 1
-    band = 1024
-    for y0 in range(int(flat_y.min()), int(flat_y.max()) + 1, band):
-        sel = (flat_y >= y0) & (flat_y < y0 + band)
-        if not sel.any():
-            continue
-        y1 = min(y0 + band, reader.shape[0])
-        block = reader.read(layer, y0, y1, x0, x1)
-        flat_out[sel] = block[flat_y[sel] - y0, flat_x[sel] - x0]
-    return out
+        return np.full((len(ys), len(xs)), fill)
+    return np.asarray(reader.read_points(layer, ys, xs))
 
 
 # ----------------------------------------------------------------------------------------------------------
