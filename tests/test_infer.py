@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -749,9 +750,7 @@ def test_dense_mode_for_an_encoder_it_cannot_run_is_refused_before_overwrite(tmp
 
 
 def test_overwrite_removes_only_inference_volumes_of_its_format(tmp_path: Path) -> None:
-    """--overwrite replaces a cytonet HDF5 volume; with --out at a folder of HDF5 section stores it refuses
-    (hdf5 output: the store is where the volume would be) or leaves them alone (zarr output), never deleting
-    them."""
+    """--overwrite replaces a cytonet HDF5 volume, never a file of the same name in another folder."""
     from cytonet.errors import OutputExistsError
 
     store = make_sections(tmp_path / "sections", {"B00": 1}, backend="hdf5")[0]
@@ -767,19 +766,48 @@ def test_overwrite_removes_only_inference_volumes_of_its_format(tmp_path: Path) 
     with pytest.raises(InputError, match=r"cannot read the output volume .*rerun with --overwrite"):
         run_infer(hdf5, DistEnv(), out)
     assert run_infer(hdf5, DistEnv(), out, overwrite=True).written == 1  # still ours (its state folder): replaced
-    # Someone's file under a volume's name, in a folder inference never wrote: the hint is not --overwrite,
-    # which would refuse to remove it.
+    # Someone's file under a volume's name, in a folder inference never wrote; the folder of HDF5 section
+    # stores (hdf5 output: the store is where the volume would be; zarr output: beside them): refused, also with
+    # --overwrite, nothing deleted.
     (tmp_path / "theirs").mkdir()
     (tmp_path / "theirs" / "B00_s0000.h5").write_text("mine")
-    with pytest.raises(InputError, match=r"cannot read the output volume .*move it away or choose another --out"):
-        run_infer(hdf5, DistEnv(), tmp_path / "theirs")
-    assert (tmp_path / "theirs" / "B00_s0000.h5").read_text() == "mine"
     data = store.read_bytes()
-    with pytest.raises(OutputExistsError, match=rf"{store} is not a readable cytonet inference volume"):
-        run_infer(hdf5, DistEnv(), store.parent, overwrite=True)
-    assert store.read_bytes() == data
-    assert run_infer(base_config(tmp_path, *cheap), DistEnv(), store.parent, overwrite=True).complete
-    assert store.read_bytes() == data and (store.parent / "B00_s0000.ome.zarr").is_dir()
+    for cfg, folder in (
+        (hdf5, tmp_path / "theirs"),
+        (hdf5, store.parent),
+        (base_config(tmp_path, *cheap), store.parent),
+    ):
+        for overwrite in (False, True):
+            with pytest.raises(OutputExistsError, match=rf"{folder} holds B00_s0000.h5 but no inference outputs"):
+                run_infer(cfg, DistEnv(), folder, overwrite=overwrite)
+    assert (tmp_path / "theirs" / "B00_s0000.h5").read_text() == "mine"
+    assert store.read_bytes() == data and sorted(p.name for p in store.parent.iterdir()) == ["B00_s0000.h5"]
+
+
+def test_an_output_folder_of_anything_but_inference_is_refused_also_with_overwrite(root: Path, tmp_path: Path) -> None:
+    """--out at a training run, the sections folder, one section, a folder of the user's files or a file: refused
+    before anything is written there, also with --overwrite (it removes only the sections' volumes); an
+    earlier inference's folder, and one whose state is gone but whose config is there, are taken."""
+    from cytonet.errors import OutputExistsError
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine\n")
+    (tmp_path / "file").write_text("mine\n")
+    section = next((root / "sections").iterdir())
+    for out in (root / "probe", root / "sections", section, notes, tmp_path / "file"):
+        before = sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.is_dir() else None
+        for overwrite in (False, True):
+            with pytest.raises(OutputExistsError, match=rf"infer: output (folder )?{out} (holds|exists and is not)"):
+                run(root, out, "infer.sections=[B01_s0000]", overwrite=overwrite)
+        assert (sorted(str(p.relative_to(out)) for p in out.rglob("*")) if out.is_dir() else None) == before
+    assert (tmp_path / "file").read_text() == "mine\n"
+    out = tmp_path / "out"
+    run(root, out, "infer.sections=[B01_s0000]", "infer.cleanup=none")
+    run(root, out, "infer.sections=[B01_s0000]", "infer.cleanup=none")  # its own folder: a rerun
+    shutil.rmtree(out / writers.STATE_DIR)
+    run(root, out, "infer.sections=[B01_s0000]", "infer.cleanup=none", overwrite=True)
+    assert (out / writers.STATE_DIR).is_dir()
 
 
 def test_sections_of_the_splits_missing_below_sections_dir_are_refused(root: Path, tmp_path: Path) -> None:

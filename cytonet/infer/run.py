@@ -52,7 +52,7 @@ from cytonet.data.sections import (
     open_section,
 )
 from cytonet.distributed import DistEnv
-from cytonet.errors import ConfigError, InputError
+from cytonet.errors import ConfigError, InputError, OutputExistsError, some_of
 from cytonet.hostmem import BufferPool, process_pool, reuse_freed_memory
 from cytonet.infer import writers
 from cytonet.infer.blocks import Block, Grid, assign, pyramid_mean, section_grid, worker_of
@@ -456,6 +456,20 @@ def _complete(out: Path, job: SectionJob, fmt: str) -> bool:
     return all(markers.is_done(b) for b in job.grid.blocks())
 
 
+def check_out_folder(out: Path) -> None:
+    """Refuse an output that is not a folder, or a folder that holds anything but inference's outputs (its
+    state folder, or its config where the state is gone): a run, a patch store, the sections folder, a
+    section, a folder of the user's files. Also with --overwrite, which removes only the sections' volumes."""
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"infer: output {out} exists and is not a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and writers.STATE_DIR not in entries and CONFIG_FILE not in entries:
+        raise OutputExistsError(
+            f"infer: output folder {out} holds {some_of(entries)} but no inference outputs (no {writers.STATE_DIR}/ "
+            f"or {CONFIG_FILE}); choose another --out (a new or empty folder, or an earlier inference's)"
+        )
+
+
 def run_infer(
     cfg: Config,
     env: DistEnv,
@@ -477,6 +491,7 @@ def run_infer(
             "--overwrite with several workers (ranks or array tasks) would let one worker delete another's output; "
             "remove the output folder first, or run once with one process and --overwrite"
         )
+    check_out_folder(out)
     device = device or torch.device("cpu")
     if device.type == "cuda":
         if device.index is None:  # "cuda": the current device, made explicit for set_device and the workers
@@ -488,7 +503,9 @@ def run_infer(
     clf = load_classifier(cfg.resolve_path(icfg.model_from))
     check_model_settings(cfg, clf)  # before --overwrite removes anything, and before anything is written
     jobs = select_sections(cfg, clf)
-    out.mkdir(parents=True, exist_ok=True)
+    # The state folder first, before any volume: a worker starting beside this one then finds the folder empty
+    # or with it, never with volumes alone (:func:`check_out_folder`).
+    (out / writers.STATE_DIR).mkdir(parents=True, exist_ok=True)
     if overwrite:
         writers.remove_outputs(out, [job.name for job in jobs], icfg.format)
 
