@@ -500,20 +500,23 @@ def test_analyze_rerun_is_skipped_and_other_settings_refused(analysed: Path, bra
 
 
 def test_features_and_analysis_refuse_another_steps_folder(analysed: Path, brain: Path) -> None:
-    # `--out runs/probe` by mistake: nothing may be written there (not even config.resolved.yaml).
+    # `--out runs/probe` by mistake: nothing may be written there (not even config.resolved.yaml), also with
+    # --overwrite.
     other = brain / "probe-like"
     other.mkdir()
     (other / "DONE").write_text("{}")
     (other / "config.resolved.yaml").write_text("# the probe's own config\n")
-    for command in ("features", "analyze"):
+    for command, flags in itertools.product(("features", "analyze"), ((), ("--overwrite",))):
         r = subprocess.run(
-            [str(BIN / "cytonet"), command, str(brain / "c.yaml"), "--out", str(other)],
+            [str(BIN / "cytonet"), command, str(brain / "c.yaml"), "--out", str(other), *flags],
             env=ENV,
             capture_output=True,
             text=True,
             timeout=120,
         )
         assert r.returncode == 1 and "but no analysis" in r.stderr, r.stderr[-2000:]
+        if flags:  # --overwrite writes into a folder of other files, but not into another step's
+            assert "DONE and 1 more, another cytonet step's" in r.stderr, r.stderr[-2000:]
     assert sorted(p.name for p in other.iterdir()) == ["DONE", "config.resolved.yaml"]
     assert (other / "config.resolved.yaml").read_text() == "# the probe's own config\n"
 

@@ -68,9 +68,17 @@ from cytonet.analysis.features import (
 from cytonet.analysis.report import write_report
 from cytonet.analysis.steps import AnalysisResult
 from cytonet.config import Config, config_to_dict, diff_keys, lookup, save_config
-from cytonet.data.patches import PatchStore, file_sha256, reading_store
+from cytonet.data.patches import (
+    DONE_MARKER,
+    MANIFEST,
+    STARTED_MARKER,
+    STEP_LOCK,
+    PatchStore,
+    file_sha256,
+    reading_store,
+)
 from cytonet.distributed import DistEnv
-from cytonet.errors import ConfigError, InputError, OutputExistsError
+from cytonet.errors import ConfigError, InputError, OutputExistsError, some_of
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +101,36 @@ def resolve_encoder(cfg: Config, encoder_path: str | Path | None) -> Path:
     return path
 
 
+def _step_traces() -> frozenset[str]:
+    """What another cytonet step leaves in its folder: a run's config and DONE, a patch store's manifest, an
+    inference's state and config, the locks and markers of extract and synth."""
+    from cytonet.infer.run import CONFIG_FILE
+    from cytonet.infer.writers import STATE_DIR
+    from cytonet.train.loop import DONE_FILE
+
+    return frozenset(
+        {"config.resolved.yaml", DONE_FILE, MANIFEST, STATE_DIR, CONFIG_FILE, STEP_LOCK, DONE_MARKER, STARTED_MARKER}
+    )
+
+
 def _check_folder(out: Path, overwrite: bool) -> None:
-    """Refuse (without ``overwrite``) a non-empty folder that holds no analysis: features and analysis write
-    their config and results there, which must not land in, or replace files of, another step's run folder
-    (``--out runs/probe``)."""
+    """Refuse a non-empty folder that holds no analysis: features and analysis write their config and results
+    there, which must not land in, or replace files of, another step's run folder (``--out runs/probe``).
+    ``overwrite`` writes into a folder of other files anyway, but never into another step's."""
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a folder")
-    if overwrite or not out.is_dir():
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries or {"features", RESULT_FILE} & set(entries):
         return
-    entries = sorted(p.name for p in out.iterdir())
-    if entries and not {"features", RESULT_FILE} & set(entries):
+    traces = sorted(_step_traces().intersection(entries))
+    if traces:
         raise OutputExistsError(
-            f"{out} holds {entries[0]}{f' and {len(entries) - 1} more' if len(entries) > 1 else ''} but no analysis "
+            f"{out} holds {some_of(traces)}, another cytonet step's, but no analysis (no features/ or "
+            "analysis.json); choose another --out (--overwrite does not write into another step's folder)"
+        )
+    if not overwrite:
+        raise OutputExistsError(
+            f"{out} holds {some_of(entries)} but no analysis "
             "(no features/ or analysis.json); choose another --out, or pass --overwrite to write into it anyway"
         )
 
@@ -265,7 +291,7 @@ def compute_features(
     _check_folder(out, overwrite)
     with reading_store(cfg.resolve_path(cfg.extract.out_dir), "features"):
         enc, store = _inputs(cfg, encoder_path)
-        out.mkdir(parents=True, exist_ok=True)
+        (out / "features").mkdir(parents=True, exist_ok=True)  # before the config: the folder is an analysis'
         save_config(cfg, out)
         device = _device(env)
         paths = []
@@ -360,7 +386,7 @@ def run_analysis(
         if result is not None:
             log.info("analysis: %s already holds this analysis; rewriting the report only", out)
         else:
-            out.mkdir(parents=True, exist_ok=True)
+            (out / "features").mkdir(parents=True, exist_ok=True)  # before the config: the folder is an analysis'
             save_config(cfg, out)
             result = _analyse(cfg, env, out, enc, store, overwrite)
             summary = {
