@@ -210,11 +210,26 @@ def render(
     return RenderedJob(kind, script, log_dir)
 
 
+#: How every script cytonet renders begins: an existing file that does not is never replaced by ``--write``.
+SCRIPT_HEAD = "#!/bin/bash\n# cytonet "
+
+
 def _script_file(path: str | Path) -> Path:
-    """``path`` as a script's file name; a folder is refused (``--write DIR``)."""
+    """``path`` as a script's file name: a folder, or a file other than a script cytonet wrote (a config given
+    as ``--write`` by mistake), is refused; an earlier script is replaced."""
     p = Path(path)
     if p.is_dir():
         raise UsageError(f"--write {p}: that is a folder; give the script's file name")
+    if p.exists() or p.is_symlink():
+        try:
+            with open(p, "rb") as f:
+                head = f.read(len(SCRIPT_HEAD)).decode("utf-8", "replace")
+        except OSError as exc:
+            head = f"unreadable: {exc.strerror}"
+        if head != SCRIPT_HEAD:
+            raise UsageError(
+                f"--write {p}: that file exists and is not a script cytonet wrote; remove it or give another name"
+            )
     return p
 
 

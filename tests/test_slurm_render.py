@@ -539,9 +539,19 @@ def test_slurm_cli_refuses_what_it_would_ignore_or_misorder(tmp_path: Path, caps
     for submit in ([], ["--submit"]):  # with --submit: refused before sbatch, not after (the job left queued)
         assert main(["slurm", "probe", str(config), "--profile", str(EXAMPLE), "--write", str(tmp_path), *submit]) == 2
         assert f"--write {tmp_path}: that is a folder" in capsys.readouterr().err
+        # the config itself given as --write (or any file that is not a script cytonet wrote): left as it was
+        before = config.read_text()
+        assert main(["slurm", "probe", str(config), "--profile", str(EXAMPLE), "--write", str(config), *submit]) == 2
+        assert f"--write {config}: that file exists and is not a script cytonet wrote" in capsys.readouterr().err
+        assert config.read_text() == before
     assert not (tmp_path / "run").exists()
     # Printing only: the script on stdout, and a note that its log folder must exist before sbatch.
     assert main(["slurm", "probe", str(config), "--profile", str(EXAMPLE)]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("#!/bin/bash") and f"log folder {tmp_path / 'run' / 'slurm'} does not exist yet" in err
     assert not (tmp_path / "run").exists()
+    # An earlier script (of any kind) is replaced by the new one.
+    script = tmp_path / "job.sbatch"
+    for kind in ("extract", "probe"):
+        assert main(["slurm", kind, str(config), "--profile", str(EXAMPLE), "--write", str(script)]) == 0
+        assert script.read_text().startswith(f"#!/bin/bash\n# cytonet {kind}")
