@@ -609,6 +609,10 @@ def test_distance_loss_refuses_patches_without_coordinates(data: Path, tmp_path:
         env=ENV,
     )
     assert r.returncode == 1 and "loss.kind=siamese needs 3D coordinates" in r.stderr, tail(r.stderr)
+    # A run refused as it set up leaves no folder holding its lock file alone (nor does --resume of no run).
+    assert not (tmp_path / "s").exists()
+    r = run([*cli(data, "pretrain", tmp_path / "r"), "--resume"], 300, env=ENV)
+    assert r.returncode == 1 and "no checkpoint" in r.stderr and not (tmp_path / "r").exists(), tail(r.stderr)
 
 
 def test_distance_baseline_siamese_pretraining_then_scratch_from_its_encoder(data: Path, tmp_path: Path) -> None:

@@ -60,7 +60,7 @@ from cytonet.data.patches import (
     write_json_atomic,
 )
 from cytonet.distributed import DistEnv
-from cytonet.errors import CytonetError
+from cytonet.errors import CytonetError, some_of
 from cytonet.hostmem import reuse_freed_memory
 from cytonet.losses.classification import CrossEntropyLoss
 from cytonet.losses.contrastive import build_loss
@@ -306,6 +306,16 @@ def _check_coordinates(store: PatchStore, loss: str) -> None:
         )
 
 
+def _forget_new_folder(out: Path, failed: bool) -> bool:
+    """Remove the run folder this stage created, while it holds its lock, when the stage failed before writing
+    anything else there (settings refused as the run set up, ``--resume`` into a new folder): it is left as it
+    was found, not holding a lock file alone. Returns False: the exception goes on."""
+    if failed and [p.name for p in out.iterdir()] == [STEP_LOCK]:
+        (out / STEP_LOCK).unlink()
+        out.rmdir()
+    return False
+
+
 def run_stage(
     cfg: Config,
     env: DistEnv,
@@ -340,7 +350,10 @@ def run_stage(
                 if env.is_main:
                     try:
                         check_run_folder(cfg, kind, out)
+                        new_folder = not out.exists()
                         held.enter_context(step_lock(out, kind, "trained"))
+                        if new_folder:  # runs before the lock is released
+                            held.push(lambda failed, *_: _forget_new_folder(out, failed is not None))
                         # The ranks read the patch store from here on: no extraction may replace it meanwhile (rank
                         # 0's shared lock is enough to keep one out; ranks on other nodes may not share flocks).
                         held.enter_context(reading_store(cfg.resolve_path(cfg.extract.out_dir), kind))
@@ -704,9 +717,8 @@ def check_run_folder(cfg: Config, kind: Kind, out: Path) -> None:
     traces = "config.resolved.yaml" in entries or DONE_FILE in entries or ckpt.latest_checkpoint(out) is not None
     if foreign or not traces:
         shown = foreign or entries
-        more = f" and {len(shown) - 1} more" if len(shown) > 1 else ""
         raise CytonetError(
-            f"{kind}: {out} holds {shown[0]}{more} but no cytonet {kind} run"
+            f"{kind}: {out} holds {some_of(shown)} but no cytonet {kind} run"
             + (f" ({shown[0]} is not written by training)" if foreign else " (no config, checkpoint or DONE)")
             + "; choose another --out (--overwrite removes only a training run's own files)"
         )
