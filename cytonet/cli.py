@@ -88,6 +88,14 @@ class Command:
     takes_overrides: bool = True
 
 
+def _path_arg(value: str) -> str:
+    """A path option's value: an empty one (``--out ""``, an unset shell variable) is refused, not taken as
+    "not given" (the default folder) or as the current folder."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder name")
+    return value
+
+
 def _load(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
@@ -272,7 +280,7 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "action", choices=["info", "check"], help="info: counts per split, area, brain; check: verify every shard"
     )
-    p.add_argument("path", metavar="PATH", help="patch store folder (holding manifest.json)")
+    p.add_argument("path", metavar="PATH", type=_path_arg, help="patch store folder (holding manifest.json)")
     p.add_argument("--quick", action="store_true", help="check: metadata only, do not decompress every patch")
 
 
@@ -308,6 +316,7 @@ def _encoder_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--encoder",
         metavar="PATH",
+        type=_path_arg,
         help="encoder.pt to use (default: encoder.pt in analysis.encoder_from, the pretraining run folder)",
     )
 
@@ -372,12 +381,16 @@ def _submit_positionals(p: argparse.ArgumentParser) -> None:
 
 
 def _submit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", required=True, metavar="FILE", help="site profile YAML (see configs/sites/)")
+    p.add_argument(
+        "--profile", required=True, metavar="FILE", type=_path_arg, help="site profile YAML (see configs/sites/)"
+    )
     p.add_argument("--local", action="store_true", help="run through submitit's local executor instead of SLURM")
     p.add_argument(
         "--array", type=positive_int, metavar="N", help="extract/infer: number of array tasks (default: profile)"
     )
-    p.add_argument("--folder", metavar="DIR", help="submitit's folder (default: <run.root_dir>/submitit)")
+    p.add_argument(
+        "--folder", metavar="DIR", type=_path_arg, help="submitit's folder (default: <run.root_dir>/submitit)"
+    )
     p.add_argument("--wait", action="store_true", help="wait for the jobs; exit 1 if any failed")
 
 
@@ -421,11 +434,15 @@ def _slurm_positionals(p: argparse.ArgumentParser) -> None:
 
 
 def _slurm_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", required=True, metavar="FILE", help="site profile YAML (see configs/sites/)")
+    p.add_argument(
+        "--profile", required=True, metavar="FILE", type=_path_arg, help="site profile YAML (see configs/sites/)"
+    )
     p.add_argument(
         "--array", type=positive_int, metavar="N", help="extract/infer: number of array tasks (default: profile)"
     )
-    p.add_argument("--write", metavar="FILE", help="write the script to FILE (and create its log folder)")
+    p.add_argument(
+        "--write", metavar="FILE", type=_path_arg, help="write the script to FILE (and create its log folder)"
+    )
     p.add_argument("--submit", action="store_true", help="write the script into <run.root_dir>/slurm/ and sbatch it")
     p.add_argument(
         "--stages",
@@ -569,7 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
         if c.positionals:
             c.positionals(p)
         if c.takes_config:
-            p.add_argument("config", metavar="CONFIG", help="YAML config (see configs/)")
+            p.add_argument("config", metavar="CONFIG", type=_path_arg, help="YAML config (see configs/)")
         if c.takes_overrides:
             p.add_argument(
                 "overrides",
@@ -581,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.set_defaults(overrides=[])
         if c.writes:
-            p.add_argument("--out", metavar="DIR", help="output folder (default: from the config)")
+            p.add_argument("--out", metavar="DIR", type=_path_arg, help="output folder (default: from the config)")
             p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
         p.add_argument("--debug", action="store_true", help="show tracebacks and DEBUG logs")
         if c.extra_args:

@@ -78,6 +78,23 @@ def test_overwrite_with_resume_is_usage_error(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "ckpt-000000003.pt").read_bytes() == b"kept"
 
 
+def test_an_empty_path_is_refused_not_taken_for_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--out "$OUT"` with OUT unset: refused, naming the option, rather than writing into the config's folder."""
+    monkeypatch.chdir(tmp_path)
+    config = str(REPO / "configs" / "demo.yaml")
+    for args in (
+        ["synth", config, "--out", ""],
+        ["features", config, "--encoder", " "],
+        ["slurm", "probe", config, "--profile", str(REPO / "configs" / "sites" / "example.yaml"), "--write", ""],
+        ["check-config", ""],
+    ):
+        assert main(args) == 2
+        assert "an empty path" in capsys.readouterr().err, args
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_debug_shows_traceback() -> None:
     r = run("check-config", str(REPO / "configs" / "demo.yaml"), "synth.n_brains=x", "--debug")
     assert r.returncode != 0 and "Traceback" in r.stderr
