@@ -24,3 +24,8 @@ class InputError(CytonetError):
 
 class OutputExistsError(CytonetError):
     """An output already exists and ``--overwrite`` was not given."""
+
+
+def some_of(names: list[str]) -> str:
+    """``names`` in a message: the first, and how many more (``"a.txt and 3 more"``)."""
+    return names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else "")

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from cytonet.config import Config, config_to_dict, save_config
 from cytonet.data.patches import DONE_MARKER, STARTED_MARKER, STEP_LOCK, step_lock
-from cytonet.errors import CytonetError, OutputExistsError
+from cytonet.errors import CytonetError, OutputExistsError, some_of
 
 log = logging.getLogger(__name__)
 
@@ -289,9 +289,8 @@ def check_demo_root(cfg: Config, overwrite: bool) -> Path:
     if root.is_dir() and not overwrite:
         foreign = sorted(p.name for p in root.iterdir() if p.name not in demo_entries(cfg))
         if foreign:
-            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
             raise OutputExistsError(
-                f"demo: output folder {root} holds {foreign[0]}{more}, which the demo does not write; choose "
+                f"demo: output folder {root} holds {some_of(foreign)}, which the demo does not write; choose "
                 "another --out (or pass --overwrite to run the demo in this folder anyway)"
             )
     return root

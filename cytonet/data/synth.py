@@ -84,7 +84,7 @@ from cytonet.data.synth_geometry import (
     section_nodes,
     section_z_mm,
 )
-from cytonet.errors import InputError, OutputExistsError
+from cytonet.errors import InputError, OutputExistsError, some_of
 from cytonet.workers import worker_pool
 
 __all__ = [
@@ -840,11 +840,10 @@ def stale_outputs(cfg: SynthConfig, out_dir: Path, backend: str, own_files: Coll
     if out_dir.is_dir():
         walk(out_dir)
     if foreign:
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         raise OutputExistsError(
-            f"synth: output folder {out_dir} holds {foreign[0].relative_to(out_dir)}{more}, which synth did not "
-            "write; --overwrite deletes only synthetic section stores and synth's own files: move the others "
-            "away or choose another --out"
+            f"synth: output folder {out_dir} holds {some_of([str(p.relative_to(out_dir)) for p in foreign])}, which "
+            "synth did not write; --overwrite deletes only synthetic section stores and synth's own files: move the "
+            "others away or choose another --out"
         )
     return stale
 
