@@ -150,7 +150,9 @@ class ShardJob:
     split: str
     first: int
     records: np.ndarray
-    sections: tuple[SectionEntry, ...]
+    #: the sections its records name, by their index in the store: only those (a worker process is sent every
+    #: job, and a whole brain's list in each was O(shards x sections))
+    sections: dict[int, SectionEntry]
     brains: tuple[str, ...]
     factor: int
     geometry: PatchGeometry
@@ -892,14 +894,15 @@ def _extract(
             continue
         if (out / s["name"]).exists():
             continue
+        records = plan[s["split"]][k : k + s["n"]]
         shard_jobs.append(
             ShardJob(
                 out=str(out),
                 index=i,
                 split=s["split"],
                 first=s["first"],
-                records=plan[s["split"]][k : k + s["n"]],
-                sections=tuple(entries),
+                records=records,
+                sections={int(j): entries[j] for j in np.unique(records["section"])},
                 brains=brains,
                 factor=factor,
                 geometry=geometry,
