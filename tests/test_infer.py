@@ -219,9 +219,20 @@ def test_pyramid_mean_of_blocks_equals_pyramid_of_whole() -> None:
         np.testing.assert_allclose(whole[lvl], np.array(ref).transpose(2, 0, 1), rtol=1e-6)
 
 
-def test_assign_covers_every_unit_once() -> None:
-    owned = sorted(i for w in range(7) for i in assign(23, w, 7))
-    assert owned == list(range(23))
+@pytest.mark.parametrize(("n_units", "n_workers"), [(23, 7), (7200, 64), (5, 8), (1000, 3)])
+def test_assign_covers_every_unit_once_evenly_in_a_few_stretches(n_units: int, n_workers: int) -> None:
+    """Every unit has one owner; the shares differ by at most a unit a run; and a worker of a large array takes
+    a few stretches of neighbouring units: 800 sections of 9 blocks over 64 tasks, it touches at most 4 runs x
+    (29 blocks: 5 sections), where dealing the units one by one touched 108 sections."""
+    from cytonet.infer.blocks import RUNS_PER_WORKER
+
+    shares = [assign(n_units, w, n_workers) for w in range(n_workers)]
+    assert sorted(i for share in shares for i in share) == list(range(n_units))
+    assert max(map(len, shares)) - min(map(len, shares)) <= RUNS_PER_WORKER
+    stretches = [sum(1 for a, b in zip([-2, *share], share) if b != a + 1) for share in shares]
+    assert max(stretches) <= RUNS_PER_WORKER
+    if n_units == 7200:
+        assert max(len({i // 9 for i in share}) for share in shares) <= RUNS_PER_WORKER * 5
 
 
 # ---------------------------------------------------------------------------------------------------------

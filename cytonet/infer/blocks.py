@@ -124,11 +124,20 @@ def section_grid(section: str, model_shape: tuple[int, int], stride: int, patch:
     return Grid(section, model_shape, stride, patch, block)
 
 
+#: Contiguous runs of units each worker takes (:func:`assign`).
+RUNS_PER_WORKER = 4
+
+
 def assign(n_units: int, worker: int, n_workers: int) -> list[int]:
-    """Indices of the units this worker owns: round robin, so that neighbouring (similar) units spread out."""
+    """Indices of the units this worker owns. The units (a section's blocks one after the other, section after
+    section) are cut into ``RUNS_PER_WORKER`` runs per worker of sizes within one, dealt round robin: a worker
+    maps a few stretches of neighbouring blocks (each section it touches is opened, and its context chunks
+    decoded, by few workers; dealt one by one, every task of a large array touched nearly every section),
+    spread over the sections so that stretches of background and of tissue even out."""
     if not 0 <= worker < n_workers:
         raise ValueError(f"worker {worker} is outside 0..{n_workers - 1}")
-    return list(range(worker, n_units, n_workers))
+    runs = n_workers * RUNS_PER_WORKER
+    return [i for r in range(worker, runs, n_workers) for i in range(r * n_units // runs, (r + 1) * n_units // runs)]
 
 
 def worker_of(task_id: int, num_tasks: int, rank: int, world_size: int) -> tuple[int, int]:
