@@ -2,8 +2,8 @@
 
 Plan: the sections (``infer.sections`` or those of ``infer.splits``), each cut into blocks of one output
 chunk or shard (:mod:`cytonet.infer.blocks`). Work units (blocks for OME-Zarr, whole sections for HDF5) are
-dealt round robin to the workers of this job: ``worker = task_id * world_size + rank`` over
-``num_tasks * world_size`` workers, so torchrun or mpiexec ranks and SLURM array tasks combine. Workers do
+dealt in a few stretches each to the workers of this job (:func:`assign`): ``worker = task_id * world_size +
+rank`` over ``num_tasks * world_size`` workers, so torchrun or mpiexec ranks and SLURM array tasks combine. Workers do
 not talk to each other: every unit has one owner, volumes are created once under a lock, and done markers
 say what is finished. A rerun (any worker layout) skips done blocks, so a crash followed by a rerun gives the
 same bytes as an uninterrupted run.
@@ -452,8 +452,8 @@ def _attrs(cfg: Config, clf: Classifier, job: SectionJob, settings: dict[str, An
 def _complete(out: Path, job: SectionJob, fmt: str) -> bool:
     if fmt == "hdf5":
         return (writers.state_dir(out, job.name) / "complete.json").is_file()
-    markers = writers.DoneMarkers(out, job.name)
-    return all(markers.is_done(b) for b in job.grid.blocks())
+    done = writers.DoneMarkers(out, job.name).done_ids()
+    return all(b.id in done for b in job.grid.blocks())
 
 
 def check_out_folder(out: Path) -> None:
@@ -525,9 +525,9 @@ def run_infer(
         if job.name not in checked:  # before trusting any done marker of this section
             writers.check_existing(out, job.name, infer_settings(cfg, clf, job))
             checked.add(job.name)
-        markers = writers.DoneMarkers(out, job.name)
+        done = writers.DoneMarkers(out, job.name).done_ids()
         for block in blocks:
-            if markers.is_done(block):
+            if block.id in done:
                 skipped += 1
             else:
                 todo.append((job, block))
@@ -563,9 +563,16 @@ def run_infer(
         skipped,
         seconds,
     )
-    complete = {job.name: _complete(out, job, icfg.format) for job in jobs}  # one look at the markers
-    cleaned = _cleanup_ready(cfg, out, jobs, clf, complete)
-    return InferResult(out, [j.name for j in jobs], written, skipped, cleaned, all(complete.values()), spent)
+    # One look at the markers of the sections this worker had blocks of (with the rest of their brain for a 3D
+    # clean-up): the last of their workers to finish cleans them up. Whether the whole output is complete is
+    # asked of the others only if these are, and stops at the first that is not: every task of a large array
+    # listed every section's markers.
+    groups = {_cleanup_key(icfg.cleanup, j) for j, _ in mine}
+    own = [j for j in jobs if _cleanup_key(icfg.cleanup, j) in groups]
+    complete = {job.name: _complete(out, job, icfg.format) for job in own}
+    cleaned = _cleanup_ready(cfg, out, own, clf, complete)
+    whole = all(complete.values()) and all(_complete(out, j, icfg.format) for j in jobs if j.name not in complete)
+    return InferResult(out, [j.name for j in jobs], written, skipped, cleaned, whole, spent)
 
 
 def check_model_settings(cfg: Config, clf: Classifier) -> None:
@@ -862,6 +869,11 @@ def _process(
     return count, spent, progress.mpix
 
 
+def _cleanup_key(cleanup: str, job: SectionJob) -> str:
+    """The group a section is cleaned up with: its brain for a 3D clean-up, else itself."""
+    return job.brain if cleanup == "knn3d" else job.name
+
+
 def _cleanup_ready(
     cfg: Config, out: Path, jobs: list[SectionJob], clf: Classifier, complete: dict[str, bool]
 ) -> list[str]:
@@ -872,8 +884,7 @@ def _cleanup_ready(
         return []
     groups: dict[str, list[SectionJob]] = {}
     for job in jobs:
-        key = job.brain if icfg.cleanup == "knn3d" else job.name
-        groups.setdefault(key, []).append(job)
+        groups.setdefault(_cleanup_key(icfg.cleanup, job), []).append(job)
     done_here = []
     for key, members in sorted(groups.items()):
         if not all(complete[j.name] for j in members):

@@ -65,6 +65,15 @@ class DoneMarkers:
     def is_done(self, block: Block) -> bool:
         return self.path(block).is_file()
 
+    def done_ids(self) -> set[str]:
+        """Ids of the blocks marked done: one listing of the folder, not a look per block (thousands of them
+        on a parallel file system). Temporary files of markers being written start with a dot."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return set()
+        return {n[: -len(".json")] for n in names if n.endswith(".json") and not n.startswith(".")}
+
     def mark(self, block: Block, info: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         # Atomic (a killed worker leaves no half marker) but not fsynced: the chunks it vouches for are not
