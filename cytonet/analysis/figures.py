@@ -91,7 +91,8 @@ def section_thumbnail(section_path: str | Path, max_px: int = 800) -> np.ndarray
         rows = []
         band = step * max(1, 1024 // step)
         for y0 in range(0, h, band):
-            rows.append(np.asarray(arr[y0 : min(y0 + band, h)])[::step, ::step])
+            # a copy: a strided view would keep the whole full-resolution band alive, and so the whole section
+            rows.append(np.asarray(arr[y0 : min(y0 + band, h)])[::step, ::step].copy())
     return np.concatenate(rows)
 
 

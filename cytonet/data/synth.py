@@ -933,9 +933,10 @@ def render_preview(section_path: str | Path, png_path: str | Path, max_px: int =
         img_parts, lab_parts = [], []
         for y0 in range(0, h, rows):
             y1 = min(y0 + rows, h)
-            img_parts.append(reader.read("image", y0, y1)[::step, ::step])
+            # copies: a strided view would keep the whole full-resolution band alive, and so the whole section
+            img_parts.append(reader.read("image", y0, y1)[::step, ::step].copy())
             if has_labels:
-                lab_parts.append(reader.read("labels", y0, y1)[::step, ::step])
+                lab_parts.append(reader.read("labels", y0, y1)[::step, ::step].copy())
         meta = reader.meta
     image = np.concatenate(img_parts)
     fig_w = 12.0
