@@ -5,6 +5,8 @@ every other :class:`CytonetError` with 1. Each carries a message that names the 
 file, key or value, so that one line is enough for the user to act on it.
 """
 
+from pathlib import Path
+
 
 class CytonetError(Exception):
     """A runtime failure the user can act on (bad input file, existing output, ...)."""
@@ -24,6 +26,16 @@ class InputError(CytonetError):
 
 class OutputExistsError(CytonetError):
     """An output already exists and ``--overwrite`` was not given."""
+
+
+def not_found(path: Path, what: str, folder: bool = False) -> str:
+    """Why ``path`` (a ``what``: "encoder file", "section folder") cannot be used: it does not exist, or it is a
+    folder where a file is wanted (``folder`` False) or something else where a folder is."""
+    if not (path.exists() or path.is_symlink()):
+        return f"{what} {path} does not exist"
+    if folder:
+        return f"{what} {path} is not a folder"
+    return f"{what} {path} is {'a folder' if path.is_dir() else 'not a regular file'}"
 
 
 def some_of(names: list[str]) -> str:

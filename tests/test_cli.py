@@ -95,6 +95,23 @@ def test_an_empty_path_is_refused_not_taken_for_the_default(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_file_where_a_folder_is_wanted_and_the_reverse_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("mine\n")
+    config = str(REPO / "configs" / "demo.yaml")
+    for args, says in (
+        (
+            ["synth", config, "--out", str(tmp_path / "file")],
+            f"synth: output {tmp_path / 'file'} exists and is not a folder",
+        ),
+        (["features", config, "--encoder", str(tmp_path)], f"encoder file {tmp_path} is a folder"),
+    ):
+        assert main(args) == 1
+        assert says in capsys.readouterr().err, args
+    assert (tmp_path / "file").read_text() == "mine\n"
+
+
 def test_debug_shows_traceback() -> None:
     r = run("check-config", str(REPO / "configs" / "demo.yaml"), "synth.n_brains=x", "--debug")
     assert r.returncode != 0 and "Traceback" in r.stderr

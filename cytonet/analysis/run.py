@@ -78,7 +78,7 @@ from cytonet.data.patches import (
     reading_store,
 )
 from cytonet.distributed import DistEnv
-from cytonet.errors import ConfigError, InputError, OutputExistsError, some_of
+from cytonet.errors import ConfigError, InputError, OutputExistsError, not_found, some_of
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def resolve_encoder(cfg: Config, encoder_path: str | Path | None) -> Path:
     path = Path(encoder_path) if encoder_path else cfg.resolve_path(cfg.analysis.encoder_from) / ENCODER_FILE
     if not path.is_file():
         hint = "" if encoder_path else " (analysis.encoder_from; run `cytonet pretrain` first, or pass --encoder)"
-        raise InputError(f"encoder file {path} does not exist{hint}")
+        raise InputError(not_found(path, "encoder file") + hint)
     return path
 
 

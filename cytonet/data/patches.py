@@ -306,6 +306,8 @@ def step_lock(out: Path, what: str, doing: str = "written", name: str = STEP_LOC
     process on the same folder at the same time is refused, rather than taking a running step for an
     interrupted one or writing beside it. An flock, released when the process ends, killed or not; on a file
     system without flock the step goes on unguarded, with a warning."""
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{what}: output {out} exists and is not a folder")
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(exclusive_lock(out / name, blocking=False))
