@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cytonet.config import Config, config_to_dict, save_config
+from cytonet.data.extract import heldout_brains
 from cytonet.data.patches import DONE_MARKER, STARTED_MARKER, STEP_LOCK, step_lock
+from cytonet.data.synth_geometry import brain_name
 from cytonet.errors import CytonetError, OutputExistsError, some_of
 
 log = logging.getLogger(__name__)
@@ -307,6 +309,8 @@ def run_demo(cfg: Config, *, overwrite: bool, workers: int = 2) -> None:
     The torchrun steps read the config from a temporary file meanwhile.
     """
     root = check_demo_root(cfg, overwrite)
+    # The brains to hold out, among those synth will make: refused now, not by extract after synth's minutes.
+    heldout_brains([brain_name(i) for i in range(cfg.synth.n_brains)], cfg.extract)
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="cytonet-demo-") as tmp:
         _run_demo_steps(cfg, root, save_config(cfg, Path(tmp)), overwrite=overwrite, workers=workers)

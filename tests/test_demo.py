@@ -60,3 +60,15 @@ def test_demo_end_to_end_and_rerun(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-4000:]
     assert again.stdout == r.stdout
     assert "already holds a finished run" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [("synth.n_brains=1", "leaves no training brain"), ("extract.heldout_brains=[B09]", "names ['B09']")],
+)
+def test_brains_to_hold_out_are_checked_before_synth_makes_them(override: str, says: str, tmp_path: Path) -> None:
+    """Held-out brains that synth will not make are refused at once, not by extract after synth's minutes."""
+    cmd = [str(Path(sys.executable).parent / "cytonet"), "demo", override, "--out", str(tmp_path / "demo")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and says in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "demo").exists()

@@ -68,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from cytonet.config import Config, config_to_dict, config_to_yaml, diff_keys, lookup
+from cytonet.config import Config, ExtractConfig, config_to_dict, config_to_yaml, diff_keys, lookup
 from cytonet.data import rng
 from cytonet.data.patches import (
     COLUMNS,
@@ -251,10 +251,9 @@ def area_names(entries: list[SectionEntry]) -> dict[int, str]:
     return names
 
 
-def assign_splits(entries: list[SectionEntry], cfg: Config) -> list[SectionEntry]:
-    """Give every section its split: held-out brains -> unseen; a hashed fraction of the others' -> test."""
-    ecfg = cfg.extract
-    brains = sorted({e.brain for e in entries})
+def heldout_brains(brains: list[str], ecfg: ExtractConfig) -> set[str]:
+    """The brains of ``brains`` (sorted) that ``ecfg`` holds out, leaving at least one to train on; raises
+    :class:`InputError` naming the key otherwise (the demo asks before it makes the brains)."""
     if ecfg.heldout_brains:
         unknown = [b for b in ecfg.heldout_brains if b not in brains]
         if unknown:
@@ -272,6 +271,14 @@ def assign_splits(entries: list[SectionEntry], cfg: Config) -> list[SectionEntry
             f"extract: holding out {sorted(heldout)} leaves no training brain (brains found: {brains}); "
             "lower extract.n_heldout_brains or list fewer extract.heldout_brains"
         )
+    return heldout
+
+
+def assign_splits(entries: list[SectionEntry], cfg: Config) -> list[SectionEntry]:
+    """Give every section its split: held-out brains -> unseen; a hashed fraction of the others' -> test."""
+    ecfg = cfg.extract
+    brains = sorted({e.brain for e in entries})
+    heldout = heldout_brains(brains, ecfg)
     out = []
     for brain in brains:
         mine = [e for e in entries if e.brain == brain]
