@@ -580,3 +580,15 @@ def test_the_thumbnail_holds_a_band_of_the_section_not_all_of_it(tmp_path: Path)
     tracemalloc.stop()
     assert thumb.shape == (384, 384) and (thumb[:, 1] == 16).all()
     assert peak < size * size / 2, f"{peak / 1e6:.0f} MB traced for a section of {size * size / 1e6:.0f} MB"
+
+
+def test_more_clusters_than_patches_is_refused_before_any_patch_is_encoded(brain: Path, tmp_path: Path) -> None:
+    r = subprocess.run(
+        [str(BIN / "cytonet"), "analyze", str(brain / "c.yaml"), "analysis.n_clusters=1000", "--out", str(tmp_path)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1 and "need at least analysis.n_clusters=1000" in r.stderr, r.stderr[-2000:]
+    assert not list((tmp_path / "features").iterdir())

@@ -417,6 +417,9 @@ def _analyse(
     for s in acfg.splits:
         if s not in available:
             result.notes.append(f"split {s!r} is empty in {store.path}; analysed {available}")
+    # from the manifest's counts, before any patch is encoded
+    cap = acfg.max_patches_per_split or store.n
+    steps.check_patch_count(sum(min(int(store.manifest["splits"][s]["n"]), cap) for s in available), acfg)
     parts = [split_features(cfg, store, s, out, enc, overwrite, device) for s in available]
     fs = FeatureSet.concat(parts)
     factors.check_nonnegative(fs.features, f"features of {enc}")

@@ -25,7 +25,7 @@ import numpy as np
 
 from cytonet.analysis import cluster, embed, factors, figures
 from cytonet.analysis.features import FeatureSet
-from cytonet.config import Config
+from cytonet.config import AnalysisConfig, Config
 from cytonet.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,17 @@ def thread_limit(threads: int) -> contextlib.AbstractContextManager[Any]:
     return threadpool_limits(limits=threads)
 
 
+def check_patch_count(n: int, acfg: AnalysisConfig) -> None:
+    """Refuse ``n`` patches that Ward clustering cannot take: too many for its memory, fewer than its clusters."""
+    if n > WARD_MAX:
+        raise InputError(
+            f"{n} patches to analyse: Ward clustering needs O(n^2) memory ({8e-9 * n * n:.0f} GB); "
+            f"set analysis.max_patches_per_split so that at most {WARD_MAX} remain"
+        )
+    if n < max(acfg.n_clusters, 4):
+        raise InputError(f"only {n} patches to analyse; need at least analysis.n_clusters={acfg.n_clusters}")
+
+
 def analyse_patches(fs: FeatureSet, cfg: Config, out: Path, result: AnalysisResult, split_of: np.ndarray) -> None:
     """Ward clustering, t-SNE, UMAP, NMF and mixture of the patch features; fills ``result``.
 
@@ -145,13 +156,7 @@ def _analyse_patches(fs: FeatureSet, cfg: Config, out: Path, result: AnalysisRes
     area_names = names_of(fs.attrs, "areas")
     brain_names = names_of(fs.attrs, "brains")
     n = len(fs)
-    if n > WARD_MAX:
-        raise InputError(
-            f"{n} patches to analyse: Ward clustering needs O(n^2) memory ({8e-9 * n * n:.0f} GB); "
-            f"set analysis.max_patches_per_split so that at most {WARD_MAX} remain"
-        )
-    if n < max(acfg.n_clusters, 4):
-        raise InputError(f"only {n} patches to analyse; need at least analysis.n_clusters={acfg.n_clusters}")
+    check_patch_count(n, acfg)
 
     t0 = time.perf_counter()
     clusters = cluster.ward_clusters(x, acfg.n_clusters)
