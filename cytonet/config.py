@@ -1098,12 +1098,28 @@ def parse_yaml(text: str) -> Any:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn ``["synth.n_brains=2", "loss.kind=distance"]`` into a nested dict; values are parsed as YAML."""
+    """Turn ``["synth.n_brains=2", "loss.kind=distance"]`` into a nested dict; values are parsed as YAML.
+
+    Each key may be given once: ``synth.n_brains=2 synth.n_brains=3`` is refused (the last would silently win,
+    as in a YAML file with a key written twice), and so is a key given inside another override's value
+    (``synth={n_brains: 2} synth.n_brains=3``)."""
     nested: dict[str, Any] = {}
+    given: dict[str, str] = {}  # dotted key -> the override that set it
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise UsageError(f"override {item!r} is malformed: use section.key=value (e.g. synth.n_brains=2)")
+        for other, earlier in given.items():
+            if other == key:
+                raise UsageError(
+                    f"override {item!r}: key '{key}' is given twice (also {earlier!r}); the last would silently "
+                    "win: give it once"
+                )
+            if _at_or_below(key, other) or _at_or_below(other, key):
+                raise UsageError(
+                    f"override {item!r}: key '{key}' overlaps the earlier override {earlier!r}: give each key once"
+                )
+        given[key] = item
         try:
             value = parse_yaml(raw) if raw != "" else ""
         except DuplicateKeyError as exc:
@@ -1119,6 +1135,23 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = child
         node[parts[-1]] = value
     return nested
+
+
+def layer_overrides(*groups: typing.Sequence[str]) -> list[str]:
+    """Join groups of dotted overrides, each later group's keys replacing the same keys (and the keys below them)
+    of the earlier groups: for code that composes its defaults with specific settings (tests, benchmarks). On
+    the command line each key is given once (:func:`parse_overrides`)."""
+    out: list[str] = []
+    for group in groups:
+        keys = [item.partition("=")[0] for item in group]
+        out = [item for item in out if not any(_at_or_below(item.partition("=")[0], key) for key in keys)]
+        out += group
+    return out
+
+
+def _at_or_below(key: str, other: str) -> bool:
+    """Whether dotted ``key`` is ``other`` or a key below it."""
+    return key == other or key.startswith(other + ".")
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

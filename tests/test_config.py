@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cytonet.cli import main
 from cytonet.config import (
     Config,
     config_from_dict,
     config_to_dict,
+    layer_overrides,
     load_config,
     paper_receptive_field,
     parse_overrides,
@@ -262,3 +264,42 @@ def test_unknown_key_of_an_override_is_blamed_on_the_override(tmp_path: Path) ->
     (tmp_path / "c.yaml").write_text("synth:\n  bogus: 1\n")
     with pytest.raises(ConfigError, match=r"unknown key 'synth.bogus'.*\(in .*c.yaml\)$"):
         load_config(tmp_path / "c.yaml", ["synth.n_brains=2"])
+
+
+DEMO = CONFIGS[0].parent / "demo.yaml"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Overrides: each key once
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["synth.n_brains=2", "synth.n_brains=3"],
+        ["synth.n_brains=2", "synth.seed=1", "synth.n_brains=2"],  # even with the same value
+        ["synth={n_brains: 2}", "synth.n_brains=3"],
+        ["synth.n_brains=3", "synth={n_brains: 2}"],
+    ],
+)
+def test_an_override_key_given_twice_is_refused_naming_it(overrides: list[str]) -> None:
+    with pytest.raises(UsageError, match=r"'synth\.n_brains'|'synth'"):
+        load_config(DEMO, overrides)
+    assert main(["check-config", str(DEMO), *overrides]) == 2
+
+
+def test_different_override_keys_of_one_section_are_fine() -> None:
+    cfg = load_config(DEMO, ["synth.n_brains=2", "synth.seed=3", "sections.image_levels=[2]"])
+    assert (cfg.synth.n_brains, cfg.synth.seed, cfg.sections.image_levels) == (2, 3, (2,))
+    with pytest.raises(ConfigError, match=r"unknown key 'synth\.n_brainsx'"):  # another key, not the same one twice
+        load_config(DEMO, ["synth.n_brains=2", "synth.n_brainsx=3"])
+
+
+def test_code_that_composes_overrides_layers_them_explicitly() -> None:
+    # Defaults composed with specific settings in code (the tests' helpers): later groups replace earlier keys,
+    # and the keys below them.
+    base = ["synth.n_brains=2", "synth.seed=1", "run.seed=4"]
+    assert layer_overrides(base, ["synth.n_brains=3"]) == ["synth.seed=1", "run.seed=4", "synth.n_brains=3"]
+    assert layer_overrides(base, ["synth={n_brains: 5}"]) == ["run.seed=4", "synth={n_brains: 5}"]
+    cfg = load_config(DEMO, layer_overrides(base, ["synth.n_brains=3"]))
+    assert (cfg.synth.n_brains, cfg.synth.seed, cfg.run.seed) == (3, 1, 4)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from ringdata import PIXEL_UM, image_pattern, make_sections, ring_layers
 
-from cytonet.config import Config, load_config
+from cytonet.config import Config, layer_overrides, load_config
 from cytonet.data.extract import CRASH_ENV, run_extract
 from cytonet.data.patches import MANIFEST, METADATA, PatchStore, read_shard_columns, remove_path
 from cytonet.data.sections import SectionMeta, create_section
@@ -35,7 +35,7 @@ OVERRIDES = [
 
 
 def make_cfg(*extra: str) -> Config:
-    return load_config(None, [*OVERRIDES, *extra])
+    return load_config(None, layer_overrides(OVERRIDES, extra))
 
 
 def shard_contents(out: Path) -> dict[str, Any]:

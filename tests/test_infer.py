@@ -15,7 +15,7 @@ import pytest
 import torch
 from ringdata import make_sections
 
-from cytonet.config import Config, config_to_dict, load_config, save_config
+from cytonet.config import Config, config_to_dict, layer_overrides, load_config, save_config
 from cytonet.data.chunks import open_chunked
 from cytonet.data.sections import SectionMeta, create_section, open_section
 from cytonet.distributed import DistEnv
@@ -47,17 +47,19 @@ def randomise_batchnorm(module: torch.nn.Module, seed: int) -> None:
 def base_config(root: Path, *overrides: str) -> Config:
     return load_config(
         None,
-        [
-            f"run.root_dir={root}",
-            "model.n_blocks=3",
-            "model.patch_size_px=121",
-            "extract.sections_dir=sections",
-            "infer.splits=[]",
-            "infer.stride_px=8",
-            "infer.chunk_px=8",
-            "infer.pyramid_levels=2",
-            *overrides,
-        ],
+        layer_overrides(
+            [
+                f"run.root_dir={root}",
+                "model.n_blocks=3",
+                "model.patch_size_px=121",
+                "extract.sections_dir=sections",
+                "infer.splits=[]",
+                "infer.stride_px=8",
+                "infer.chunk_px=8",
+                "infer.pyramid_levels=2",
+            ],
+            overrides,
+        ),
     )
 
 
