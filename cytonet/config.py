@@ -7,14 +7,16 @@ Entry points:
 
 Loading is strict: unknown keys raise an error listing the valid keys of that section, values are
 type-checked against the dataclass annotations (``Literal`` choices name the allowed values), and each
-section's ``validate()`` checks ranges and cross-field rules, naming the key and the fix. Derived values
-are properties; nothing here is rewritten at run time.
+section's ``validate()`` checks ranges and cross-field rules, naming the keys and the fix. Errors name where
+each value came from: the file, a command-line override (each key may be given once), a flag or the default.
+Derived values are properties; nothing here is rewritten at run time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,11 +30,23 @@ from cytonet.errors import ConfigError, UsageError
 Backend = Literal["zarr", "hdf5"]
 
 
-def check_value(ok: bool, key: str, value: Any, allowed: str) -> None:
+class SettingError(ConfigError):
+    """A :class:`ConfigError` about settings named by dotted ``keys``: the one its message starts with first,
+    then the others a rule across keys involves. :func:`load_config` names where each came from (the file, a
+    command-line override, a flag or the default)."""
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()) -> None:
+        super().__init__(message)  # keys stay out of args: a pickled error (from a worker) rebuilds from args
+        self.keys = keys
+
+
+def check_value(ok: bool, key: str, value: Any, allowed: str, *, also: tuple[str, ...] = ()) -> None:
     """Raise a :class:`ConfigError` naming ``key``, its ``value`` and what is ``allowed`` (the one message
-    format of every config check, also used by other typed YAML files such as ``hpc/site.py``'s profiles)."""
+    format of every config check, also used by other typed YAML files such as ``hpc/site.py``'s profiles).
+    ``also``: the other keys of a rule across keys (name them in ``allowed`` too), so that the error can say
+    where each one's value came from."""
     if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+        raise SettingError(f"{key}={value!r} is invalid: {allowed}", (key, *also))
 
 
 _check = check_value
@@ -147,7 +161,8 @@ class SynthConfig:
             self.section_spacing_um >= self.section_thickness_um,
             f"{prefix}.section_spacing_um",
             self.section_spacing_um,
-            f"must be >= section_thickness_um ({self.section_thickness_um}): sections cannot overlap",
+            f"must be >= {prefix}.section_thickness_um ({self.section_thickness_um}): sections cannot overlap",
+            also=(f"{prefix}.section_thickness_um",),
         )
         _check(self.section_stride >= 1, f"{prefix}.section_stride", self.section_stride, ">= 1")
         _check(
@@ -275,8 +290,9 @@ class ModelConfig:
                 ok,
                 f"{prefix}.patch_size_px",
                 self.patch_size_px,
-                f"with {self.n_blocks} valid blocks use {rf} + k*{stride} px "
+                f"with {prefix}.n_blocks={self.n_blocks} valid blocks use {rf} + k*{stride} px "
                 f"(valid: {', '.join(str(rf + k * stride) for k in range(3))}, ...)",
+                also=(f"{prefix}.n_blocks",),
             )
         else:
             _check(self.patch_size_px >= 32, f"{prefix}.patch_size_px", self.patch_size_px, ">= 32 px")
@@ -520,15 +536,21 @@ class InferConfig:
         _check(self.chunk_px >= 1, f"{prefix}.chunk_px", self.chunk_px, ">= 1 px")
         _check(self.shard_chunks >= 0, f"{prefix}.shard_chunks", self.shard_chunks, ">= 0 (0: no sharding)")
         _check(self.pyramid_levels >= 1, f"{prefix}.pyramid_levels", self.pyramid_levels, ">= 1")
-        block = self.chunk_px * max(1, self.shard_chunks)
         _check(
             self.chunk_px % 2 ** (self.pyramid_levels - 1) == 0,
             f"{prefix}.chunk_px",
             self.chunk_px,
-            f"a multiple of 2^(pyramid_levels - 1) = {2 ** (self.pyramid_levels - 1)}, so that every block owns "
-            "whole chunks at every level",
+            f"a multiple of 2^({prefix}.pyramid_levels - 1) = {2 ** (self.pyramid_levels - 1)}, so that every block "
+            "owns whole chunks at every level",
+            also=(f"{prefix}.pyramid_levels",),
         )
-        _check(block <= 8192, f"{prefix}.chunk_px", self.chunk_px, "chunk_px * shard_chunks <= 8192 output px")
+        _check(
+            self.chunk_px * max(1, self.shard_chunks) <= 8192,
+            f"{prefix}.shard_chunks",
+            self.shard_chunks,
+            f"{prefix}.chunk_px * {prefix}.shard_chunks must be <= 8192 output px ({prefix}.chunk_px={self.chunk_px})",
+            also=(f"{prefix}.chunk_px",),
+        )
         _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, ">= 1")
         _check(0 <= self.io_threads <= 64, f"{prefix}.io_threads", self.io_threads, "0-64 (0: automatic)")
         _check(
@@ -601,7 +623,8 @@ class AugmentConfig:
             self.blur_p + self.sharpen_p <= 1,
             f"{prefix}.sharpen_p",
             self.sharpen_p,
-            f"blur_p + sharpen_p must be <= 1 (they exclude each other; blur_p={self.blur_p})",
+            f"blur_p + sharpen_p must be <= 1 (they exclude each other; {prefix}.blur_p={self.blur_p})",
+            also=(f"{prefix}.blur_p",),
         )
         for name in ("alpha_range", "beta_range", "sigma_range_px", "sharpen_delta_range"):
             lo, hi = getattr(self, name)
@@ -840,7 +863,8 @@ class AnalysisConfig:
             0 <= self.nmf_select <= self.nmf_components,
             f"{prefix}.nmf_select",
             self.nmf_select,
-            f"use 0 (one per region) .. nmf_components ({self.nmf_components})",
+            f"use 0 (one per region) .. {prefix}.nmf_components ({self.nmf_components})",
+            also=(f"{prefix}.nmf_components",),
         )
         _check(self.selection_lambda >= 0, f"{prefix}.selection_lambda", self.selection_lambda, ">= 0 (seed 000: 0.5)")
         _check(
@@ -903,6 +927,7 @@ class Config:
                     "loader.samples_per_class",
                     self.loader.samples_per_class,
                     f"must divide {name}.global_batch_size ({stage.global_batch_size}) for class-aware batches",
+                    also=(f"{name}.global_batch_size",),
                 )
 
 
@@ -930,12 +955,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r} is invalid: expected a mapping of the section's keys")
+            raise SettingError(f"{key}={value!r} is invalid: expected a mapping of the section's keys", (key,))
         return _build(tp, value, key)  # type: ignore[arg-type]
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{key}={value!r} is invalid: use {_type_name(tp)}")
+            raise SettingError(f"{key}={value!r} is invalid: use {_type_name(tp)}", (key,))
         return value
     if origin in (Union, types.UnionType):
         errors = []
@@ -946,19 +971,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(exc))
         finite = [e for e in errors if e.endswith("expected a finite number")]
         if finite:  # a number, but inf or nan: say so rather than "expected float or null"
-            raise ConfigError(finite[0])
-        raise ConfigError(f"{key}={value!r} is invalid: expected {_type_name(tp)}")
+            raise SettingError(finite[0], (key,))
+        raise SettingError(f"{key}={value!r} is invalid: expected {_type_name(tp)}", (key,))
     if tp is type(None):
         if value is not None:
-            raise ConfigError(f"{key}={value!r} is invalid: expected null")
+            raise SettingError(f"{key}={value!r} is invalid: expected null", (key,))
         return None
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is invalid: expected true or false")
+            raise SettingError(f"{key}={value!r} is invalid: expected true or false", (key,))
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}={value!r} is invalid: expected an integer")
+            raise SettingError(f"{key}={value!r} is invalid: expected an integer", (key,))
         return value
     if tp is float:
         number = value
@@ -967,9 +992,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 number = float(value)
             except ValueError:
-                raise ConfigError(f"{key}={value!r} is invalid: expected a number") from None
+                raise SettingError(f"{key}={value!r} is invalid: expected a number", (key,)) from None
         if isinstance(number, bool) or not isinstance(number, int | float):
-            raise ConfigError(f"{key}={value!r} is invalid: expected a number")
+            raise SettingError(f"{key}={value!r} is invalid: expected a number", (key,))
         try:
             number = float(number)
         except OverflowError:  # an integer with hundreds of digits
@@ -977,29 +1002,32 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not math.isfinite(number):
             # inf passes every lower bound (`dist.timeout_s > 0`) and then fails deep inside a library (an
             # OverflowError when the process group starts); nan makes every comparison false. Refused here, once.
-            raise ConfigError(f"{key}={value!r} is invalid: expected a finite number")
+            raise SettingError(f"{key}={value!r} is invalid: expected a finite number", (key,))
         return number
     if tp is str:
         if not isinstance(value, str):
             quote = isinstance(value, int | float) and not isinstance(value, bool)  # YAML read `90` as a number
-            raise ConfigError(
-                f"{key}={value!r} is invalid: expected a string" + (f' (quote it in YAML: "{value}")' if quote else "")
+            raise SettingError(
+                f"{key}={value!r} is invalid: expected a string" + (f' (quote it in YAML: "{value}")' if quote else ""),
+                (key,),
             )
         return value
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}={value!r} is invalid: expected a list ({_type_name(tp)})")
+            raise SettingError(f"{key}={value!r} is invalid: expected a list ({_type_name(tp)})", (key,))
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ConfigError(f"{key}={value!r} is invalid: expected {len(args)} values ({_type_name(tp)})")
+                raise SettingError(
+                    f"{key}={value!r} is invalid: expected {len(args)} values ({_type_name(tp)})", (key,)
+                )
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else Any
         items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}={value!r} is invalid: expected a mapping ({_type_name(tp)})")
+            raise SettingError(f"{key}={value!r} is invalid: expected a mapping ({_type_name(tp)})", (key,))
         kt, vt = get_args(tp) or (Any, Any)
         return {_coerce(k, kt, f"{key}.{k}"): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if tp is Any:
@@ -1024,7 +1052,10 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str) -> T:
     for key, value in data.items():
         if key not in names:
             where = f"section '{prefix}'" if prefix else "the top level"
-            raise ConfigError(f"unknown key '{_join(prefix, str(key))}' in {where}; valid keys: {', '.join(names)}")
+            raise SettingError(
+                f"unknown key '{_join(prefix, str(key))}' in {where}; valid keys: {', '.join(names)}",
+                (_join(prefix, str(key)),),
+            )
         kwargs[key] = _coerce(value, hints[key], _join(prefix, key))
     return cls(**kwargs)
 
@@ -1216,8 +1247,9 @@ def load_config(
     values set verbatim after the overrides, never parsed as YAML (a folder named ``2024-06-01``, ``null`` or
     ``x #2`` stays that string); errors about them name the flag.
     """
-    data = read_yaml(path) if path is not None else {}
-    data = _merge(data, parse_overrides(overrides or []))
+    from_file = read_yaml(path) if path is not None else {}
+    from_overrides = parse_overrides(overrides or [])
+    data = _merge(from_file, from_overrides)
     for key, (_, value) in (flags or {}).items():
         *parents, last = key.split(".")
         node = data
@@ -1231,23 +1263,50 @@ def load_config(
             node[last] = value
     try:
         return config_from_dict(data)
+    except SettingError as exc:
+        # Name where each value the error is about came from: a flag, a command-line override, the file or the
+        # default (a rule across keys may involve values from all of them).
+        origins = {}
+        for key in exc.keys:
+            name = re.sub(r"(\[\d+\])+$", "", key)  # an item of a list: where the list came from
+            flag = next((f for k, (f, _) in (flags or {}).items() if name == k or name.startswith(k + ".")), None)
+            if flag is not None:
+                origins[key] = f"set by {flag}"
+            elif _sets(from_overrides, name):
+                origins[key] = "set by a command-line override"
+            elif path is not None and _sets(from_file, name):
+                origins[key] = f"in {path}"
+            else:
+                origins[key] = "left at its default"
+        if len(set(origins.values())) > 1:
+            where = " (" + "; ".join(f"{key} {origin}" for key, origin in origins.items()) + ")"
+        elif origins and next(iter(origins.values())) != "left at its default":
+            where = f" ({next(iter(origins.values()))})"
+        else:
+            where = f" (in {path})" if path is not None else ""
+        raise ConfigError(f"{exc}{where}") from None
     except ConfigError as exc:
-        # Name where the bad value came from: a flag or an override on the command line, or the file.
+        # An error that names no keys: blame an override its text starts with, else the file.
         text = str(exc)
         keys = [item.split("=", 1)[0].strip() for item in overrides or []]
-        flag = next((f for key, (f, _) in (flags or {}).items() if text.startswith(f"{key}=")), None)
-        if flag is not None:
-            where = f" (set by {flag})"
-        elif any(
-            text.startswith((f"{key}=", f"{key}["))
-            or f"unknown key '{key}'" in text
-            or f"unknown key '{key.split('.')[0]}' in the top level" in text
-            for key in keys
-        ):
+        if any(text.startswith((f"{key}=", f"{key}[", f"{key}.")) for key in keys):
             where = " (set by a command-line override)"
         else:
             where = f" (in {path})" if path is not None else ""
         raise ConfigError(f"{text}{where}") from None
+
+
+def _sets(data: Any, key: str) -> bool:
+    """Whether nested mapping ``data`` (a file's or the overrides' settings) holds dotted ``key``: the key
+    itself, or a mapping holding keys below it (``synth.n_brains`` of ``synth.n_brains.x=1``). Mapping keys are
+    compared as text (``importer.label_names.7``) and may hold dots."""
+    if not isinstance(data, dict):
+        return False
+    for k, value in data.items():
+        name = str(k)
+        if key == name or (key.startswith(name + ".") and _sets(value, key[len(name) + 1 :])):
+            return True
+    return False
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

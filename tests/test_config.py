@@ -80,7 +80,7 @@ def test_wrong_type_names_key_value_and_allowed(override: str, fragment: str) ->
     ("override", "fragment"),
     [
         ("synth.n_brains=0", "synth.n_brains=0 is invalid"),
-        ("synth.section_spacing_um=10", "must be >= section_thickness_um"),
+        ("synth.section_spacing_um=10", "must be >= synth.section_thickness_um"),
         ("loss.temperature=-1", "loss.temperature=-1.0 is invalid"),
         ("model.patch_size_px=300", "valid: 265, 297, 329"),
         ("synth.cortex_thickness_mm=[3,2]", "low <= high"),
@@ -303,3 +303,47 @@ def test_code_that_composes_overrides_layers_them_explicitly() -> None:
     assert layer_overrides(base, ["synth={n_brains: 5}"]) == ["run.seed=4", "synth={n_brains: 5}"]
     cfg = load_config(DEMO, layer_overrides(base, ["synth.n_brains=3"]))
     assert (cfg.synth.n_brains, cfg.synth.seed, cfg.run.seed) == (3, 1, 4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors say where each value came from
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["synth.n_brains.x=1", "importer.label_names={a: 1}", "infer.cleanup_components_per_area={1: 2}"],
+)
+def test_a_bad_override_inside_a_key_is_blamed_on_the_override(override: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(DEMO, [override])
+    assert str(info.value).endswith("(set by a command-line override)"), str(info.value)
+    assert "demo.yaml" not in str(info.value)
+
+
+def test_rules_across_keys_name_each_key_and_where_it_came_from(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(DEMO, ["synth.section_thickness_um=900"])
+    assert str(info.value) == (
+        "synth.section_spacing_um=20.0 is invalid: must be >= synth.section_thickness_um (900.0): sections cannot "
+        "overlap (synth.section_spacing_um left at its default; synth.section_thickness_um set by a command-line "
+        "override)"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(DEMO, ["infer.shard_chunks=100"])
+    assert str(info.value).endswith(
+        "(infer.shard_chunks set by a command-line override; infer.chunk_px left at its default)"
+    ) and "infer.chunk_px * infer.shard_chunks must be <= 8192" in str(info.value)
+    p = write(tmp_path, {"synth": {"section_spacing_um": 10.0}})
+    with pytest.raises(ConfigError) as info:
+        load_config(p, ["synth.section_thickness_um=15"])
+    assert str(info.value).endswith(
+        f"(synth.section_spacing_um in {p}; synth.section_thickness_um set by a command-line override)"
+    )
+    # both from the file: the file, once
+    p = write(tmp_path, {"synth": {"section_spacing_um": 10.0, "section_thickness_um": 15.0}})
+    with pytest.raises(ConfigError, match=rf"sections cannot overlap \(in {p}\)$"):
+        load_config(p, ["synth.n_brains=2"])
+    with pytest.raises(
+        ConfigError, match=r"must divide pretrain\.global_batch_size \(64\).*\(loader\.samples_per_class"
+    ):
+        load_config(DEMO, ["loader.samples_per_class=3"])
