@@ -6,9 +6,10 @@ Entry points:
   to write the resolved config into an output directory, checkpoint or volume attributes.
 
 Loading is strict: unknown keys raise an error listing the valid keys of that section, values are
-type-checked against the dataclass annotations (``Literal`` choices name the allowed values), and each
-section's ``validate()`` checks ranges and cross-field rules, naming the keys and the fix. Errors name where
-each value came from: the file, a command-line override (each key may be given once), a flag or the default.
+type-checked against the dataclass annotations (``Literal`` choices name the allowed values), every number
+is checked against its section's ``bounds`` (a finite range for every int and float setting), then each
+section's ``validate()`` checks the rules across keys, naming the keys and the fix. Errors name where each
+value came from: the file, a command-line override (each key may be given once), a flag or the default.
 Derived values are properties; nothing here is rewritten at run time.
 """
 
@@ -50,6 +51,73 @@ def check_value(ok: bool, key: str, value: Any, allowed: str, *, also: tuple[str
 
 
 _check = check_value
+
+
+def _fmt(x: float) -> str:
+    """A bound as it reads best: integers in full (4294967295, not 4.29497e+09), other numbers with %g."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 2**53 else f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The range of a numeric setting: every number it holds (the value, each item of a list, each key and
+    value of a mapping; null is left to the type) must lie in it. Every int and float setting has one, with a
+    finite maximum: a value far out of range fails here, naming the key, instead of as an OverflowError, a
+    MemoryError, a hang or a crash in whichever library first computes with it."""
+
+    lo: float
+    hi: float
+    note: str = ""
+    """Said after the range: what the bound protects, what 0 means, the papers' values."""
+    above: bool = False
+    """``lo`` itself is excluded (lengths, rates: > 0)."""
+    below: bool = False
+    """``hi`` itself is excluded (fractions: < 1)."""
+
+    def allows(self, x: float) -> bool:
+        return (x > self.lo if self.above else x >= self.lo) and (x < self.hi if self.below else x <= self.hi)
+
+    def describe(self, name: str) -> str:
+        """What to use, e.g. ``use 1-1000``, ``use 0 < temperature <= 10``, then the note."""
+        lo, hi = _fmt(self.lo), _fmt(self.hi)
+        if self.above or self.below:
+            text = f"use {lo} {'<' if self.above else '<='} {name} {'<' if self.below else '<='} {hi}"
+        else:
+            text = f"use {lo}{' to ' if self.lo < 0 else '-'}{hi}"
+        return text + (f" ({self.note})" if self.note else "")
+
+
+def _numbers(value: Any, key: str) -> typing.Iterator[tuple[str, Any, float]]:
+    """(key to name, value to show, number) for every number in a setting's value (bools are not numbers)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            for x in (k, v):
+                if isinstance(x, int | float) and not isinstance(x, bool):
+                    yield f"{key}.{k}", v, x
+    elif isinstance(value, list | tuple):
+        for x in value:
+            if isinstance(x, int | float) and not isinstance(x, bool):
+                yield key, list(value), x
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield key, value, value
+
+
+def check_bounds(section: Any, prefix: str) -> None:
+    """Check every setting of a config section against its ``bounds`` (before the section's other rules, which
+    may compute with the values: ``2 ** (pyramid_levels - 1)`` of a 23-digit number would never finish)."""
+    for name, bound in type(section).bounds.items():
+        for key, shown, x in _numbers(getattr(section, name), f"{prefix}.{name}"):
+            _check(bound.allows(x), key, shown, bound.describe(name))
+
+
+#: Seeds: scikit-learn and UMAP (numpy's RandomState) take 0 .. 2^32 - 1, torch.manual_seed up to 2^64 - 1,
+#: numpy's Generator and cytonet's hashes any size; one range for every seed, the one all of them take.
+SEED = Bound(0, 2**32 - 1, "a non-negative integer below 2^32")
+#: Optimiser steps of one training stage (also warm-up, checkpoint and log intervals): 10^8 is years of steps.
+STEPS = 10**8
+#: Threads or processes of one process or rank: twice the cores of a 128-core node (its hardware threads);
+#: beyond, thread pools fail (100000 BLAS threads crash, 4096 hang) long before they help.
+THREADS = 256
 
 
 def diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -109,9 +177,11 @@ class RunConfig:
     faster; inference's input buffers are kept by the process from run to run. The process then keeps its peak
     memory until it exits; false restores the C library's behaviour (and buffers kept for one run only)."""
 
+    bounds: ClassVar[dict[str, Bound]] = {"seed": SEED}
+
     def validate(self, prefix: str) -> None:
+        check_bounds(self, prefix)
         _check(bool(self.root_dir), f"{prefix}.root_dir", self.root_dir, "give a folder path")
-        _check(self.seed >= 0, f"{prefix}.seed", self.seed, "use a non-negative integer")
 
 
 @dataclass
@@ -148,15 +218,26 @@ class SynthConfig:
         """Distance in z between two written sections."""
         return self.section_spacing_um * self.section_stride
 
+    #: A synthetic brain is at most this long in every direction (a human brain: about 170 x 140 x 120 mm).
+    max_extent_mm: ClassVar[float] = 200.0
+    bounds: ClassVar[dict[str, Bound]] = {
+        "n_brains": Bound(1, 1000, "paper: 9, demo: 4"),
+        # section stores are named <brain>_s<4-digit index>: 10000 keeps their names in order
+        "sections_per_brain": Bound(1, 10000, "section numbers have 4 digits"),
+        "section_thickness_um": Bound(0, 1000, "um; paper: 20", above=True),
+        "section_spacing_um": Bound(0, 10000, "um; paper: 20", above=True),
+        "section_stride": Bound(1, 10000),
+        "pixel_size_um": Bound(0.25, 64, "um/px; paper: 2, demo: 8"),
+        "n_areas": Bound(2, 250),
+        # the geometry is evaluated on a 40 um grid of the whole section: 200 x 200 mm is 25 M points
+        "brain_width_mm": Bound(2, max_extent_mm, "mm; paper: 48", above=True),
+        "brain_height_mm": Bound(2, max_extent_mm, "mm; paper: 40", above=True),
+        "cortex_thickness_mm": Bound(0.5, 6, "give [low, high] mm"),
+        "seed": SEED,
+    }
+
     def validate(self, prefix: str) -> None:
-        _check(self.n_brains >= 1, f"{prefix}.n_brains", self.n_brains, "need at least 1 brain")
-        _check(
-            self.sections_per_brain >= 1,
-            f"{prefix}.sections_per_brain",
-            self.sections_per_brain,
-            "need at least 1 section",
-        )
-        _check(self.section_thickness_um > 0, f"{prefix}.section_thickness_um", self.section_thickness_um, "> 0")
+        check_bounds(self, prefix)
         _check(
             self.section_spacing_um >= self.section_thickness_um,
             f"{prefix}.section_spacing_um",
@@ -164,24 +245,23 @@ class SynthConfig:
             f"must be >= {prefix}.section_thickness_um ({self.section_thickness_um}): sections cannot overlap",
             also=(f"{prefix}.section_thickness_um",),
         )
-        _check(self.section_stride >= 1, f"{prefix}.section_stride", self.section_stride, ">= 1")
+        depth_mm = (self.sections_per_brain - 1) * self.section_step_um / 1000.0
         _check(
-            0.25 <= self.pixel_size_um <= 64,
-            f"{prefix}.pixel_size_um",
-            self.pixel_size_um,
-            "use 0.25-64 um/px (paper: 2, demo: 8)",
+            depth_mm <= self.max_extent_mm,
+            f"{prefix}.sections_per_brain",
+            self.sections_per_brain,
+            f"the stack of sections spans ({prefix}.sections_per_brain - 1) x {prefix}.section_spacing_um x "
+            f"{prefix}.section_stride = {depth_mm:g} mm; use at most {_fmt(self.max_extent_mm)} mm, the largest "
+            "brain",
+            also=(f"{prefix}.section_spacing_um", f"{prefix}.section_stride"),
         )
-        _check(2 <= self.n_areas <= 250, f"{prefix}.n_areas", self.n_areas, "use 2-250 areas")
-        _check(self.brain_width_mm > 2, f"{prefix}.brain_width_mm", self.brain_width_mm, "> 2 mm")
-        _check(self.brain_height_mm > 2, f"{prefix}.brain_height_mm", self.brain_height_mm, "> 2 mm")
         lo, hi = self.cortex_thickness_mm
         _check(
-            0.5 <= lo <= hi <= 6,
+            lo <= hi,
             f"{prefix}.cortex_thickness_mm",
             list(self.cortex_thickness_mm),
             "give [low, high] mm with 0.5 <= low <= high <= 6",
         )
-        _check(self.seed >= 0, f"{prefix}.seed", self.seed, "use a non-negative integer")
 
 
 @dataclass
@@ -199,8 +279,13 @@ class SectionStoreConfig:
     averaging the full resolution gives): inference and dense features at f times the pixel size read f^2
     times fewer bytes. Powers of two up to 64; [] stores none (+33% image bytes for the default)."""
 
+    bounds: ClassVar[dict[str, Bound]] = {
+        "chunk_px": Bound(16, 8192, "px"),
+        "image_levels": Bound(min(IMAGE_LEVEL_FACTORS), max(IMAGE_LEVEL_FACTORS), "image level factors"),
+    }
+
     def validate(self, prefix: str) -> None:
-        _check(16 <= self.chunk_px <= 8192, f"{prefix}.chunk_px", self.chunk_px, "use 16-8192 px")
+        check_bounds(self, prefix)
         _check(
             image_levels_valid(self.image_levels),
             f"{prefix}.image_levels",
@@ -237,10 +322,15 @@ class ImportConfig:
     out_dir: str = "sections"
     """Folder the section store is written to; relative paths lie below ``run.root_dir``; ``--out`` overrides."""
 
+    bounds: ClassVar[dict[str, Bound]] = {
+        "label_names": Bound(0, 65535, "label ids: labels are stored as uint16"),
+        "pixel_size_um": Bound(0, 1000, "um/px, or null: the file's", above=True),
+        "section_index": Bound(0, 999999),
+        "z_mm": Bound(-1000, 1000, "mm"),
+    }
+
     def validate(self, prefix: str) -> None:
-        if self.pixel_size_um is not None:
-            _check(self.pixel_size_um > 0, f"{prefix}.pixel_size_um", self.pixel_size_um, "> 0, or null (the file's)")
-        _check(self.section_index >= 0, f"{prefix}.section_index", self.section_index, ">= 0")
+        check_bounds(self, prefix)
         _check(
             bool(self.brain) and all(ch.isalnum() or ch in "-_." for ch in self.brain) and self.brain[0] != ".",
             f"{prefix}.brain",
@@ -278,10 +368,15 @@ class ModelConfig:
         """Receptive field of the valid-padded paper encoder with ``n_blocks`` blocks."""
         return paper_receptive_field(self.n_blocks)
 
+    bounds: ClassVar[dict[str, Bound]] = {
+        "n_blocks": Bound(1, 6, "the paper encoder has 6 blocks"),
+        "patch_size_px": Bound(1, 8192, "px; paper: 1129, seed 004: 2048"),
+        "proj_hidden_dim": Bound(1, 16384, "paper: 128"),
+        "proj_dim": Bound(1, 16384, "paper: 128"),
+    }
+
     def validate(self, prefix: str) -> None:
-        _check(1 <= self.n_blocks <= 6, f"{prefix}.n_blocks", self.n_blocks, "use 1-6 blocks")
-        _check(self.proj_dim >= 1, f"{prefix}.proj_dim", self.proj_dim, ">= 1")
-        _check(self.proj_hidden_dim >= 1, f"{prefix}.proj_hidden_dim", self.proj_hidden_dim, ">= 1")
+        check_bounds(self, prefix)
         if self.encoder == "paper" and self.padding == "valid":
             rf = self.receptive_field_px
             stride = paper_total_stride(self.n_blocks)
@@ -344,10 +439,16 @@ class LossConfig:
         """Whether the loss trains on the patches' 3D coordinates (distance-weighted, siamese), not labels."""
         return self.kind in ("distance", "siamese")
 
+    bounds: ClassVar[dict[str, Bound]] = {
+        # exp(<z_i, z_k> / tau) of unit vectors: 0.01 and 10 are already far from any useful temperature
+        "temperature": Bound(0, 10, "paper: 0.07", above=True),
+        # distances in a brain are below 200 mm: a metre is flat everywhere
+        "radius_mm": Bound(0, 1000, "mm; seed 004: 2", above=True),
+        "scale_mm": Bound(0, 1000, "mm", above=True),
+    }
+
     def validate(self, prefix: str) -> None:
-        _check(self.temperature > 0, f"{prefix}.temperature", self.temperature, "> 0 (paper: 0.07)")
-        _check(self.radius_mm > 0, f"{prefix}.radius_mm", self.radius_mm, "> 0 mm")
-        _check(self.scale_mm > 0, f"{prefix}.scale_mm", self.scale_mm, "> 0 mm")
+        check_bounds(self, prefix)
 
 
 @dataclass
@@ -373,12 +474,19 @@ class OptimConfig:
     (2.4-2.9x with ``model.channels_last``) on 2 AMX cores; the default stays fp32 so that runs on different
     numbers of ranks agree to float rounding (bf16 rounds differently per batch split)."""
 
+    bounds: ClassVar[dict[str, Bound]] = {
+        # any rate that float32 (the weights' type) holds: too large a rate stops training with "the loss is not
+        # finite", which a test of diverging runs relies on (optim.base_lr=1e30)
+        "base_lr": Bound(0, 1e38, "paper: 0.01", above=True),
+        "momentum": Bound(0, 1, below=True),
+        # decoupled or not, a decay above 1 per unit of learning rate flips the weights' sign
+        "weight_decay": Bound(0, 1, "paper: 1e-6"),
+        "trust_coefficient": Bound(0, 10, "LARS: 0.001, demo: 1", above=True),
+        "warmup_steps": Bound(0, STEPS),
+    }
+
     def validate(self, prefix: str) -> None:
-        _check(self.base_lr > 0, f"{prefix}.base_lr", self.base_lr, "> 0")
-        _check(0 <= self.momentum < 1, f"{prefix}.momentum", self.momentum, "use 0 <= momentum < 1")
-        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, ">= 0")
-        _check(self.trust_coefficient > 0, f"{prefix}.trust_coefficient", self.trust_coefficient, "> 0")
-        _check(self.warmup_steps >= 0, f"{prefix}.warmup_steps", self.warmup_steps, ">= 0")
+        check_bounds(self, prefix)
 
 
 @dataclass
@@ -397,8 +505,14 @@ class DistConfig:
     """Synced BatchNorm implementation: ``auto``: torch's on CUDA, cytonet's on CPU (torch's refuses CPU
     tensors); ``apex``: NVIDIA apex's (must be importable, CUDA only)."""
 
+    bounds: ClassVar[dict[str, Bound]] = {
+        # torch turns the timeout into integer nanoseconds and milliseconds: 1e10 s overflows into a timeout that
+        # fires at once, 1e12 s raises. A week is longer than any job's time limit a collective could wait out.
+        "timeout_s": Bound(0, 7 * 24 * 3600, "s, at most a week", above=True),
+    }
+
     def validate(self, prefix: str) -> None:
-        _check(self.timeout_s > 0, f"{prefix}.timeout_s", self.timeout_s, "> 0 s")
+        check_bounds(self, prefix)
 
 
 @dataclass
@@ -440,24 +554,24 @@ class ExtractConfig:
     seed: int = 0
     """Seed of the sampling, the split of sections and the order of patches in shards."""
 
+    bounds: ClassVar[dict[str, Bound]] = {
+        "centerline_tolerance": Bound(0, 0.5, "depth runs 0..1", above=True),
+        "candidate_stride_px": Bound(1, 1024, "px"),
+        # areas with fewer candidates are oversampled: the plan holds n_areas x patches_per_area records
+        "patches_per_area": Bound(1, 100000, "paper: 1200"),
+        "eval_patches_per_area": Bound(0, 100000, "paper: 200"),
+        "test_fraction": Bound(0, 1, "seed 004: 0.2", below=True),
+        "n_heldout_brains": Bound(0, 1000),
+        "patch_size_px": Bound(8, 8192, "px, or null: model.patch_size_px"),
+        # patches are block means of (pixel_size_um / the sections' pixel size)^2 section pixels, read whole
+        "pixel_size_um": Bound(0, 64, "um/px, or null: the sections'; paper: 2, demo: 16", above=True),
+        # a zarr shard is buffered whole while written (paper patches: 3.3 MB each)
+        "patches_per_shard": Bound(1, 4096),
+        "seed": SEED,
+    }
+
     def validate(self, prefix: str) -> None:
-        _check(
-            0 < self.centerline_tolerance <= 0.5,
-            f"{prefix}.centerline_tolerance",
-            self.centerline_tolerance,
-            "use 0 < tolerance <= 0.5 (depth runs 0..1)",
-        )
-        _check(self.candidate_stride_px >= 1, f"{prefix}.candidate_stride_px", self.candidate_stride_px, ">= 1")
-        _check(self.patches_per_area >= 1, f"{prefix}.patches_per_area", self.patches_per_area, ">= 1 (paper: 1200)")
-        _check(self.eval_patches_per_area >= 0, f"{prefix}.eval_patches_per_area", self.eval_patches_per_area, ">= 0")
-        _check(0 <= self.test_fraction < 1, f"{prefix}.test_fraction", self.test_fraction, "use 0 <= fraction < 1")
-        _check(self.n_heldout_brains >= 0, f"{prefix}.n_heldout_brains", self.n_heldout_brains, ">= 0")
-        if self.patch_size_px is not None:
-            _check(self.patch_size_px >= 8, f"{prefix}.patch_size_px", self.patch_size_px, ">= 8 px, or null")
-        if self.pixel_size_um is not None:
-            _check(self.pixel_size_um > 0, f"{prefix}.pixel_size_um", self.pixel_size_um, "> 0, or null")
-        _check(self.patches_per_shard >= 1, f"{prefix}.patches_per_shard", self.patches_per_shard, ">= 1")
-        _check(self.seed >= 0, f"{prefix}.seed", self.seed, "use a non-negative integer")
+        check_bounds(self, prefix)
 
 
 @dataclass
@@ -531,38 +645,42 @@ class InferConfig:
         """Label images each output holds: the argmax map, and the cleaned one unless ``cleanup`` is none."""
         return ["argmax", "cleaned"] if self.cleanup != "none" else ["argmax"]
 
+    #: Output pixels per block edge at most (chunk_px, times shard_chunks when sharded).
+    max_block_px: ClassVar[int] = 8192
+    bounds: ClassVar[dict[str, Bound]] = {
+        "stride_px": Bound(1, max_block_px, "px; at most the model's patch size"),
+        "chunk_px": Bound(1, max_block_px, "px"),
+        "shard_chunks": Bound(0, max_block_px, "0: no sharding"),
+        # chunk_px must be a multiple of 2^(pyramid_levels - 1), and at most 8192 = 2^13
+        "pyramid_levels": Bound(1, 14),
+        "batch_size": Bound(1, 8192),
+        "io_threads": Bound(0, 64, "0: automatic"),
+        "tissue_max_intensity": Bound(1, 256, "256: everything is tissue"),
+        # the vote queries 2^18 points x k neighbours at a time: 16 bytes x 2^18 x 100 = 420 MB
+        "cleanup_k": Bound(1, 100, "seed 001: 15"),
+        "cleanup_components": Bound(1, 1000),
+        "cleanup_components_per_area": Bound(1, 1000, "components kept"),
+    }
+
     def validate(self, prefix: str) -> None:
-        _check(self.stride_px >= 1, f"{prefix}.stride_px", self.stride_px, ">= 1 px")
-        _check(self.chunk_px >= 1, f"{prefix}.chunk_px", self.chunk_px, ">= 1 px")
-        _check(self.shard_chunks >= 0, f"{prefix}.shard_chunks", self.shard_chunks, ">= 0 (0: no sharding)")
-        _check(self.pyramid_levels >= 1, f"{prefix}.pyramid_levels", self.pyramid_levels, ">= 1")
+        check_bounds(self, prefix)
+        coarsest = 2 ** (self.pyramid_levels - 1)  # bounded above: never a 23-digit power
         _check(
-            self.chunk_px % 2 ** (self.pyramid_levels - 1) == 0,
+            self.chunk_px % coarsest == 0,
             f"{prefix}.chunk_px",
             self.chunk_px,
-            f"a multiple of 2^({prefix}.pyramid_levels - 1) = {2 ** (self.pyramid_levels - 1)}, so that every block "
-            "owns whole chunks at every level",
+            f"a multiple of 2^({prefix}.pyramid_levels - 1) = {coarsest}, so that every block owns whole chunks at "
+            "every level",
             also=(f"{prefix}.pyramid_levels",),
         )
         _check(
-            self.chunk_px * max(1, self.shard_chunks) <= 8192,
+            self.chunk_px * max(1, self.shard_chunks) <= self.max_block_px,
             f"{prefix}.shard_chunks",
             self.shard_chunks,
-            f"{prefix}.chunk_px * {prefix}.shard_chunks must be <= 8192 output px ({prefix}.chunk_px={self.chunk_px})",
+            f"{prefix}.chunk_px * {prefix}.shard_chunks must be <= {self.max_block_px} output px "
+            f"({prefix}.chunk_px={self.chunk_px})",
             also=(f"{prefix}.chunk_px",),
         )
-        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, ">= 1")
-        _check(0 <= self.io_threads <= 64, f"{prefix}.io_threads", self.io_threads, "0-64 (0: automatic)")
-        _check(
-            0 < self.tissue_max_intensity <= 256,
-            f"{prefix}.tissue_max_intensity",
-            self.tissue_max_intensity,
-            "1..256 (256: everything is tissue)",
-        )
-        _check(self.cleanup_k >= 1, f"{prefix}.cleanup_k", self.cleanup_k, ">= 1")
-        _check(self.cleanup_components >= 1, f"{prefix}.cleanup_components", self.cleanup_components, ">= 1")
-        for area, m in self.cleanup_components_per_area.items():
-            _check(m >= 1, f"{prefix}.cleanup_components_per_area.{area}", m, ">= 1")
         bad = [sp for sp in self.splits if sp not in ("train", "test", "unseen")]
         _check(not bad, f"{prefix}.splits", self.splits, "a list of train, test, unseen")
 
@@ -608,17 +726,26 @@ class AugmentConfig:
 
         return max(1, math.ceil(3.0 * self.sigma_range_px[1]))
 
+    bounds: ClassVar[dict[str, Bound]] = {
+        "rotation_max_deg": Bound(0, 180, "degrees"),
+        "shift_max_mm": Bound(0, 5, "mm; paper: 0.2"),
+        "mirror_p": Bound(0, 1, "a probability"),
+        "intensity_p": Bound(0, 1, "a probability"),
+        "blur_p": Bound(0, 1, "a probability"),
+        "sharpen_p": Bound(0, 1, "a probability"),
+        # patches hold intensities in [0, 1]
+        "alpha_range": Bound(0, 10, "give [low, high]; seed 002: [0.9, 1.0]", above=True),
+        "beta_range": Bound(-1, 1, "give [low, high]; seed 002: [-0.1, 0.1]"),
+        "gamma_z_max": Bound(
+            0, 0.5 * 2**0.5, "1/sqrt 2: log of a non-positive number otherwise; paper: 0.05", below=True
+        ),
+        "sigma_range_px": Bound(0, 8, "give [low, high] px", above=True),
+        "sharpen_delta_range": Bound(0, 10, "give [low, high]; seed 002: [0.5, 1.5]"),
+        "seed": SEED,
+    }
+
     def validate(self, prefix: str) -> None:
-        _check(
-            0 <= self.rotation_max_deg <= 180,
-            f"{prefix}.rotation_max_deg",
-            self.rotation_max_deg,
-            "use 0-180 degrees",
-        )
-        _check(0 <= self.shift_max_mm <= 5, f"{prefix}.shift_max_mm", self.shift_max_mm, "use 0-5 mm (paper: 0.2)")
-        for name in ("mirror_p", "intensity_p", "blur_p", "sharpen_p"):
-            p = getattr(self, name)
-            _check(0 <= p <= 1, f"{prefix}.{name}", p, "a probability in [0, 1]")
+        check_bounds(self, prefix)
         _check(
             self.blur_p + self.sharpen_p <= 1,
             f"{prefix}.sharpen_p",
@@ -629,20 +756,6 @@ class AugmentConfig:
         for name in ("alpha_range", "beta_range", "sigma_range_px", "sharpen_delta_range"):
             lo, hi = getattr(self, name)
             _check(lo <= hi, f"{prefix}.{name}", [lo, hi], "give [low, high] with low <= high")
-        _check(self.alpha_range[0] > 0, f"{prefix}.alpha_range", list(self.alpha_range), "low must be > 0")
-        _check(
-            0 < self.sigma_range_px[0] and self.sigma_range_px[1] <= 8,
-            f"{prefix}.sigma_range_px",
-            list(self.sigma_range_px),
-            "use 0 < low <= high <= 8 px",
-        )
-        _check(
-            0 <= self.gamma_z_max < 0.5 * 2**0.5,
-            f"{prefix}.gamma_z_max",
-            self.gamma_z_max,
-            "use 0 <= Z_max < 0.707 (log of a non-positive number otherwise; paper: 0.05)",
-        )
-        _check(self.seed >= 0, f"{prefix}.seed", self.seed, "use a non-negative integer")
 
 
 @dataclass
@@ -666,12 +779,17 @@ class LoaderConfig:
     pin_memory: bool = True
     """Pin host memory of batches when training on CUDA."""
 
+    bounds: ClassVar[dict[str, Bound]] = {
+        "workers": Bound(0, THREADS, "0: read in the main process"),
+        # held in memory: workers x prefetch_factor batches
+        "prefetch_factor": Bound(1, 64),
+        "shard_block": Bound(1, 100000),
+        "samples_per_class": Bound(1, 4096),
+        "seed": SEED,
+    }
+
     def validate(self, prefix: str) -> None:
-        _check(self.workers >= 0, f"{prefix}.workers", self.workers, ">= 0 (0: read in the main process)")
-        _check(self.prefetch_factor >= 1, f"{prefix}.prefetch_factor", self.prefetch_factor, ">= 1")
-        _check(self.shard_block >= 1, f"{prefix}.shard_block", self.shard_block, ">= 1")
-        _check(self.samples_per_class >= 1, f"{prefix}.samples_per_class", self.samples_per_class, ">= 1")
-        _check(self.seed >= 0, f"{prefix}.seed", self.seed, "use a non-negative integer")
+        check_bounds(self, prefix)
 
 
 @dataclass
@@ -696,7 +814,16 @@ class TrainConfig:
     """Signals that request a checkpoint and a requeue exit at the next step boundary."""
     requeue_exit_code: int = 75
     """Exit status after a preemption checkpoint (75 = EX_TEMPFAIL): the launchers requeue on it."""
-    min_epochs: ClassVar[int] = 1
+    bounds: ClassVar[dict[str, Bound]] = {
+        "epochs": Bound(1, 100000, "seed 002: pretrain 150, probe 30"),
+        "max_steps": Bound(0, STEPS, "0: all epochs"),
+        # LARS was shown to 32768 (You et al.); every rank also holds the global batch's embeddings
+        "global_batch_size": Bound(2, 65536, "seed 002: 4096"),
+        "checkpoint_every_steps": Bound(1, STEPS),
+        "keep_checkpoints": Bound(1, 1000),
+        "log_every_steps": Bound(1, STEPS),
+        "requeue_exit_code": Bound(1, 127, "128 and above mean a signal"),
+    }
 
     def per_rank_batch(self, world_size: int, prefix: str, multiple_of: int = 1) -> int:
         """The batch of one rank; raises naming the key when the global batch does not divide by the world size,
@@ -717,23 +844,10 @@ class TrainConfig:
         return per_rank
 
     def validate(self, prefix: str) -> None:
-        _check(
-            self.epochs >= self.min_epochs,
-            f"{prefix}.epochs",
-            self.epochs,
-            f">= {self.min_epochs}" + (" (0: pretrain + probe epochs)" if self.min_epochs == 0 else ""),
-        )
-        _check(self.max_steps >= 0, f"{prefix}.max_steps", self.max_steps, ">= 0 (0: all epochs)")
-        _check(self.global_batch_size >= 2, f"{prefix}.global_batch_size", self.global_batch_size, ">= 2")
-        _check(
-            self.checkpoint_every_steps >= 1, f"{prefix}.checkpoint_every_steps", self.checkpoint_every_steps, ">= 1"
-        )
-        _check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", self.keep_checkpoints, ">= 1")
-        _check(self.log_every_steps >= 1, f"{prefix}.log_every_steps", self.log_every_steps, ">= 1")
+        check_bounds(self, prefix)
         valid = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGCONT")
         for name in self.preempt_signals:
             _check(name in valid, f"{prefix}.preempt_signals", self.preempt_signals, f"use names among {valid}")
-        _check(0 < self.requeue_exit_code < 128, f"{prefix}.requeue_exit_code", self.requeue_exit_code, "use 1-127")
 
 
 @dataclass
@@ -758,7 +872,10 @@ class ScratchConfig(TrainConfig):
     initialises the encoder, which then trains end to end (seed 002's ``distance``: the encoder of the
     ``loss.kind=siamese`` task); relative paths lie below ``run.root_dir``."""
 
-    min_epochs: ClassVar[int] = 0
+    bounds: ClassVar[dict[str, Bound]] = {
+        **TrainConfig.bounds,
+        "epochs": Bound(0, 100000, "0: pretrain + probe epochs"),
+    }
 
 
 @dataclass
@@ -831,7 +948,31 @@ class AnalysisConfig:
     the busy 2-core development machine: 1 thread ran t-SNE of 512 patches in 2.2 s, 2 threads in 33 s (NMF and
     mixture of 3.7k points: 0.5 s vs 4.3 s); the matrices here are too small to gain from threads."""
 
+    bounds: ClassVar[dict[str, Bound]] = {
+        "max_patches_per_split": Bound(0, 10**8, "0: all"),
+        "batch_size": Bound(1, 8192),
+        # Ward clustering, t-SNE, UMAP, NMF and the mixture hold n x n or n x k matrices: small k, n up to 10^8
+        "n_clusters": Bound(2, 1000, "seed 002: 10"),
+        "table_top_areas": Bound(1, 250, "seed 002: 6"),
+        "tsne_perplexity": Bound(0, 1000, "default 30", above=True),
+        "umap_subsample": Bound(1, 100000, "seed 004: 50"),
+        "umap_min_points": Bound(4, 10**8),
+        "umap_neighbors": Bound(2, 1000, "default 15"),
+        "umap_min_dist": Bound(0, 1),
+        "nmf_components": Bound(1, 1000, "seed 000: 15"),
+        "nmf_max_iter": Bound(1, 100000),
+        "nmf_select": Bound(0, 1000, "0: one per region"),
+        "selection_lambda": Bound(0, 100, "seed 000: 0.5"),
+        "nmf_active_threshold": Bound(0, 1, "0: strictly positive, seed 000", below=True),
+        "layer_borders": Bound(0, 1, "cortical depths run 0..1"),
+        "gmm_components": Bound(1, 1000),
+        "dense_stride_px": Bound(1, 1024, "px"),
+        "seed": SEED,
+        "threads": Bound(0, THREADS, "0: the libraries' default"),
+    }
+
     def validate(self, prefix: str) -> None:
+        check_bounds(self, prefix)
         valid = ("train", "test", "unseen")
         _check(
             bool(self.splits) and all(s in valid for s in self.splits) and len(set(self.splits)) == len(self.splits),
@@ -839,17 +980,6 @@ class AnalysisConfig:
             self.splits,
             f"list distinct splits among {valid} (seed 002: [test])",
         )
-        _check(self.max_patches_per_split >= 0, f"{prefix}.max_patches_per_split", self.max_patches_per_split, ">= 0")
-        _check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, ">= 1")
-        _check(self.n_clusters >= 2, f"{prefix}.n_clusters", self.n_clusters, ">= 2 (seed 002: 10)")
-        _check(self.table_top_areas >= 1, f"{prefix}.table_top_areas", self.table_top_areas, ">= 1 (seed 002: 6)")
-        _check(self.tsne_perplexity > 0, f"{prefix}.tsne_perplexity", self.tsne_perplexity, "> 0 (default 30)")
-        _check(self.umap_subsample >= 1, f"{prefix}.umap_subsample", self.umap_subsample, ">= 1 (seed 004: 50)")
-        _check(self.umap_min_points >= 4, f"{prefix}.umap_min_points", self.umap_min_points, ">= 4")
-        _check(self.umap_neighbors >= 2, f"{prefix}.umap_neighbors", self.umap_neighbors, ">= 2")
-        _check(0 <= self.umap_min_dist <= 1, f"{prefix}.umap_min_dist", self.umap_min_dist, "use 0-1")
-        _check(self.nmf_components >= 1, f"{prefix}.nmf_components", self.nmf_components, ">= 1 (seed 000: 15)")
-        _check(self.nmf_max_iter >= 1, f"{prefix}.nmf_max_iter", self.nmf_max_iter, ">= 1")
         _check(
             len(self.layer_borders) >= 3
             and self.layer_borders[0] == 0.0
@@ -860,23 +990,12 @@ class AnalysisConfig:
             "increasing depths from 0.0 to 1.0, at least two layers",
         )
         _check(
-            0 <= self.nmf_select <= self.nmf_components,
+            self.nmf_select <= self.nmf_components,
             f"{prefix}.nmf_select",
             self.nmf_select,
             f"use 0 (one per region) .. {prefix}.nmf_components ({self.nmf_components})",
             also=(f"{prefix}.nmf_components",),
         )
-        _check(self.selection_lambda >= 0, f"{prefix}.selection_lambda", self.selection_lambda, ">= 0 (seed 000: 0.5)")
-        _check(
-            0 <= self.nmf_active_threshold < 1,
-            f"{prefix}.nmf_active_threshold",
-            self.nmf_active_threshold,
-            "use 0 <= fraction < 1 (0: strictly positive, seed 000)",
-        )
-        _check(self.gmm_components >= 1, f"{prefix}.gmm_components", self.gmm_components, ">= 1")
-        _check(self.dense_stride_px >= 1, f"{prefix}.dense_stride_px", self.dense_stride_px, ">= 1 px")
-        _check(self.seed >= 0, f"{prefix}.seed", self.seed, "use a non-negative integer")
-        _check(self.threads >= 0, f"{prefix}.threads", self.threads, ">= 0 (0: the libraries' default)")
 
 
 @dataclass

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
+import resource
+import subprocess
+import sys
+import types
+import typing
 from pathlib import Path
+from typing import Any, Union
 
 import pytest
 import yaml
 
 from cytonet.cli import main
 from cytonet.config import (
+    Bound,
     Config,
     config_from_dict,
     config_to_dict,
@@ -266,7 +276,124 @@ def test_unknown_key_of_an_override_is_blamed_on_the_override(tmp_path: Path) ->
         load_config(tmp_path / "c.yaml", ["synth.n_brains=2"])
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Bounds: every number has a finite range, checked before the rules that compute with it
+
 DEMO = CONFIGS[0].parent / "demo.yaml"
+
+
+def _holds_numbers(tp: Any) -> bool:
+    return tp in (int, float) or any(_holds_numbers(a) for a in typing.get_args(tp))
+
+
+def _bounded_settings() -> list[tuple[str, str, Any, Bound]]:
+    out = []
+    for f in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[f.name]
+        for name, tp in typing.get_type_hints(cls).items():
+            if name in {g.name for g in dataclasses.fields(cls)} and _holds_numbers(tp):
+                out.append((f.name, name, tp, cls.bounds.get(name)))
+    return out
+
+
+BOUNDED = _bounded_settings()
+
+
+def test_every_number_setting_has_a_finite_range() -> None:
+    missing = [f"{section}.{name}" for section, name, _, bound in BOUNDED if bound is None]
+    assert not missing, f"give these settings a Bound: {missing}"
+    assert all(math.isfinite(b.lo) and math.isfinite(b.hi) and b.lo < b.hi for *_, b in BOUNDED)
+    assert len(BOUNDED) > 90  # every int and float of every section, not a few of them
+
+
+def _shaped(tp: Any, x: float) -> Any:
+    """A value of annotation ``tp`` holding the number ``x`` (a key of ``dict[int, str]``)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return _shaped(next(a for a in args if a is not type(None)), x)
+    if origin is dict:
+        return {int(x): "x"} if args[0] is int else {"hOc1": int(x) if args[1] is int else x}
+    if origin in (list, tuple):
+        item = args[0]
+        return [int(x) if item is int else x] * (len(args) if origin is tuple and args[-1] is not Ellipsis else 1)
+    return int(x) if tp is int else x
+
+
+@pytest.mark.parametrize(("section", "name", "tp", "bound"), BOUNDED, ids=[f"{s}.{n}" for s, n, *_ in BOUNDED])
+def test_each_range_is_enforced_at_load_naming_the_key_and_the_range(
+    section: str, name: str, tp: Any, bound: Bound
+) -> None:
+    is_int = "int" in str(tp)
+    above = bound.hi + 1 if is_int else bound.hi * 1.5 + 1
+    below = bound.lo if bound.above else bound.lo - 1
+    for x in (above, below, max(10**30, bound.hi * 10)):
+        value = yaml.safe_dump(_shaped(tp, x), default_flow_style=True).strip().removesuffix("\n...")
+        with pytest.raises(ConfigError) as info:
+            load_config(DEMO, [f"{section}.{name}={value}"])
+        msg = str(info.value)
+        assert msg.startswith(f"{section}.{name}") and f"is invalid: {bound.describe(name)}" in msg, msg
+        assert msg.endswith("(set by a command-line override)"), msg
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "run.seed=18446744073709551616",  # torch.manual_seed: ValueError Overflow, in pretrain
+        "run.seed=4294967296",  # scikit-learn's RandomState (analysis.seed) stops at 2^32 - 1
+        "model.proj_dim=99999999999999999999999",
+        "dist.timeout_s=1e12",  # OverflowError when the process group starts
+        "dist.timeout_s=1e10",  # a timeout that fires at once
+        "synth.brain_width_mm=1e9",  # MemoryError (165 TiB)
+        "extract.pixel_size_um=1e9",  # "array is too big"
+        "extract.patches_per_area=99999999999999999999999",
+        "analysis.threads=100000",  # a segfault in the BLAS pools
+        "analysis.threads=4096",  # a hang
+        "loader.workers=100000",
+        "infer.pyramid_levels=100000",  # 2^99999 was computed first, then printed: ValueError (4300 digits)
+    ],
+)
+def test_values_that_failed_later_are_refused_at_load(override: str) -> None:
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}=\S+ is invalid: use .*\(set by a command-line override\)$"):
+        load_config(DEMO, [override])
+
+
+def test_the_largest_sensible_values_stay_allowed() -> None:
+    cfg = load_config(
+        DEMO,
+        [
+            "run.seed=4294967295",
+            "analysis.seed=4294967295",
+            "analysis.threads=256",  # the hardware threads of a 128-core node
+            "loader.workers=128",
+            "infer.io_threads=64",
+            "dist.timeout_s=86400",
+            "optim.base_lr=1e30",  # tests/test_train.py makes the loss non-finite with it
+            "synth.brain_width_mm=200",
+            "infer.pyramid_levels=8",
+            "model.proj_dim=2048",
+        ],
+    )
+    assert (cfg.run.seed, cfg.analysis.threads, cfg.dist.timeout_s) == (2**32 - 1, 256, 86400.0)
+
+
+def test_a_huge_pyramid_level_count_is_refused_before_any_power_of_two() -> None:
+    # 2 ** (pyramid_levels - 1) of a 23-digit number grew to 18 GB without end: in a child with 2 GB at most.
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+    code = "from cytonet.config import load_config; load_config(None, ['infer.pyramid_levels=' + '9' * 23])"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(DEMO.parent.parent), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, preexec_fn=limit_memory
+    )
+    assert "ConfigError: infer.pyramid_levels=99999999999999999999999 is invalid: use 1-14" in r.stderr, r.stderr
+
+
+def test_synthetic_stacks_stay_within_a_brain() -> None:
+    load_config(DEMO, ["synth.sections_per_brain=300"])  # 300 x 600 um = 180 mm
+    with pytest.raises(ConfigError, match=r"^synth.sections_per_brain=400 is invalid: .* = 239.4 mm; use at most 200"):
+        load_config(DEMO, ["synth.sections_per_brain=400"])
 
 
 # ----------------------------------------------------------------------------------------------------------
