@@ -674,6 +674,14 @@ class InferConfig:
             also=(f"{prefix}.pyramid_levels",),
         )
         _check(
+            self.shard_chunks == 0 or self.format == "ome-zarr",
+            f"{prefix}.shard_chunks",
+            self.shard_chunks,
+            f"{prefix}.format={self.format} has no shards (zarr v3 sharding only): use 0, or "
+            f"{prefix}.format=ome-zarr (larger HDF5 blocks: raise {prefix}.chunk_px)",
+            also=(f"{prefix}.format",),
+        )
+        _check(
             self.chunk_px * max(1, self.shard_chunks) <= self.max_block_px,
             f"{prefix}.shard_chunks",
             self.shard_chunks,

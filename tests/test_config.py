@@ -397,7 +397,7 @@ def test_synthetic_stacks_stay_within_a_brain() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Overrides: each key once
+# Overrides: each key once; combinations that would be silently ignored
 
 
 @pytest.mark.parametrize(
@@ -430,6 +430,16 @@ def test_code_that_composes_overrides_layers_them_explicitly() -> None:
     assert layer_overrides(base, ["synth={n_brains: 5}"]) == ["run.seed=4", "synth={n_brains: 5}"]
     cfg = load_config(DEMO, layer_overrides(base, ["synth.n_brains=3"]))
     assert (cfg.synth.n_brains, cfg.synth.seed, cfg.run.seed) == (3, 1, 4)
+
+
+def test_shard_chunks_needs_zarr_output() -> None:
+    # Only the zarr writer shards; the HDF5 writer would ignore the setting (and only make the blocks larger).
+    with pytest.raises(ConfigError) as info:
+        load_config(DEMO, ["infer.format=hdf5", "infer.shard_chunks=2"])
+    msg = str(info.value)
+    assert msg.startswith("infer.shard_chunks=2 is invalid: infer.format=hdf5 has no shards"), msg
+    assert load_config(DEMO, ["infer.format=hdf5"]).infer.shard_chunks == 0
+    assert load_config(DEMO, ["infer.shard_chunks=2"]).infer.shard_chunks == 2
 
 
 # ----------------------------------------------------------------------------------------------------------
