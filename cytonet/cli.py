@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cytonet import __version__
-from cytonet.config import Config, config_to_yaml, expand_user, load_config
+from cytonet.config import THREADS, Config, config_to_yaml, expand_user, load_config
 from cytonet.errors import ConfigError, CytonetError, UsageError
 from cytonet.log import setup_logging
 from hpc.env import LaunchEnv, LaunchEnvError  # wrong launcher variables: a usage error, like a bad flag
@@ -156,7 +156,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preview", action="store_true", help="also write preview.png: a section with its area overlay")
     p.add_argument(
-        "--workers", type=positive_int, default=2, help="processes generating sections in parallel (default 2)"
+        "--workers", type=worker_count, default=2, help="processes generating sections in parallel (default 2)"
     )
 
 
@@ -171,8 +171,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def worker_count(text: str) -> int:
+    """An argparse type: a number of worker processes, 1 to :data:`THREADS` (a large node's hardware threads)."""
+    value = positive_int(text)
+    if value > THREADS:
+        raise argparse.ArgumentTypeError(f"{value} is more than {THREADS} processes")
+    return value
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=positive_int, default=2, help="processes for parallel steps (default 2)")
+    p.add_argument("--workers", type=worker_count, default=2, help="processes for parallel steps (default 2)")
 
 
 def _array_share(args: argparse.Namespace, cfg: Config) -> tuple[LaunchEnv, int, int]:
@@ -232,7 +240,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _extract_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=positive_int, default=1, help="processes writing shards in this task (default 1)")
+    p.add_argument("--workers", type=worker_count, default=1, help="processes writing shards in this task (default 1)")
     _task_args("shards")(p)
 
 

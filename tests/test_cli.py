@@ -92,6 +92,8 @@ def test_an_empty_path_is_refused_not_taken_for_the_default(
     ):
         assert main(args) == 2
         assert "an empty path" in capsys.readouterr().err, args
+    assert main(["synth", config, "--workers", "100000"]) == 2  # a process flood, refused
+    assert "argument --workers: 100000 is more than 256 processes" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
