@@ -12,6 +12,12 @@ task variables agree with every value MPI's state (rank, world size, local rank 
 starting the ranks through a PMI plugin), SLURM's are used, since they also give the layout per node and the
 rendezvous host. Then SLURM's alone (``srun`` with one task per rank); otherwise a single process.
 
+Every number is read strictly: a whole decimal integer (ASCII digits only, as SLURM, torchrun and MPI write
+them) within the variable's range, else :class:`LaunchEnvError` naming the variable and its value. A value
+such as ``WORLD_SIZE=2x`` or ``SLURM_ARRAY_TASK_STEP=0`` is never read as some other number, since every task
+would then take a share of the work that no other task covers. The compressed task lists (``2(x3),1``) and host
+lists (``node[01-03]``) are the only other forms accepted, where SLURM writes them.
+
 Entry points: :func:`detect` (reads ``os.environ`` or a given mapping), :func:`expand_nodelist`,
 :func:`expand_tasks_per_node`.
 """
@@ -31,6 +37,13 @@ Launcher = Literal["torchrun", "slurm", "mpi", "single"]
 #: Port range used when the port is derived from the SLURM job id (unprivileged, away from common services).
 PORT_BASE = 20000
 PORT_SPAN = 20000
+#: Largest rank, process count or array task id a launcher variable may state: MPI ranks and sizes are C ints.
+MAX_INDEX = 2**31 - 1
+#: Most nodes a compressed task list (``4(x2)``) may list: far more than any cluster has, and a bound on its memory.
+MAX_NODES = 2**20
+#: Largest SLURM job id (``uint32_t`` in SLURM).
+MAX_JOB_ID = 2**32 - 1
+_DECIMAL = re.compile(r"[0-9]+")
 
 # Variable names per launcher: (rank, local rank, world size, local world size, node rank).
 _VARS: dict[str, tuple[str, str, str, str | None, str | None]] = {
@@ -110,10 +123,15 @@ def expand_tasks_per_node(value: str, name: str = "SLURM_STEP_TASKS_PER_NODE") -
     ``[3, 2]``, ``2(x3),1`` -> ``[2, 2, 2, 1]`` (``name`` is the variable named in errors)."""
     counts: list[int] = []
     for item in value.split(","):
-        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", item)
+        m = re.fullmatch(r"([0-9]{1,10})(?:\(x([0-9]{1,10})\))?", item)
         if m is None:
             raise LaunchEnvError(f"{name}={value!r}: {item!r} is not a task count such as 4 or 4(x2)")
-        counts.extend([int(m.group(1))] * int(m.group(2) or 1))
+        count, repeat = int(m.group(1)), int(m.group(2) or 1)
+        if not (1 <= count <= MAX_INDEX and 1 <= repeat):
+            raise LaunchEnvError(f"{name}={value!r}: {item!r} is not a task count such as 4 or 4(x2)")
+        if len(counts) + repeat > MAX_NODES:
+            raise LaunchEnvError(f"{name}={value!r} lists more than {MAX_NODES} nodes")
+        counts.extend([count] * repeat)
     return counts
 
 
@@ -131,7 +149,19 @@ def _slurm_tasks_on_node(env: Mapping[str, str], node_id: int | None) -> int | N
                 f"{env['SLURM_STEP_TASKS_PER_NODE']!r} ({len(counts)} nodes)"
             )
         return counts[node_id]
-    return _int(env, "SLURM_NTASKS_PER_NODE")
+    if "SLURM_NTASKS_PER_NODE" not in env:
+        return None
+    # SLURM 22.05 writes the job's --ntasks-per-node as one figure; the compressed form of a list is read too,
+    # one entry applying to every node, else this node's entry.
+    counts = expand_tasks_per_node(env["SLURM_NTASKS_PER_NODE"], "SLURM_NTASKS_PER_NODE")
+    if len(counts) == 1:
+        return counts[0]
+    if node_id is None or not 0 <= node_id < len(counts):
+        raise LaunchEnvError(
+            f"SLURM_NTASKS_PER_NODE={env['SLURM_NTASKS_PER_NODE']!r} differs between nodes and "
+            + ("SLURM_NODEID is unset" if node_id is None else f"SLURM_NODEID={node_id} has no entry in it")
+        )
+    return counts[node_id]
 
 
 def _stated(env: Mapping[str, str], launcher: str) -> tuple[int | None, int | None, int | None, int | None]:
@@ -140,8 +170,8 @@ def _stated(env: Mapping[str, str], launcher: str) -> tuple[int | None, int | No
     if launcher == "slurm":
         local_world = _slurm_tasks_on_node(env, _int(env, "SLURM_NODEID"))
     else:
-        local_world = _int(env, names[3])
-    return _int(env, names[0]), _int(env, names[1]), _int(env, names[2]), local_world
+        local_world = _int(env, names[3], lo=1)
+    return _int(env, names[0]), _int(env, names[1]), _int(env, names[2], lo=1), local_world
 
 
 def _agree(mpi: tuple[int | None, ...], slurm: tuple[int | None, ...]) -> bool:
@@ -149,15 +179,26 @@ def _agree(mpi: tuple[int | None, ...], slurm: tuple[int | None, ...]) -> bool:
     return all(m is None or m == s for m, s in zip(mpi, slurm, strict=True))
 
 
-def _int(env: Mapping[str, str], name: str | None, default: int | None = None) -> int | None:
+def _int(env: Mapping[str, str], name: str | None, lo: int = 0, hi: int = MAX_INDEX, what: str = "") -> int | None:
+    """Variable ``name`` as an integer in ``lo..hi``, None when unset (or ``name`` is None); a value that is not
+    a whole decimal number in that range raises :class:`LaunchEnvError` naming the variable, the value and
+    ``what`` it is."""
     if name is None or name not in env:
-        return default
+        return None
     raw = env[name]
-    # SLURM_NTASKS_PER_NODE may read "4(x2)" or "4,2"; the first figure is this layout's per-node count.
-    m = re.match(r"\s*(\d+)", raw)
-    if m is None:
-        raise LaunchEnvError(f"{name}={raw!r} is not an integer")
-    return int(m.group(1))
+    if _DECIMAL.fullmatch(raw) is None:
+        raise LaunchEnvError(f"{name}={raw!r} is not an integer (a whole decimal number is expected)")
+    # Python refuses to convert more than 4300 digits; any value that long is out of range anyway.
+    value = int(raw) if len(raw.lstrip("0")) <= 20 else hi + 1
+    if not lo <= value <= hi:
+        shown = raw if len(raw) <= 40 else f"{raw[:20]}...({len(raw)} digits)"
+        raise LaunchEnvError(f"{name}={shown} is outside {lo}..{hi}{f' ({what})' if what else ''}")
+    return value
+
+
+def _job_id(env: Mapping[str, str], name: str) -> str | None:
+    """A SLURM job id variable as SLURM writes it (a positive decimal number), None when unset."""
+    return None if _int(env, name, lo=1, hi=MAX_JOB_ID) is None else env[name]
 
 
 @dataclass(frozen=True)
@@ -291,9 +332,8 @@ class LaunchEnv:
 
 
 def _port_from_job(job_id: str | None) -> int:
-    if job_id and job_id.isdigit():
-        return PORT_BASE + int(job_id) % PORT_SPAN
-    return 29500
+    """The rendezvous port of a SLURM job (``job_id``: checked by :func:`_job_id`), 29500 outside SLURM."""
+    return 29500 if job_id is None else PORT_BASE + int(job_id) % PORT_SPAN
 
 
 def detect(env: Mapping[str, str] | None = None) -> LaunchEnv:
@@ -301,11 +341,15 @@ def detect(env: Mapping[str, str] | None = None) -> LaunchEnv:
     import os
 
     e: Mapping[str, str] = os.environ if env is None else env
-    job_id = e.get("SLURM_ARRAY_JOB_ID") or e.get("SLURM_JOB_ID")
+    own_job = _job_id(e, "SLURM_JOB_ID")
+    job_id = _job_id(e, "SLURM_ARRAY_JOB_ID") or own_job
     master_addr = e.get("MASTER_ADDR")
     if master_addr is None and e.get("SLURM_JOB_NODELIST"):
         master_addr = expand_nodelist(e["SLURM_JOB_NODELIST"])[0]
-    port = _int(e, "MASTER_PORT") or _port_from_job(e.get("SLURM_JOB_ID"))
+    # 0 would be "any free port", which the ranks cannot agree on.
+    port = _int(e, "MASTER_PORT", lo=1, hi=65535, what="a TCP port")
+    if port is None:
+        port = _port_from_job(own_job)
 
     mpi = "openmpi" if "OMPI_COMM_WORLD_RANK" in e else "mpich" if "PMI_RANK" in e else None
     # Only inside an srun step do SLURM_PROCID/NTASKS describe processes (the batch script sees the job's task
@@ -327,23 +371,30 @@ def detect(env: Mapping[str, str] | None = None) -> LaunchEnv:
         rank, local_rank, world, local_world, node_rank = 0, 0, 1, 1, 0
     else:
         stated = _stated(e, key)
-        rank = stated[0] or 0
-        world = stated[2] or 1
+        rank = 0 if stated[0] is None else stated[0]
+        world = 1 if stated[2] is None else stated[2]
         local_rank = rank if stated[1] is None else stated[1]
-        local_world = stated[3] or world
-        node_rank = _int(e, names[4], rank // max(local_world, 1)) or 0
+        local_world = world if stated[3] is None else stated[3]
+        stated_node = _int(e, names[4])
+        node_rank = rank // local_world if stated_node is None else stated_node
     if not 0 <= rank < world:
         raise LaunchEnvError(f"{names[0]}={rank} is outside the world of {names[2]}={world} processes")
-    if not 0 <= local_rank < max(local_world, 1):
+    if local_world > world:
+        raise LaunchEnvError(f"{local_world} processes on this node exceed the world of {names[2]}={world}")
+    if not 0 <= local_rank < local_world:
         raise LaunchEnvError(f"{names[1]}={local_rank} is outside the node's {local_world} processes")
 
     task_id = _int(e, "SLURM_ARRAY_TASK_ID")
-    count = _int(e, "SLURM_ARRAY_TASK_COUNT")
+    count = _int(e, "SLURM_ARRAY_TASK_COUNT", lo=1)
     tmin = _int(e, "SLURM_ARRAY_TASK_MIN")
     tmax = _int(e, "SLURM_ARRAY_TASK_MAX")
-    step = _int(e, "SLURM_ARRAY_TASK_STEP", 1) or 1
+    stated_step = _int(e, "SLURM_ARRAY_TASK_STEP", lo=1, what="the step of --array=A-B:STEP")
+    step = 1 if stated_step is None else stated_step
+    if tmin is not None and tmax is not None and tmin > tmax:
+        raise LaunchEnvError(f"SLURM_ARRAY_TASK_MIN={tmin} is above SLURM_ARRAY_TASK_MAX={tmax}")
     if count is None and tmin is not None and tmax is not None:
         count = (tmax - tmin) // step + 1
+    restarts = _int(e, "SLURM_RESTART_COUNT")
     return LaunchEnv(
         launcher=launcher,
         rank=rank,
@@ -359,5 +410,5 @@ def detect(env: Mapping[str, str] | None = None) -> LaunchEnv:
         array_task_min=tmin,
         array_task_max=tmax,
         array_task_step=step,
-        restart_count=_int(e, "SLURM_RESTART_COUNT", 0) or 0,
+        restart_count=0 if restarts is None else restarts,
     )

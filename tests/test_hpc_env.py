@@ -5,12 +5,17 @@ The SLURM variables below are those a SLURM 22.05 cluster (tools/slurm-local) se
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from test_mpi import mpiexec, needs_mpiexec
 
 from hpc.env import LaunchEnvError, detect, expand_nodelist, expand_tasks_per_node
+
+DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 @pytest.mark.parametrize(
@@ -301,3 +306,149 @@ def test_array_task_id_alone_asks_for_num_tasks() -> None:
     with pytest.raises(LaunchEnvError, match=r"SLURM_ARRAY_TASK_ID=3 comes without the array's size.*--num-tasks"):
         env.task_share()
     assert env.task_share(None, 4) == (3, 4)
+
+
+#: What SLURM 22.05 (tools/slurm-local) set for task 4 of `srun` in `sbatch -N2 -n5` (tasks 4,1 per node) and for
+#: a task of `--array=3-9:3`, recorded from a real cluster: every number SLURM writes is a plain decimal integer,
+#: only the per-node task lists are compressed.
+SLURM_REAL = {
+    "SLURM_JOB_ID": "70000",
+    "SLURM_JOB_NODELIST": "node[1-2]",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_LOCALID": "0",
+    "SLURM_NNODES": "2",
+    "SLURM_NODEID": "1",
+    "SLURM_NTASKS": "5",
+    "SLURM_PROCID": "4",
+    "SLURM_STEP_ID": "0",
+    "SLURM_STEP_NUM_NODES": "2",
+    "SLURM_STEP_NUM_TASKS": "5",
+    "SLURM_STEP_TASKS_PER_NODE": "4,1",
+    "SLURM_TASKS_PER_NODE": "4,1",
+    "SLURM_NTASKS_PER_NODE": "3",
+    "SLURM_RESTART_COUNT": "0",
+}
+SLURM_REAL_ARRAY = {
+    "SLURM_ARRAY_JOB_ID": "70002",
+    "SLURM_ARRAY_TASK_COUNT": "3",
+    "SLURM_ARRAY_TASK_ID": "6",
+    "SLURM_ARRAY_TASK_MAX": "9",
+    "SLURM_ARRAY_TASK_MIN": "3",
+    "SLURM_ARRAY_TASK_STEP": "3",
+    "SLURM_JOB_ID": "70004",
+    "SLURM_JOB_NODELIST": "node1",
+}
+
+
+def test_values_as_slurm_writes_them_are_accepted() -> None:
+    e = detect(SLURM_REAL)
+    assert (e.launcher, e.rank, e.world_size, e.local_rank, e.local_world_size, e.node_rank) == ("slurm", 4, 5, 0, 1, 1)
+    assert (e.master_addr, e.master_port, e.job_id) == ("node1", 20000 + 70000 % 20000, "70000")
+    a = detect(SLURM_REAL_ARRAY)
+    assert (a.job_id, a.array_task_step, a.task_share()) == ("70002", 3, (1, 3))
+    # The job's --ntasks-per-node is one figure; a compressed list is read per node.
+    step = {k: v for k, v in SLURM_REAL.items() if k != "SLURM_STEP_TASKS_PER_NODE"}
+    assert detect(step).local_world_size == 3
+    assert detect({**step, "SLURM_NTASKS_PER_NODE": "4,1"}).local_world_size == 1
+    assert detect({**step, "SLURM_NTASKS_PER_NODE": "1(x2)"}).local_world_size == 1
+    with pytest.raises(LaunchEnvError, match=r"SLURM_NTASKS_PER_NODE='4,1,1' .*SLURM_NODEID=3 has no entry"):
+        detect({**step, "SLURM_NTASKS_PER_NODE": "4,1,1", "SLURM_NODEID": "3"})
+
+
+TORCHRUN = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "0"}
+OMPI = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
+PMI = {"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}
+
+
+@pytest.mark.parametrize(
+    ("base", "name", "value", "fragment"),
+    [
+        # A prefix of digits was read as the number: 2x and 2.9 as 2, 0 as 1, any size taken as it came.
+        (TORCHRUN, "WORLD_SIZE", "0", "WORLD_SIZE=0 is outside 1.."),
+        (TORCHRUN, "WORLD_SIZE", "2x", "WORLD_SIZE='2x' is not an integer"),
+        (TORCHRUN, "WORLD_SIZE", "2.9", "WORLD_SIZE='2.9' is not an integer"),
+        (TORCHRUN, "WORLD_SIZE", "99999999999999999999999", "WORLD_SIZE=99999999999999999999999 is outside 1.."),
+        (TORCHRUN, "WORLD_SIZE", "9" * 5000, r"WORLD_SIZE=99999999999999999999\.\.\.\(5000 digits\) is outside"),
+        (TORCHRUN, "WORLD_SIZE", " 2", "WORLD_SIZE=' 2' is not an integer"),
+        (TORCHRUN, "WORLD_SIZE", "\u0662", "WORLD_SIZE='\u0662' is not an integer"),  # an Arabic-Indic 2
+        (TORCHRUN, "WORLD_SIZE", "", "WORLD_SIZE='' is not an integer"),
+        (TORCHRUN, "RANK", "-1", "RANK='-1' is not an integer"),
+        (TORCHRUN, "RANK", "1e0", "RANK='1e0' is not an integer"),
+        (TORCHRUN, "LOCAL_RANK", "1.0", "LOCAL_RANK='1.0' is not an integer"),
+        (TORCHRUN, "LOCAL_WORLD_SIZE", "0", "LOCAL_WORLD_SIZE=0 is outside 1.."),
+        (TORCHRUN, "LOCAL_WORLD_SIZE", "4", "4 processes on this node exceed the world of WORLD_SIZE=2"),
+        (TORCHRUN, "GROUP_RANK", "0x1", "GROUP_RANK='0x1' is not an integer"),
+        (TORCHRUN, "MASTER_PORT", "99999", r"MASTER_PORT=99999 is outside 1..65535 \(a TCP port\)"),
+        (TORCHRUN, "MASTER_PORT", "0", r"MASTER_PORT=0 is outside 1..65535"),
+        (TORCHRUN, "MASTER_PORT", "29500 ", "MASTER_PORT='29500 ' is not an integer"),
+        (OMPI, "OMPI_COMM_WORLD_SIZE", "2.0", "OMPI_COMM_WORLD_SIZE='2.0' is not an integer"),
+        (OMPI, "OMPI_COMM_WORLD_LOCAL_SIZE", "0", "OMPI_COMM_WORLD_LOCAL_SIZE=0 is outside 1.."),
+        (PMI, "PMI_SIZE", "0", "PMI_SIZE=0 is outside 1.."),
+        (PMI, "MPI_LOCALRANKID", "one", "MPI_LOCALRANKID='one' is not an integer"),
+        (SLURM_REAL, "SLURM_NTASKS", "5 ", "SLURM_NTASKS='5 ' is not an integer"),
+        (SLURM_REAL, "SLURM_PROCID", "4a", "SLURM_PROCID='4a' is not an integer"),
+        (SLURM_REAL, "SLURM_NODEID", "-1", "SLURM_NODEID='-1' is not an integer"),
+        (SLURM_REAL, "SLURM_STEP_TASKS_PER_NODE", "4,0", "SLURM_STEP_TASKS_PER_NODE='4,0'"),
+        (SLURM_REAL, "SLURM_STEP_TASKS_PER_NODE", "4, 1", "SLURM_STEP_TASKS_PER_NODE='4, 1'"),
+        (
+            SLURM_REAL,
+            "SLURM_STEP_TASKS_PER_NODE",
+            "1(x9999999999)",
+            r"SLURM_STEP_TASKS_PER_NODE='1\(x9999999999\)' lists",
+        ),
+        (SLURM_REAL, "SLURM_RESTART_COUNT", "1x", "SLURM_RESTART_COUNT='1x' is not an integer"),
+        (SLURM_REAL, "SLURM_JOB_ID", "7000x", "SLURM_JOB_ID='7000x' is not an integer"),
+        (SLURM_REAL, "SLURM_JOB_ID", "0", "SLURM_JOB_ID=0 is outside 1.."),
+        (SLURM_REAL_ARRAY, "SLURM_ARRAY_TASK_STEP", "0", "SLURM_ARRAY_TASK_STEP=0 is outside 1.."),
+        (SLURM_REAL_ARRAY, "SLURM_ARRAY_TASK_STEP", "3.5", "SLURM_ARRAY_TASK_STEP='3.5' is not an integer"),
+        (SLURM_REAL_ARRAY, "SLURM_ARRAY_TASK_COUNT", "0", "SLURM_ARRAY_TASK_COUNT=0 is outside 1.."),
+        (SLURM_REAL_ARRAY, "SLURM_ARRAY_TASK_ID", "6:", "SLURM_ARRAY_TASK_ID='6:' is not an integer"),
+        (SLURM_REAL_ARRAY, "SLURM_ARRAY_TASK_MIN", "10", "SLURM_ARRAY_TASK_MIN=10 is above SLURM_ARRAY_TASK_MAX=9"),
+        (SLURM_REAL_ARRAY, "SLURM_ARRAY_JOB_ID", "x", "SLURM_ARRAY_JOB_ID='x' is not an integer"),
+    ],
+)
+def test_launcher_variables_are_whole_integers_in_range(
+    base: dict[str, str], name: str, value: str, fragment: str
+) -> None:
+    detect(base)  # the layout itself is fine
+    with pytest.raises(LaunchEnvError, match=fragment):
+        detect({**base, name: value}).task_share()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RANK": "0", "WORLD_SIZE": "2x"}, "WORLD_SIZE='2x' is not an integer"),
+        ({"MASTER_PORT": "99999"}, "MASTER_PORT=99999 is outside 1..65535 (a TCP port)"),
+        (
+            {"SLURM_ARRAY_JOB_ID": "5", "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "0",
+             "SLURM_ARRAY_TASK_MAX": "3", "SLURM_ARRAY_TASK_STEP": "0"},
+            "SLURM_ARRAY_TASK_STEP=0 is outside",
+        ),
+    ],
+)  # fmt: skip
+def test_a_bad_launcher_variable_is_a_one_line_usage_error(env: dict[str, str], message: str, tmp_path: Path) -> None:
+    """The command exits 2 (a usage error) naming the variable, before it reads a section; the old reading ran
+    extract with a partial share, or stopped with 'unexpected ValueError' (exit 1) at the process group."""
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "GROUP_RANK")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_")) and k not in launcher}
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cytonet.cli",
+            "extract",
+            str(DEMO),
+            "extract.sections_dir=/nonexistent",
+            "--out",
+            str(tmp_path),
+        ],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = p.stderr.strip().splitlines()
+    assert (p.returncode, len(lines)) == (2, 1), p.stderr
+    assert lines[0].startswith(f"cytonet: error: {message}"), p.stderr
