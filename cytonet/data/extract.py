@@ -47,7 +47,8 @@ Patches are stored with a margin for rotation, shift and blur (see :mod:`cytonet
 ``extract.pixel_size_um`` an integer multiple of the sections' pixel size, patches are block-averaged down.
 
 Testing hook: ``CYTONET_EXTRACT_CRASH=<shard>:<patches>`` makes the process exit abruptly (``os._exit``) after
-writing that many patches of that shard, leaving a ``.partial`` shard as a killed job would.
+writing that many patches of that shard, leaving a ``.partial`` shard as a killed job would; a value of another
+form is refused (:mod:`cytonet.testhooks`).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ from cytonet.data.sections import (
     store_stamp,
 )
 from cytonet.errors import InputError, OutputExistsError, UsageError
+from cytonet.testhooks import read_hook
 from cytonet.workers import worker_pool
 
 log = logging.getLogger(__name__)
@@ -550,11 +552,9 @@ def read_patch(reader: Any, y: int, x: int, edge: int, factor: int) -> np.ndarra
 
 
 def _crash_point() -> tuple[int, int] | None:
-    raw = os.environ.get(CRASH_ENV)
-    if not raw:
-        return None
-    shard, _, count = raw.partition(":")
-    return int(shard), int(count or 0)
+    """(shard, patches written) of the test hook :data:`CRASH_ENV`, None when it is off."""
+    hook = read_hook(CRASH_ENV, r"([0-9]{1,9}):([0-9]{1,9})", "<shard>:<patches>, two whole numbers such as 3:5")
+    return None if hook is None else (int(hook[0]), int(hook[1]))
 
 
 def write_shard(job: ShardJob) -> str:
@@ -815,6 +815,7 @@ def run_extract(
             f"--overwrite with several processes ({num_tasks} tasks x {world_size} ranks) would let one delete "
             "another's shards; delete the output folder first or run one process with --overwrite"
         )
+    _crash_point()  # a malformed test hook is refused before anything is read or written
     worker, n_workers = task_id * world_size + rank, num_tasks * world_size
     started = time.perf_counter()
     who = f"task {task_id}/{num_tasks}, rank {rank}/{world_size}"
@@ -891,6 +892,13 @@ def _extract(
     plan = build_plan(entries, surveys, cfg)
     check_plan(entries, surveys, plan, names, cfg)
     shards = plan_shards(plan, ecfg.patches_per_shard, ecfg.backend)
+    crash = _crash_point()
+    if crash is not None and not (crash[0] < len(shards) and crash[1] < shards[crash[0]]["n"]):
+        # A crash point past the store would never be reached: the test asking for it would pass without a crash.
+        held = f"shard {crash[0]} holds {shards[crash[0]]['n']} patches" if crash[0] < len(shards) else "no such shard"
+        raise UsageError(
+            f"{CRASH_ENV}={crash[0]}:{crash[1]} is never reached: the store has {len(shards)} shards ({held})"
+        )
     brains = tuple(sorted({e.brain for e in entries}))
     offsets = {split: 0 for split in SPLITS}
     shard_jobs = []
