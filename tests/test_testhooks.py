@@ -1,5 +1,5 @@
 """Test hooks (cytonet.testhooks): a malformed CYTONET_*_CRASH value is a one-line usage error naming the variable,
-in real `cytonet extract` processes, never read as another crash point or ignored."""
+in real `cytonet extract` and `cytonet infer` processes, never read as another crash point or ignored."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 from ringdata import make_sections
 from test_extract import write_yaml
+from test_infer import base_config, write_model
 
+from cytonet.config import save_config
 from cytonet.data.extract import CRASH_ENV as EXTRACT_CRASH
 from cytonet.errors import UsageError
+from cytonet.infer.run import CRASH_ENV as INFER_CRASH
 from cytonet.testhooks import read_hook
 
 pytestmark = pytest.mark.distributed  # subprocess CLIs
@@ -30,7 +33,7 @@ def test_read_hook() -> None:
 
 
 def cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    hooks = {k: v for k, v in os.environ.items() if k != EXTRACT_CRASH}
+    hooks = {k: v for k, v in os.environ.items() if k not in (EXTRACT_CRASH, INFER_CRASH)}
     return subprocess.run(
         [sys.executable, "-m", "cytonet.cli", *args], env={**hooks, **env}, capture_output=True, text=True, timeout=300
     )
@@ -63,3 +66,16 @@ def test_extract_refuses_a_malformed_crash_hook(small_sections: Path, tmp_path: 
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and lines[-1].startswith(f"cytonet: error: {message}"), p.stderr
     assert not list(out.glob("shard-*")), "nothing is extracted under a hook that was refused"
+
+
+@pytest.mark.parametrize("value", ["1:sideways", "1", "abc", "-1:after", "1:after:x"])
+def test_infer_refuses_a_malformed_crash_hook(small_sections: Path, value: str) -> None:
+    root = small_sections
+    if not (root / "infer.yaml").exists():
+        cfg = base_config(root)
+        write_model(cfg, root / "probe")
+        save_config(cfg, root, name="infer.yaml")
+    p = cli(["infer", str(root / "infer.yaml"), "--out", str(root / f"infer-{value}")], {INFER_CRASH: value})
+    message = f"CYTONET_INFER_CRASH={value!r} is not <N>:before or <N>:after, such as 5:after"
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and lines[-1].startswith(f"cytonet: error: {message}"), p.stderr

@@ -63,6 +63,7 @@ from cytonet.models.base import Encoder
 from cytonet.models.build import MODEL_FILE, MODEL_FORMAT, build_encoder
 from cytonet.models.heads import LinearClassifier
 from cytonet.precision import autocast_dtype, check_precision, ieee_fp32
+from cytonet.testhooks import read_hook
 
 log = logging.getLogger(__name__)
 
@@ -390,11 +391,9 @@ class InferResult:
 
 
 def _crash_point() -> tuple[int, str] | None:
-    raw = os.environ.get(CRASH_ENV)
-    if not raw:
-        return None
-    n, _, phase = raw.partition(":")
-    return int(n), phase or "after"
+    """(block, ``before`` or ``after``) of the test hook :data:`CRASH_ENV`, None when it is off."""
+    hook = read_hook(CRASH_ENV, r"([0-9]{1,9}):(before|after)", "<N>:before or <N>:after, such as 5:after")
+    return None if hook is None else (int(hook[0]), hook[1])
 
 
 def infer_settings(cfg: Config, clf: Classifier, job: SectionJob) -> dict[str, Any]:
