@@ -24,11 +24,16 @@ Signals that reach the wrapper itself:
 ``--max-requeues N`` (the site profile's ``max_requeues``, default 10): a job already requeued N times
 (``$SLURM_RESTART_COUNT``) is not requeued again and ends with the command's status, so that a job that cannot
 make progress (a signal that always comes before training starts) stops.
+
+A command that cannot be started gets one line naming it and the shell's statuses: 127 when it is not found,
+126 when it cannot be executed (a folder, no execute permission, not a program). Bad options and launcher
+variables that cannot be read (:mod:`hpc.env`) are refused with one line and status 2 before the command runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import shlex
@@ -37,7 +42,7 @@ import subprocess
 import sys
 from types import FrameType
 
-from hpc.env import LaunchEnv, detect
+from hpc.env import LaunchEnv, LaunchEnvError, detect
 
 log = logging.getLogger("hpc.requeue")
 
@@ -47,6 +52,9 @@ FORWARDED = (signal.SIGUSR1, signal.SIGUSR2)
 ENDING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 #: ``--max-requeues`` when not given (the site profile's default ``max_requeues``).
 DEFAULT_MAX_REQUEUES = 10
+#: Statuses of a command that cannot be started, as the shell gives them: not found, found but not executable.
+EXIT_NOT_FOUND = 127
+EXIT_NOT_EXECUTABLE = 126
 
 
 def requeue_target(env: LaunchEnv) -> str | None:
@@ -86,7 +94,12 @@ def run(command: list[str], exit_code: int = 75, env: LaunchEnv | None = None, m
     # Installed before the command starts, so that no signal finds the wrapper with its default action.
     previous = {sig: signal.signal(sig, handle) for sig in (*FORWARDED, *ENDING)}
     try:
-        proc = subprocess.Popen(command)
+        try:
+            proc = subprocess.Popen(command)
+        except OSError as exc:
+            status = EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_NOT_EXECUTABLE
+            log.error("cannot run %s: %s (exit status %d)", shlex.quote(command[0]), exc.strerror or exc, status)
+            return status
         for signum in pending:
             proc.send_signal(signum)
         status = proc.wait()
@@ -159,9 +172,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the command after --")
     if args.max_requeues < 0:
         parser.error(f"--max-requeues={args.max_requeues} must be >= 0")
+    if not 1 <= args.exit_code <= 255:
+        parser.error(f"--exit-code={args.exit_code} must be an exit status in 1..255")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s hpc.requeue %(levelname)s %(message)s")
+    try:
+        # Read now, not after the command: a variable that cannot be read is no reason to lose its checkpoint
+        # status in a traceback once it has run.
+        env = detect()
+    except LaunchEnvError as exc:
+        log.error("%s", exc)
+        return 2
     log.info("running %s", shlex.join(command))
-    return run(command, args.exit_code, max_requeues=args.max_requeues)
+    return run(command, args.exit_code, env=env, max_requeues=args.max_requeues)
 
 
 if __name__ == "__main__":
