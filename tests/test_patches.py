@@ -127,12 +127,15 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated", "metadata", "manifest-count"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "folder", "metadata", "manifest-count"])
 def test_check_names_the_first_bad_shard(stores: dict[str, Path], tmp_path: Path, damage: str) -> None:
     path = _copy(stores["hdf5-blosc-zstd"], tmp_path / "s")
     bad = "shard-00002.h5"
     if damage == "missing":
         (path / bad).unlink()
+    elif damage == "folder":  # HDF5's message for it runs over two lines
+        (path / bad).unlink()
+        (path / bad).mkdir()
     elif damage == "truncated":
         data = (path / bad).read_bytes()
         (path / bad).write_bytes(data[: len(data) // 2])
@@ -147,10 +150,21 @@ def test_check_names_the_first_bad_shard(stores: dict[str, Path], tmp_path: Path
         (path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(InputError, match=bad):
         check_store(path)
-    r = subprocess.run(
-        [sys.executable, "-m", "cytonet.cli", "store", "check", str(path)], capture_output=True, text=True, timeout=60
-    )
-    assert r.returncode == 1 and bad in r.stderr and "Traceback" not in r.stderr
+    for quick in ([], ["--quick"]):
+        r = subprocess.run(
+            [sys.executable, "-m", "cytonet.cli", "store", "check", str(path), *quick],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 1 and bad in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # errors are one line
+    if damage in ("truncated", "folder"):  # as training's loader reads it
+        store = PatchStore(path)
+        with pytest.raises(InputError, match=bad) as caught:
+            store.read(store.shard_ranges()[2][0])
+        assert "\n" not in str(caught.value)
+        store.close()
 
 
 @pytest.mark.parametrize("key", ["hdf5-none", "zarr-none", "hdf5-blosc-zstd"])

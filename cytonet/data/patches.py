@@ -597,7 +597,7 @@ def _open_shard(path: Path) -> Any:
             import hdf5plugin  # noqa: F401  registers the blosc filter; reading blosc shards fails without it
         return h5py.File(path, "r")
     except Exception as exc:  # h5py and zarr raise many error types for damaged files
-        raise InputError(f"cannot open shard {path}: {exc.__class__.__name__}: {exc}") from None
+        raise InputError(f"cannot open shard {path}: {library_error(exc)}") from None
 
 
 def _shard_attrs(handle: Any) -> dict[str, Any]:
@@ -613,11 +613,18 @@ def read_shard_columns(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any
         attrs = _shard_attrs(handle)
         cols = {name: np.asarray(handle[name][...]) for name in COLUMNS}
     except Exception as exc:
-        raise InputError(f"shard {path}: cannot read its metadata: {exc.__class__.__name__}: {exc}") from None
+        raise InputError(f"shard {path}: cannot read its metadata: {library_error(exc)}") from None
     finally:
         if hasattr(handle, "close"):
             handle.close()
     return cols, attrs
+
+
+def library_error(exc: BaseException, named: bool = True) -> str:
+    """A library's error as one line, ``Type: message`` (``named=False``: the message only). HDF5's messages
+    hold newlines (``... time = Mon Dec  7 23:02:14 2026\n, filename = ...``), and an error is one line."""
+    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    return f"{exc.__class__.__name__}: {text}" if named else text
 
 
 def _is_int(v: Any) -> bool:
@@ -754,7 +761,7 @@ class PatchStore:
             raw = manifest_path.read_bytes()
             data = json.loads(raw)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{manifest_path}: cannot read the manifest: {exc}") from None
+            raise InputError(f"{manifest_path}: cannot read the manifest: {library_error(exc, named=False)}") from None
         self.manifest: dict[str, Any] = check_manifest(data, manifest_path)
         #: SHA-256 of ``manifest.json`` as read here: the store's identity (it lists every shard's metadata hash
         #: and the split of every section), recorded by training and analysis to tell which store a model was
@@ -807,7 +814,7 @@ class PatchStore:
             try:
                 table = np.load(path, allow_pickle=False)
             except (OSError, ValueError) as exc:
-                raise InputError(f"{path}: cannot read the patch metadata: {exc}") from None
+                raise InputError(f"{path}: cannot read the patch metadata: {library_error(exc, named=False)}") from None
             if table.dtype != META_DTYPE or len(table) != self.n:
                 raise InputError(f"{path}: metadata table does not match the manifest ({len(table)} rows)")
             self._metadata = table
@@ -843,7 +850,9 @@ class PatchStore:
             try:
                 entry = (handle, handle["patches"])
             except Exception as exc:
-                raise InputError(f"shard {self.shards[k]['name']}: no patches array ({exc})") from None
+                raise InputError(
+                    f"shard {self.shards[k]['name']}: no patches array ({library_error(exc, named=False)})"
+                ) from None
             self._handles[k] = entry
             if len(self._handles) > self.max_open:
                 _, (old, _) = self._handles.popitem(last=False)
@@ -862,7 +871,7 @@ class PatchStore:
             raise
         except Exception as exc:
             raise InputError(
-                f"shard {self.shards[k]['name']}: reading patch {j} failed: {exc.__class__.__name__}: {exc}"
+                f"shard {self.shards[k]['name']}: reading patch {j} failed: {library_error(exc)}"
             ) from None
 
     def iter_shard_patches(self, k: int) -> Iterator[np.ndarray]:
@@ -1063,7 +1072,7 @@ def check_store(path: str | Path, read_patches: bool = True) -> CheckResult:
         except InputError:
             raise
         except Exception as exc:
-            raise InputError(f"{where}: patches unreadable: {exc.__class__.__name__}: {exc}") from None
+            raise InputError(f"{where}: patches unreadable: {library_error(exc)}") from None
         total += n
     if total != store.n:
         raise InputError(f"{store.path}: shards hold {total} patches, the manifest lists {store.n}")
