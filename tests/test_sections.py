@@ -626,3 +626,142 @@ def test_a_missing_chunk_file_of_a_whole_store_is_refused(tmp_path: Path) -> Non
     (path / "zarr.json").write_text(json.dumps(meta))
     with open_section(path) as r:
         assert (r.read("image", 32, 64, 32, 64) == 0).all()
+
+
+def set_attr(path: Path, key: str, value: Any) -> None:
+    """Write one attribute of a store as its writer stores it (zarr: in zarr.json; HDF5: as JSON text), also
+    values json.dumps writes as NaN / Infinity."""
+    if path.suffix == ".zarr":
+        doc = json.loads((path / "zarr.json").read_text())
+        doc["attributes"][key] = value
+        (path / "zarr.json").write_text(json.dumps(doc))
+    else:
+        import h5py
+
+        with h5py.File(path, "r+") as f:
+            f.attrs[key] = json.dumps(value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        # 0: ZeroDivisionError, NaN: "cannot convert float NaN to integer", 1e-300: OverflowError, -8 accepted.
+        ("pixel_size_um", 0, "pixel_size_um=0.0 is invalid: a pixel size is finite and within 0.01..1000 um"),
+        ("pixel_size_um", -8, "pixel_size_um=-8.0 is invalid"),
+        ("pixel_size_um", float("nan"), "pixel_size_um=nan is invalid"),
+        ("pixel_size_um", float("inf"), "pixel_size_um=inf is invalid"),
+        ("pixel_size_um", 1e-300, "pixel_size_um=1e-300 is invalid"),
+        ("pixel_size_um", 1e300, r"pixel_size_um=1e\+300 is invalid"),
+        ("pixel_size_um", "8", "attribute 'pixel_size_um'='8': a number"),
+        ("z_mm", float("nan"), "z_mm=nan is invalid: a section plane lies within 1000 mm of the origin"),
+        ("z_mm", -1e300, r"z_mm=-1e\+300 is invalid"),
+        ("section_index", 1.5, "attribute 'section_index'=1.5: an integer"),
+        ("section_index", -1, "section_index=-1 is invalid"),
+        ("section_index", True, "attribute 'section_index'=True: an integer"),
+        ("shape", [0, 5], r"shape=\[0, 5\] is invalid"),
+        ("shape", [40.5, 30], r"attribute 'shape'=\[40.5, 30\]: a list of 2 integers"),
+        ("shape", [40], r"attribute 'shape'=\[40\]: a list of 2 integers"),
+        ("label_table", {"70000": "x"}, r"label_table=\[70000\] is invalid: area ids are 0..65535"),
+        ("label_table", {"two": "x"}, "attribute 'label_table'="),
+        ("label_table", {"2": 5}, "attribute 'label_table'="),
+        ("brain", "", "brain='' is invalid"),
+        ("brain", "../B00", r"brain='\.\./B00' is invalid"),
+        ("brain", 7, "attribute 'brain'=7: a text"),
+        ("seed", -1, "seed=-1 is invalid"),
+        ("image_levels", [3], r"image_levels: image levels \[3\] must be increasing"),
+        ("image_levels", [2.0], r"attribute 'image_levels'=\[2.0\]"),
+    ],
+)
+def test_section_metadata_is_validated_when_the_store_is_opened(
+    tmp_path: Path, backend: str, key: str, value: Any, message: str
+) -> None:
+    """An attribute no section has is refused when the store is opened, naming the store, the attribute and the
+    value, before extract or infer divide by it."""
+    path = write_store(store_path(tmp_path, backend), make_layers((40, 30)))
+    set_attr(path, key, value)
+    with pytest.raises(InputError, match=rf"^{path}: .*{message}") as caught:
+        open_section(path)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("bad", [{"pixel_size_um": 0.0}, {"z_mm": float("inf")}, {"section_index": -2}])
+def test_a_store_readers_would_refuse_is_never_written(tmp_path: Path, bad: dict[str, Any]) -> None:
+    path = store_path(tmp_path, "zarr")
+    with pytest.raises(InputError, match=rf"^{path}: section store attribute {next(iter(bad))}="):
+        write_store(path, make_layers((40, 30)), make_meta((40, 30), **bad))
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{\n", "JSONDecodeError: Expecting property name enclosed in double quotes: line 2 column 1"),
+        ("[]", "MetadataValidationError"),
+        ('{"node_type": "array", "zarr_format": 3}', "KeyError: 'data_type'"),
+        ('{"node_type": "group", "zarr_format": 3}', "'image' is a group, not an array"),
+    ],
+)
+def test_damaged_array_metadata_names_the_file(tmp_path: Path, content: str, message: str) -> None:
+    """A damaged zarr.json of a layer: zarr's bare JSONDecodeError (or KeyError, or 'no layer') became an
+    InputError naming the file."""
+    path = write_store(store_path(tmp_path, "zarr"), make_layers((40, 30)))
+    meta_file = path / "image" / "zarr.json"
+    meta_file.write_text(content)
+    with open_section(path) as r, pytest.raises(InputError, match=rf"^{meta_file}: .*{message}"):
+        r.read("image", 0, 4, 0, 4)
+
+
+def test_damaged_group_metadata_names_the_file(tmp_path: Path) -> None:
+    path = write_store(store_path(tmp_path, "zarr"), make_layers((40, 30)))
+    (path / "zarr.json").write_text("{\n")
+    with pytest.raises(InputError, match=rf"^{path / 'zarr.json'}: cannot read the section store's metadata: JSON"):
+        open_section(path)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("image-json", "B00_s0000.zarr/image/zarr.json: cannot read the metadata of array 'image': JSONDecodeError"),
+        ("pixel-0", "B00_s0000.zarr: section store attribute pixel_size_um=0.0 is invalid"),
+        ("pixel-nan", "B00_s0000.zarr: section store attribute pixel_size_um=nan is invalid"),
+        ("pixel-tiny", "B00_s0000.zarr: section store attribute pixel_size_um=1e-300 is invalid"),
+        ("pixel-negative", "B00_s0000.zarr: section store attribute pixel_size_um=-8.0 is invalid"),
+    ],
+)
+def test_extract_and_infer_name_the_damaged_store(tmp_path: Path, damage: str, message: str) -> None:
+    """Real `cytonet extract` and `cytonet infer` over sections of which one is damaged: one line naming the
+    store, exit 1 (the old messages named no file: 'unexpected ZeroDivisionError', ...)."""
+    import subprocess
+    import sys
+
+    from ringdata import make_sections
+    from test_extract import write_yaml
+    from test_infer import base_config, write_model
+
+    from cytonet.config import save_config
+
+    root = tmp_path / "run"
+    make_sections(root / "sections", {"B00": 1, "B01": 1})
+    store = root / "sections" / "B00" / "B00_s0000.zarr"
+    if damage == "image-json":
+        (store / "image" / "zarr.json").write_text("{\n")
+    else:
+        value = {"pixel-0": 0, "pixel-nan": float("nan"), "pixel-tiny": 1e-300, "pixel-negative": -8}[damage]
+        for s in (root / "sections").glob("*/*.zarr"):  # all alike: no "different pixel sizes" first
+            set_attr(s, "pixel_size_um", value)
+    cfg = base_config(root)
+    write_model(cfg, root / "probe")
+    save_config(cfg, root, name="infer.yaml")
+    commands = {
+        "extract": ["extract", str(write_yaml(tmp_path, root / "sections")), "--out", str(tmp_path / "patches")],
+        "infer": ["infer", str(root / "infer.yaml")],
+    }
+    for name, args in commands.items():
+        p = subprocess.run(
+            [sys.executable, "-m", "cytonet.cli", *args], capture_output=True, text=True, timeout=300, check=False
+        )
+        errors = [line for line in p.stderr.splitlines() if "error" in line]
+        assert p.returncode == 1 and len(errors) == 1, (name, p.stderr)
+        assert errors[0].startswith("cytonet: error: ") and message in errors[0], (name, p.stderr)

@@ -41,12 +41,14 @@ a DataLoader forks and still opens its own handle in each worker.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
 import math
 import os
+import re
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -58,7 +60,7 @@ import numpy as np
 from cytonet import __version__
 from cytonet.config import IMAGE_LEVEL_FACTORS, image_levels_valid
 from cytonet.data.chunks import SHUFFLES, ChunkCache, ChunkedArray, open_chunked
-from cytonet.data.patches import publish, remove_path
+from cytonet.data.patches import library_error, publish, remove_path
 from cytonet.errors import InputError, OutputExistsError
 
 FORMAT_VERSION = 1
@@ -131,38 +133,101 @@ class SectionMeta:
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], where: str) -> SectionMeta:
-        current = "format_version"  # the attribute being converted, for the error of a foreign store
-
-        def get(key: str, *default: Any) -> Any:
-            nonlocal current
-            current = key
-            return attrs.get(key, *default) if default else attrs[key]
-
-        try:
-            version = int(get("format_version", -1))
-            if version != FORMAT_VERSION:
-                raise InputError(
-                    f"{where}: section store format version {version} is not supported (expected {FORMAT_VERSION})"
-                )
-            return cls(
-                brain=str(get("brain")),
-                section_index=int(get("section_index")),
-                z_mm=float(get("z_mm")),
-                pixel_size_um=float(get("pixel_size_um")),
-                shape=(int(get("shape")[0]), int(attrs["shape"][1])),
-                label_table={int(k): str(v) for k, v in dict(get("label_table", {})).items()},
-                seed=None if get("seed", None) is None else int(attrs["seed"]),
-                source=str(get("source", "")),
-                cytonet_version=str(get("cytonet_version", "")),
-                extra=dict(get("extra", {})),
-                image_levels=tuple(int(f) for f in get("image_levels", [])),
-            )
-        except KeyError as exc:
-            raise InputError(f"{where}: section metadata lacks the attribute {exc.args[0]!r}") from None
-        except (TypeError, ValueError, IndexError) as exc:
+        """The metadata in a store's attributes (as :meth:`to_attrs` wrote them), read strictly and checked
+        (:meth:`check`): an InputError names ``where`` (the store), the attribute and its value."""
+        version = attrs.get("format_version", -1)
+        if isinstance(version, bool) or not isinstance(version, int) or version != FORMAT_VERSION:
             raise InputError(
-                f"{where}: not a cytonet section store (attribute {current!r}: {exc.__class__.__name__}: {exc})"
-            ) from None
+                f"{where}: section store format version {_shown(version)} is not supported (expected {FORMAT_VERSION})"
+            )
+
+        def get(key: str, kinds: tuple[type, ...], want: str, *default: Any) -> Any:
+            if key not in attrs:
+                if default:
+                    return default[0]
+                raise InputError(f"{where}: section metadata lacks the attribute {key!r}")
+            value = attrs[key]
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise InputError(f"{where}: not a cytonet section store (attribute {key!r}={_shown(value)}: {want})")
+            return value
+
+        brain = get("brain", (str,), "a text")
+        section_index = get("section_index", (int,), "an integer")
+        z_mm = float(get("z_mm", (int, float), "a number (mm)"))
+        pixel_size_um = float(get("pixel_size_um", (int, float), "a number (um)"))
+        shape = get("shape", (list,), "a list of height and width in pixels")
+        table = get("label_table", (dict,), "an object of area id -> name", {})
+        levels = get("image_levels", (list,), "a list of factors", [])
+        seed = get("seed", (int, type(None)), "an integer or null", None)
+        for key, value, ok, want in [
+            ("shape", shape, len(shape) == 2 and all(_is_int(v) for v in shape), "a list of 2 integers"),
+            ("label_table", table, all(re.fullmatch(r"[0-9]{1,5}", k) and isinstance(v, str) for k, v in table.items()),
+             "area ids (decimal text) -> names"),
+            ("image_levels", levels, all(_is_int(f) for f in levels), "a list of integer factors"),
+        ]:  # fmt: skip
+            if not ok:
+                raise InputError(f"{where}: not a cytonet section store (attribute {key!r}={_shown(value)}: {want})")
+        meta = cls(
+            brain=brain,
+            section_index=section_index,
+            z_mm=z_mm,
+            pixel_size_um=pixel_size_um,
+            shape=(shape[0], shape[1]),
+            label_table={int(k): v for k, v in table.items()},
+            seed=seed,
+            source=get("source", (str,), "a text", ""),
+            cytonet_version=get("cytonet_version", (str,), "a text", ""),
+            extra=get("extra", (dict,), "an object", {}),
+            image_levels=tuple(levels),
+        )
+        meta.check(where)
+        return meta
+
+    def check(self, where: str) -> None:
+        """Refuse values no section has, naming ``where`` (the store), the attribute and its value: every reader
+        divides by the pixel size and takes its logarithm, so 0, NaN or 1e-300 must not reach them. Called when
+        a store is opened and before one is written."""
+
+        def refuse(key: str, value: Any, want: str) -> InputError:
+            return InputError(f"{where}: section store attribute {key}={_shown(value)} is invalid: {want}")
+
+        lo, hi = PIXEL_SIZE_RANGE_UM
+        if not (math.isfinite(self.pixel_size_um) and lo <= self.pixel_size_um <= hi):
+            raise refuse("pixel_size_um", self.pixel_size_um, f"a pixel size is finite and within {lo:g}..{hi:g} um")
+        if not (math.isfinite(self.z_mm) and abs(self.z_mm) <= COORDS_MAX_MM):
+            raise refuse("z_mm", self.z_mm, f"a section plane lies within {COORDS_MAX_MM:g} mm of the origin")
+        if not (self.brain and self.brain.strip() == self.brain and not set(self.brain) & set("/\\\0")):
+            raise refuse("brain", self.brain, "a brain is named by a non-empty text without slashes")
+        if self.section_index < 0:
+            raise refuse("section_index", self.section_index, "section numbers are >= 0")
+        if not all(1 <= n <= MAX_SECTION_PX for n in self.shape):
+            raise refuse("shape", list(self.shape), f"height and width are 1..{MAX_SECTION_PX} px")
+        bad_ids = [i for i in self.label_table if not 0 <= i <= 65535]
+        if bad_ids:
+            raise refuse("label_table", bad_ids, "area ids are 0..65535 (labels are uint16)")
+        if self.seed is not None and self.seed < 0:
+            raise refuse("seed", self.seed, "seeds are >= 0")
+        check_image_levels(self.image_levels, f"{where}: section store attribute image_levels")
+
+
+#: Pixel sizes (um) a section store may have. Scans of cell bodies are taken at 0.1-20 um/px; the bounds are
+#: far outside that, and refuse a size in the wrong unit (nm or mm read as um) for the scans cytonet is for.
+PIXEL_SIZE_RANGE_UM = (0.01, 1000.0)
+#: No position in a brain's reference space (mm), coordinate or section plane, lies farther than this from its
+#: origin: a value that does is in another unit (um maps of human brains reach tens of thousands).
+COORDS_MAX_MM = 1000.0
+#: Largest height or width of a section (px): 2 m at 1 um/px, a bound on what a damaged shape can make readers do.
+MAX_SECTION_PX = 2_000_000
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    """``value`` for an error message, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def section_filename(brain: str, section_index: int, backend: str) -> str:
@@ -231,6 +296,7 @@ class SectionWriter:
     ) -> None:
         self.path = path
         self.meta = dataclasses.replace(meta, image_levels=check_image_levels(image_levels, str(path)))
+        self.meta.check(str(path))  # a store readers would refuse is never written
         self.chunk_px = chunk_px
         self.layers = layers
         self.backend = backend_of(path)
@@ -439,9 +505,9 @@ class SectionReader:
 
                 self._handle = h5py.File(self.path, "r")
         except (OSError, ValueError, KeyError) as exc:
-            raise InputError(f"cannot open section store {self.path}: {exc}") from None
+            raise InputError(f"cannot open section store {self.path}: {library_error(exc, named=False)}") from None
         except Exception as exc:  # zarr raises its own error types for malformed groups
-            raise InputError(f"cannot open section store {self.path}: {exc.__class__.__name__}: {exc}") from None
+            raise InputError(f"cannot open section store {self.path}: {library_error(exc)}") from None
         self._pid = os.getpid()
         return self._handle
 
@@ -462,10 +528,15 @@ class SectionReader:
         if self.backend == "zarr":
             # A zarr v3 group's attributes are in its zarr.json: read there, opening costs no zarr group (1 ms
             # through zarr's event loop, for every section a job plans and opens). Anything else through zarr.
+            meta_file = self.path / "zarr.json"
             try:
-                doc = json.loads((self.path / "zarr.json").read_text())
-            except (OSError, ValueError):
-                doc = None
+                doc = json.loads(meta_file.read_text())
+            except FileNotFoundError:
+                doc = None  # a zarr v2 store, or no zarr store at all: zarr says which
+            except (OSError, ValueError) as exc:
+                raise InputError(
+                    f"{meta_file}: cannot read the section store's metadata: {library_error(exc)}"
+                ) from None
             if isinstance(doc, dict) and doc.get("node_type") == "group" and isinstance(doc.get("attributes"), dict):
                 return dict(doc["attributes"])
             return dict(self._open().attrs)
@@ -506,9 +577,34 @@ class SectionReader:
     def array(self, layer: str) -> Any:
         """The backend array object of ``layer`` (zarr.Array or h5py.Dataset), sliceable like numpy."""
         handle = self._open()
-        if layer not in handle:
+        with self._metadata_errors(layer):
+            # A zarr array whose metadata file is there but damaged is not "absent" (zarr's `in` says False).
+            present = self._zarr_meta_file(layer) is not None or layer in handle
+            array = handle[layer] if present else None
+        if array is None:
             raise InputError(f"section store {self.path} has no layer {layer!r}; layers: {list(self.layers)}")
-        return handle[layer]
+        if not hasattr(array, "shape"):
+            where = self._zarr_meta_file(layer) or self.path
+            raise InputError(f"{where}: {layer!r} is a group, not an array (the {layer} layer must be an array)")
+        return array
+
+    def _zarr_meta_file(self, name: str) -> Path | None:
+        """The metadata file of a zarr store's array ``name`` (``zarr.json``, or v2's), None when there is none."""
+        if self.backend != "zarr":
+            return None
+        return next((f for n in ZARR_META_FILES if (f := self.path / name / n).is_file()), None)
+
+    @contextlib.contextmanager
+    def _metadata_errors(self, name: str) -> Iterator[None]:
+        """Turn an error of zarr or h5py reading array ``name``'s metadata (a damaged ``zarr.json`` raises a bare
+        JSONDecodeError) into an InputError naming the file."""
+        try:
+            yield
+        except InputError:
+            raise
+        except Exception as exc:
+            where = self._zarr_meta_file(name) or self.path
+            raise InputError(f"{where}: cannot read the metadata of array {name!r}: {library_error(exc)}") from None
 
     def read(self, layer: str, y0: int = 0, y1: int | None = None, x0: int = 0, x1: int | None = None) -> np.ndarray:
         """Read ``layer[y0:y1, x0:x1]``; the box must lie inside the section (use :meth:`read_padded` else)."""
@@ -554,7 +650,9 @@ class SectionReader:
             out[...] = self.array(name)[y0:y1, x0:x1]
             return out
         except (OSError, ValueError, RuntimeError) as exc:
-            raise InputError(f"{self.path}: reading {name}[{y0}:{y1}, {x0}:{x1}] failed: {exc}") from None
+            raise InputError(
+                f"{self.path}: reading {name}[{y0}:{y1}, {x0}:{x1}] failed: {library_error(exc, named=False)}"
+            ) from None
 
     def read_points(self, layer: str, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
         """``layer`` at the section pixels of rows ``ys`` x columns ``xs`` (increasing; they may lie past the
@@ -580,7 +678,9 @@ class SectionReader:
         try:
             out[r0:r1, c0:c1] = fast.points(iy, ix)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise InputError(f"{self.path}: reading {name} at points in [{y0}:{y1}, {x0}:{x1}] failed: {exc}") from None
+            raise InputError(
+                f"{self.path}: reading {name} at points in [{y0}:{y1}, {x0}:{x1}] failed: {library_error(exc, named=False)}"
+            ) from None
         return out
 
     def _sampled_level(self, layer: str, ys: np.ndarray, xs: np.ndarray) -> int:
@@ -602,7 +702,8 @@ class SectionReader:
                 if self.backend == "zarr" and (self.path / name / "zarr.json").is_file():
                     self._names[name] = True
                 else:  # other zarr formats, HDF5
-                    self._names[name] = name in self._open_locked()
+                    with self._metadata_errors(name):
+                        self._names[name] = name in self._open_locked()
             return self._names[name]
 
     def read_padded(self, layer: str, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
