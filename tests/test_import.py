@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tracemalloc
@@ -910,3 +911,93 @@ def test_output_folder_that_is_a_file(tmp_path: Path) -> None:
     (line,) = error_lines(res.stderr)
     assert "afile" in line and "not a folder" in line and "unexpected" not in line
     assert afile.read_bytes() == b"keep me"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Values no section has: refused naming the file (or key) and the layer, before or while the store is written
+
+
+def test_coordinates_must_be_finite_and_depth_within_0_to_1(tmp_path: Path) -> None:
+    """A coordinate map full of inf and a depth map of -5 were imported (depth with a warning only); every
+    reader would then see them as positions and depths."""
+    tifffile.imwrite(tmp_path / "img.tif", rand_u8((H, W)))
+    img = tmp_path / "img.tif"
+    rng = np.random.default_rng(5)
+    coords = rng.normal(size=(H, W, 3))
+    depth = rng.random((H, W)).astype(np.float32)
+    depth[:, :10] = np.nan  # outside the cortex
+    stray_coords, stray_depth = coords.copy(), depth.copy()
+    stray_coords[7 * 16 + 3, 11, 2] = -np.inf  # band 7 of 10 (16-row bands): not among the 8 sampled
+    stray_depth[7 * 16 + 3, 11] = 1.25
+    maps = write_h5(
+        tmp_path / "maps.h5",
+        {
+            "inf": np.full((H, W, 3), np.inf),
+            "huge": np.full((H, W, 3), 1e300),  # inf as float32
+            "stray_coords": stray_coords,
+            "minus5": np.full((H, W), -5.0),
+            "depth_inf": np.where(np.isnan(depth), np.inf, depth),
+            "stray_depth": stray_depth,
+            "depth_huge": np.full((H, W), 1e300),  # inf as float32
+        },
+    )
+    out = tmp_path / "out"
+    for key, needles in [
+        ("inf", ["coords", "maps.h5:inf", "value inf at pixel (0, 0), axis 0", "not a finite coordinate"]),
+        ("huge", ["coords", "maps.h5:huge", "value 1e+300 at pixel (0, 0)", "not a finite coordinate"]),
+        ("stray_coords", ["coords", "maps.h5:stray_coords", "value -inf at pixel (115, 11), axis 2"]),
+    ]:
+        _expect_input_error(make_cfg(image=img, coords=f"{maps}:{key}", chunk_px=16), out, *needles)
+    for key, needles in [
+        ("minus5", ["depth", "maps.h5:minus5", "value -5 at pixel (0, 0)", "0 at the pial surface .. 1"]),
+        ("depth_inf", ["depth", "maps.h5:depth_inf", "value inf at pixel (0, 0)"]),
+        ("stray_depth", ["depth", "maps.h5:stray_depth", "value 1.25 at pixel (115, 11)"]),
+        ("depth_huge", ["depth", "maps.h5:depth_huge", "value 1e+300 at pixel (0, 0)"]),
+    ]:
+        _expect_input_error(make_cfg(image=img, depth=f"{maps}:{key}", chunk_px=16), out, *needles)
+    assert not (out / "B07_s0012.import.yaml").exists()
+    # NaN is what the layers hold where there is no value: imported as it is.
+    coords[:4, :4] = np.nan
+    write_h5(tmp_path / "ok.h5", {"coords": coords, "depth": depth})
+    ok = tmp_path / "ok.h5"
+    r = open_section(
+        import_section(make_cfg(image=img, coords=f"{ok}:coords", depth=f"{ok}:depth"), out, overwrite=False)
+    )
+    np.testing.assert_array_equal(r.read("depth"), depth)
+    np.testing.assert_array_equal(r.read("coords"), coords.astype(np.float32))
+
+
+def test_pixel_size_and_z_outside_what_a_section_store_holds_are_refused(tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "img.tif", rand_u8((H, W)))
+    img = tmp_path / "img.tif"
+    out = tmp_path / "out"
+    for value in (1e-300, 1e300, 0.001, 5000.0):
+        with pytest.raises(
+            ConfigError, match=rf"^importer\.pixel_size_um={re.escape(f'{value:g}')} is out of range: .*0\.01\.\.1000"
+        ):
+            import_section(make_cfg(image=img, pixel_size_um=value), out, overwrite=False)
+    with pytest.raises(ConfigError, match=r"^importer\.z_mm=-5000 is out of range"):
+        import_section(make_cfg(image=img, z_mm=-5000.0), out, overwrite=False)
+    # A size the file states (here in nm read as if um: 2 um as 2000) is refused naming the file.
+    ome_tif(tmp_path / "nm.ome.tif", rand_u8((H, W)), PhysicalSizeX=2000, PhysicalSizeY=2000)
+    _expect_input_error(make_cfg(image=tmp_path / "nm.ome.tif", pixel_size_um=None), out, "nm.ome.tif", "out of range")
+    assert not out.exists()
+
+
+@pytest.mark.distributed
+def test_cli_import_refuses_a_pixel_size_readers_would_refuse(tmp_path: Path) -> None:
+    """`cytonet import ... importer.pixel_size_um=1e-300` exited 0 and wrote a store that extract and infer then
+    failed on with OverflowError."""
+    tifffile.imwrite(tmp_path / "scan.tif", rand_u8((H, W)))
+    write_h5(tmp_path / "maps.h5", {"inf": np.full((H, W, 3), 1e300), "minus5": np.full((H, W), -5.0)})
+    config = REPO / "configs" / "import.yaml"
+    for extra, status, needle in [
+        (["importer.pixel_size_um=1e-300"], 2, "importer.pixel_size_um=1e-300 is out of range"),
+        (["importer.pixel_size_um=1e300"], 2, "importer.pixel_size_um=1e+300 is out of range"),
+        (["importer.pixel_size_um=2", "importer.coords=maps.h5:inf"], 1, "coords maps.h5:inf: value 1e+300"),
+        (["importer.pixel_size_um=2", "importer.depth=maps.h5:minus5"], 1, "depth maps.h5:minus5: value -5"),
+    ]:
+        p = cli("import", config, "importer.image=scan.tif", *extra, "--out", tmp_path / "out", cwd=tmp_path)
+        (line,) = error_lines(p.stderr)
+        assert p.returncode == status and needle in line and "Warning" not in p.stderr, p.stderr
+    assert not list((tmp_path / "out").rglob("*.zarr"))

@@ -24,7 +24,9 @@ and every other axis must have size 1 (one plane). Other arrays: size-1 leading 
 (``1 x H x W``), as is a size-1 last axis, and a first or last axis of 3 or 4 is the channel axis.
 
 Pixel size: ``importer.pixel_size_um`` null (the default) takes the one the image file states; a value given
-there must agree with it (within :data:`PIXEL_SIZE_RTOL`), else the import is refused naming both. Read from:
+there must agree with it (within :data:`PIXEL_SIZE_RTOL`), else the import is refused naming both. Either must
+lie in :data:`~cytonet.data.sections.PIXEL_SIZE_RANGE_UM` (0.01-1000 µm), which every reader of section stores
+requires (as ``importer.z_mm`` must lie within ``COORDS_MAX_MM`` of the origin). Read from:
 OME-TIFF ``PhysicalSizeX/Y`` (``PhysicalSizeX/YUnit``, default µm), an ImageJ TIFF's calibration (``unit`` and
 ``XResolution/YResolution``), OME-Zarr ``coordinateTransformations`` scale of the dataset imported (with the
 axes' ``unit``; a scale without a unit is no pixel size), a ``pixel_size_um`` attribute of an HDF5 dataset or
@@ -52,10 +54,13 @@ Layers and conversions:
   where more than half of the horizontally neighbouring pixels differ is refused (:data:`LABEL_CHANGE_MAX`):
   areas are regions, so that is an intensity image given as labels.
 - ``coords`` (optional): float, ``H x W x 3`` or ``3 x H x W``, mm (or µm with ``importer.coords_unit=um``,
-  divided by 1000) -> float32 ``H x W x 3`` in mm. A map with a finite value farther than :data:`COORDS_MAX_MM`
-  from the origin is refused (no brain is that large: the map is in another unit); a subsample is checked before
-  the store is created, every value while copying.
-- ``depth`` (optional): float ``H x W`` -> float32; NaN outside the cortex. Values outside [0, 1] are logged.
+  divided by 1000) -> float32 ``H x W x 3`` in mm; NaN where a pixel has no coordinate. A map with a finite value
+  farther than :data:`~cytonet.data.sections.COORDS_MAX_MM` from the origin is refused (no brain is that large:
+  the map is in another unit), and so is one with an infinite value (also a value too large for float32); a
+  subsample is checked before the store is created, every value while copying.
+- ``depth`` (optional): float ``H x W`` -> float32, the normalised cortical depth: 0 at the pial surface, 1 at the
+  white-matter border, NaN outside the cortex. Any other value (below 0, above 1, infinite) is refused, naming
+  the file and the pixel; checked like the coordinates.
 
 Label table (``SectionMeta.label_table``): with a label image, it holds ``0: background``,
 ``1: white_matter``, then ``importer.label_names`` (which may rename those two), then ``area_<id>`` for every id
@@ -95,9 +100,12 @@ from typing import Any
 import numpy as np
 
 from cytonet.config import Config, config_to_dict, save_config
+from cytonet.data.patches import library_error
 from cytonet.data.sections import (
     BACKEND_OF_SUFFIX,
     BACKGROUND_ID,
+    COORDS_MAX_MM,
+    PIXEL_SIZE_RANGE_UM,
     WHITE_MATTER_ID,
     SectionMeta,
     SectionWriter,
@@ -131,9 +139,6 @@ LARGE_SEGMENT_BYTES = 256 << 20
 #: Relative difference within which two pixel sizes agree (file vs config, X vs Y): float32 and decimal
 #: rounding of stated sizes stay far below it; 0.1% over a 20000 px section is 20 px.
 PIXEL_SIZE_RTOL = 1e-3
-#: No finite coordinate (mm) of a brain section lies farther than this from the origin of a reference space;
-#: a map that does is in another unit (µm maps of human brains reach tens of thousands).
-COORDS_MAX_MM = 1000.0
 #: Micrometres per unit of length, by the names OME-XML (UnitsLength), OME-Zarr (UDUNITS-2) and ImageJ use.
 UM_PER_UNIT = {
     "m": 1e6,
@@ -245,7 +250,7 @@ class Source:
         except Exception as exc:  # backends raise their own types (TiffFileError, OSError, zarr errors, ...)
             raise InputError(
                 f"{self.spec}: reading rows {y0}:{y1} failed, the file may be truncated or corrupt "
-                f"({exc.__class__.__name__}: {exc})"
+                f"({library_error(exc)})"
             ) from None
         kept = [role for role in self.roles if role]
         order = [kept.index(role) for role in ("y", "x", "c") if role in kept]
@@ -385,7 +390,7 @@ def _open_tiff(spec: str, path: Path) -> Source:
         tif = tifffile.TiffFile(path)
     except Exception as exc:  # TiffFileError, struct.error on a truncated header, OSError
         raise InputError(
-            f"{spec}: not a readable TIFF file, it may be truncated or corrupt ({exc.__class__.__name__}: {exc})"
+            f"{spec}: not a readable TIFF file, it may be truncated or corrupt ({library_error(exc)})"
         ) from None
     try:
         series_list = tif.series
@@ -447,7 +452,7 @@ def _open_tiff(spec: str, path: Path) -> Source:
     except Exception as exc:
         tif.close()
         raise InputError(
-            f"{spec}: cannot read the TIFF structure, it may be truncated or corrupt ({exc.__class__.__name__}: {exc})"
+            f"{spec}: cannot read the TIFF structure, it may be truncated or corrupt ({library_error(exc)})"
         ) from None
     return Source(
         spec,
@@ -587,7 +592,7 @@ def _open_hdf5(spec: str, path: Path, key: str) -> Source:
     try:
         f = h5py.File(path, "r")
     except Exception as exc:  # OSError for a corrupt or truncated file
-        raise InputError(f"{spec}: not a readable HDF5 file ({exc.__class__.__name__}: {exc})") from None
+        raise InputError(f"{spec}: not a readable HDF5 file ({library_error(exc)})") from None
     try:
         datasets = _list_hdf5_datasets(f)
         if not key:
@@ -615,7 +620,7 @@ def _open_hdf5(spec: str, path: Path, key: str) -> Source:
         raise
     except Exception as exc:
         f.close()
-        raise InputError(f"{spec}: cannot read the HDF5 file ({exc.__class__.__name__}: {exc})") from None
+        raise InputError(f"{spec}: cannot read the HDF5 file ({library_error(exc)})") from None
     return Source(spec, ds, shape, dtype, pixel_size=pixel_size, pixel_size_note=note, closers=[f.close])
 
 
@@ -683,9 +688,7 @@ def _ngff_info(group_attrs: dict[str, Any], name: str) -> NgffInfo:
             try:
                 return _ngff_dataset_info(multiscale, datasets[0])
             except (TypeError, KeyError, ValueError, IndexError) as exc:
-                return NgffInfo(
-                    note=f"its OME-Zarr multiscales metadata is malformed ({exc.__class__.__name__}: {exc})"
-                )
+                return NgffInfo(note=f"its OME-Zarr multiscales metadata is malformed ({library_error(exc)})")
     return NgffInfo()
 
 
@@ -737,7 +740,7 @@ def _open_zarr(spec: str, path: Path, key: str) -> Source:
     try:
         node: Any = zarr.open(str(path), mode="r")
     except Exception as exc:  # zarr raises its own error types for a folder that is no zarr store
-        raise InputError(f"{spec}: not a readable zarr array or group ({exc.__class__.__name__}: {exc})") from None
+        raise InputError(f"{spec}: not a readable zarr array or group ({library_error(exc)})") from None
     try:
         parent_attrs: dict[str, Any] = {}
         name = path.name
@@ -776,7 +779,7 @@ def _open_zarr(spec: str, path: Path, key: str) -> Source:
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"{spec}: cannot read the zarr store ({exc.__class__.__name__}: {exc})") from None
+        raise InputError(f"{spec}: cannot read the zarr store ({library_error(exc)})") from None
     return Source(spec, node, shape, dtype, axis_names=ngff.axis_names, pixel_size=pixel_size, pixel_size_note=note)
 
 
@@ -881,6 +884,13 @@ def _palette_conversion(src: Source) -> ImageConversion:
 def _sample_rows(src: Source, band_rows: int) -> Iterator[np.ndarray]:
     """A subsample of ``src``: at most :data:`SAMPLE_BANDS` bands spread evenly, strided to at most about
     :data:`SAMPLE_PIXELS` pixels."""
+    for _, _, sample in _sample_bands(src, band_rows):
+        yield sample
+
+
+def _sample_bands(src: Source, band_rows: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """:func:`_sample_rows` with each band's first row and the stride: sample pixel (i, j) is ``src`` pixel
+    (first + i * stride, j * stride)."""
     h, w = src.hw
     bands = _band_ranges(h, band_rows)
     picks = sorted(set(np.linspace(0, len(bands) - 1, min(SAMPLE_BANDS, len(bands))).round().astype(int).tolist()))
@@ -888,7 +898,7 @@ def _sample_rows(src: Source, band_rows: int) -> Iterator[np.ndarray]:
     step = max(1, math.ceil(math.sqrt(rows_read * w / SAMPLE_PIXELS)))
     for i in picks:
         y0, y1 = bands[i]
-        yield src.read_rows(y0, y1, xstep=step)[::step]
+        yield y0, step, src.read_rows(y0, y1, xstep=step)[::step]
 
 
 def _uint16_percentiles(src: Source, band_rows: int) -> tuple[float, float]:
@@ -1000,11 +1010,20 @@ def check_coords(src: Source, image: Source) -> None:
 
 
 def coords_to_mm(band: np.ndarray, unit: str) -> np.ndarray:
-    """A band of the coordinate map as float32 mm (``unit``: ``mm`` or ``um``)."""
-    if unit == "um":
-        # Divided in float32 or the source's higher precision (float16 would lose digits), then stored as float32.
-        return (band.astype(np.promote_types(band.dtype, np.float32), copy=False) / 1000.0).astype(np.float32)
-    return band.astype(np.float32, copy=False)
+    """A band of the coordinate map as float32 mm (``unit``: ``mm`` or ``um``); a value too large for float32
+    becomes inf, which :func:`check_finite_coords` refuses (so numpy's overflow warning is not printed)."""
+    with np.errstate(over="ignore"):
+        if unit == "um":
+            # Divided in float32 or the source's higher precision (float16 would lose digits), stored as float32.
+            return (band.astype(np.promote_types(band.dtype, np.float32), copy=False) / 1000.0).astype(np.float32)
+        return band.astype(np.float32, copy=False)
+
+
+def depth_to_float32(band: np.ndarray) -> np.ndarray:
+    """A band of the depth map as float32; a value too large for it becomes inf, refused by
+    :func:`check_depth_band` (so numpy's overflow warning is not printed)."""
+    with np.errstate(over="ignore"):
+        return band.astype(np.float32, copy=False)
 
 
 class CoordsRange:
@@ -1036,11 +1055,47 @@ class CoordsRange:
 
 
 def precheck_coords(src: Source, unit: str, band_rows: int) -> None:
-    """Refuse a coordinate map in the wrong unit from a subsample, before anything is written."""
+    """Refuse a coordinate map in the wrong unit, or with infinite values, from a subsample, before anything is
+    written."""
     seen = CoordsRange()
-    for sample in _sample_rows(src, band_rows):
-        seen.add(coords_to_mm(sample, unit))
+    for y0, step, sample in _sample_bands(src, band_rows):
+        band = coords_to_mm(sample, unit)
+        check_finite_coords(band, sample, src, y0, step)
+        seen.add(band)
     seen.check(src, unit, "a subsample of its rows")
+
+
+def check_finite_coords(band_mm: np.ndarray, band: np.ndarray, src: Source, y0: int, step: int = 1) -> None:
+    """Refuse an infinite coordinate of ``band_mm`` (float32 mm, h x W x 3; ``band``: as read from ``src``),
+    also one too large for float32: NaN means no coordinate, inf is no position. ``y0``: the band's first row;
+    ``step``: the stride of a subsample's rows and columns."""
+    bad = np.isinf(band_mm)
+    if not bad.any():
+        return
+    yy, xx, axis = np.unravel_index(int(np.argmax(bad)), bad.shape)
+    raise InputError(
+        f"coords {src.spec}: value {float(band[yy, xx, axis]):g} at pixel ({y0 + yy * step}, {xx * step}), axis "
+        f"{axis}, is not a finite coordinate (stored as float32 mm); use NaN where a pixel has no coordinate"
+    )
+
+
+def check_depth_band(band32: np.ndarray, band: np.ndarray, src: Source, y0: int, step: int = 1) -> None:
+    """Refuse a depth of ``band32`` (float32, h x W; ``band``: as read from ``src``) that is neither NaN nor in
+    [0, 1]. ``y0``: the band's first row; ``step``: the stride of a subsample's rows and columns."""
+    bad = ~(np.isnan(band32) | ((band32 >= 0) & (band32 <= 1)))
+    if not bad.any():
+        return
+    yy, xx = np.unravel_index(int(np.argmax(bad)), bad.shape)
+    raise InputError(
+        f"depth {src.spec}: value {float(band[yy, xx]):g} at pixel ({y0 + yy * step}, {xx * step}) is outside the "
+        "cortical depth's range: 0 at the pial surface .. 1 at the white-matter border, NaN outside the cortex"
+    )
+
+
+def precheck_depth(src: Source, band_rows: int) -> None:
+    """Refuse a depth map out of range from a subsample, before anything is written."""
+    for y0, step, sample in _sample_bands(src, band_rows):
+        check_depth_band(depth_to_float32(sample), sample, src, y0, step)
 
 
 def check_depth(src: Source, image: Source) -> None:
@@ -1074,6 +1129,11 @@ def import_section(cfg: Config, out: Path, *, overwrite: bool) -> Path:
     bad_ids = [i for i in imp.label_names if not 0 <= i <= 65535]
     if bad_ids:
         raise ConfigError(f"importer.label_names has ids {bad_ids} outside 0..65535 (labels are stored as uint16)")
+    if not abs(imp.z_mm) <= COORDS_MAX_MM:  # the store's readers refuse it (SectionMeta.check)
+        raise ConfigError(
+            f"importer.z_mm={imp.z_mm:g} is out of range: a section plane lies within {COORDS_MAX_MM:g} mm of the "
+            "reference space's origin (given in mm?)"
+        )
     out = Path(out)
     target = out / imp.brain / section_filename(imp.brain, imp.section_index, store_cfg.backend)
     started = time.perf_counter()
@@ -1110,6 +1170,8 @@ def import_section(cfg: Config, out: Path, *, overwrite: bool) -> Path:
         found = scan_labels(sources["labels"], band_rows) if "labels" in sources else None
         if "coords" in sources:
             precheck_coords(sources["coords"], imp.coords_unit, band_rows)
+        if "depth" in sources:
+            precheck_depth(sources["depth"], band_rows)
         meta = SectionMeta(
             brain=imp.brain,
             section_index=imp.section_index,
@@ -1162,6 +1224,14 @@ def resolve_pixel_size(configured: float | None, sources: dict[str, Source]) -> 
                 "are supported (resample the image to one pixel size)"
             )
     stated = image.pixel_size
+    lo, hi = PIXEL_SIZE_RANGE_UM
+    allowed = f"a section's pixel size must lie in {lo:g}..{hi:g} µm"
+    if configured is not None and not lo <= configured <= hi:
+        raise ConfigError(f"importer.pixel_size_um={configured:g} is out of range: {allowed} (given in µm?)")
+    if stated is not None and not lo <= stated.x_um <= hi:
+        raise InputError(
+            f"image {image.spec}: the file states a pixel size of {stated.describe()}, out of range: {allowed}"
+        )
     if configured is None:
         if stated is None:
             why = f" ({image.pixel_size_note})" if image.pixel_size_note else ""
@@ -1210,32 +1280,23 @@ def _copy_layer(
     coords_unit: str = "mm",
 ) -> None:
     """Copy one layer band by band (``band_rows`` full-width rows: whole chunk rows of the output)."""
-    depth_range = [math.inf, -math.inf]
     coords_range = CoordsRange()
     for y0, y1 in _band_ranges(src.hw[0], band_rows):
-        band = src.read_rows(y0, y1)
+        raw = band = src.read_rows(y0, y1)
         if layer == "image":
             band = convert_image_band(band, conversion, src, y0)
         elif layer == "labels":
             band = band.astype(np.uint16, copy=False)  # ids were range-checked by scan_labels
         elif layer == "depth":
-            band = band.astype(np.float32, copy=False)
-            if np.isfinite(band).any():
-                depth_range[0] = min(depth_range[0], float(np.nanmin(band)))
-                depth_range[1] = max(depth_range[1], float(np.nanmax(band)))
+            band = depth_to_float32(band)
+            check_depth_band(band, raw, src, y0)
         else:
             band = coords_to_mm(band, coords_unit)
+            check_finite_coords(band, raw, src, y0)
             coords_range.add(band)
             coords_range.check(src, coords_unit, f"rows 0:{y1}")
         writer.write(layer, y0, 0, band)
         log.debug("import: %s rows %d:%d written", layer, y0, y1)
-    if layer == "depth" and (depth_range[0] < 0 or depth_range[1] > 1):
-        log.warning(
-            "depth %s: values span [%g, %g], outside the expected 0 (pial surface) .. 1 (white matter)",
-            src.spec,
-            depth_range[0],
-            depth_range[1],
-        )
 
 
 def _other_backend_stores(target: Path) -> list[Path]:
