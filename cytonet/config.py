@@ -324,7 +324,7 @@ class ImportConfig:
 
     bounds: ClassVar[dict[str, Bound]] = {
         "label_names": Bound(0, 65535, "label ids: labels are stored as uint16"),
-        "pixel_size_um": Bound(0, 1000, "um/px, or null: the file's", above=True),
+        "pixel_size_um": Bound(0.01, 1000, "um/px, as a section store may hold; or null: the file's"),
         "section_index": Bound(0, 999999),
         "z_mm": Bound(-1000, 1000, "mm"),
     }

@@ -1126,14 +1126,7 @@ def import_section(cfg: Config, out: Path, *, overwrite: bool) -> Path:
     imp, store_cfg = cfg.importer, cfg.sections
     if not imp.image:
         raise ConfigError("importer.image is empty: give the section image, e.g. importer.image=scan.ome.tif")
-    bad_ids = [i for i in imp.label_names if not 0 <= i <= 65535]
-    if bad_ids:
-        raise ConfigError(f"importer.label_names has ids {bad_ids} outside 0..65535 (labels are stored as uint16)")
-    if not abs(imp.z_mm) <= COORDS_MAX_MM:  # the store's readers refuse it (SectionMeta.check)
-        raise ConfigError(
-            f"importer.z_mm={imp.z_mm:g} is out of range: a section plane lies within {COORDS_MAX_MM:g} mm of the "
-            "reference space's origin (given in mm?)"
-        )
+    # label ids, z and the pixel size are bounded in the config (importer.*: Bound) as section stores bound them
     out = Path(out)
     target = out / imp.brain / section_filename(imp.brain, imp.section_index, store_cfg.backend)
     started = time.perf_counter()
@@ -1226,8 +1219,6 @@ def resolve_pixel_size(configured: float | None, sources: dict[str, Source]) -> 
     stated = image.pixel_size
     lo, hi = PIXEL_SIZE_RANGE_UM
     allowed = f"a section's pixel size must lie in {lo:g}..{hi:g} µm"
-    if configured is not None and not lo <= configured <= hi:
-        raise ConfigError(f"importer.pixel_size_um={configured:g} is out of range: {allowed} (given in µm?)")
     if stated is not None and not lo <= stated.x_um <= hi:
         raise InputError(
             f"image {image.spec}: the file states a pixel size of {stated.describe()}, out of range: {allowed}"
