@@ -404,16 +404,18 @@ def _submit_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_slurm(args: argparse.Namespace) -> int:
     from hpc.site import load_profile
-    from hpc.slurm import check_array_kind, render, submit_jobs, submit_pipeline, write_script
+    from hpc.slurm import DEFAULT_STAGES, check_array_kind, render, submit_jobs, submit_pipeline, write_script
 
     profile = load_profile(args.profile)
     if args.kind == "pipeline":
         if args.write is not None:
             raise UsageError("--write is for one job; a pipeline writes its scripts into <run.root_dir>/slurm/")
-        stages = args.stages.split(",")
+        stages = args.stages.split(",") if args.stages is not None else DEFAULT_STAGES
         for stage in submit_pipeline(profile, args.config, args.overrides, stages=stages, array_tasks=args.array):
             print(f"{stage.kind} {stage.job_id} {stage.script}")
         return EXIT_OK
+    if args.stages is not None:
+        raise UsageError(f"--stages is for a pipeline; `cytonet slurm {args.kind}` renders one job")
     check_array_kind(args.kind, args.array)
     job = render(args.kind, profile, args.config, args.overrides, array_tasks=args.array)
     path = Path(args.write) if args.write else job.log_dir / f"{args.kind}.sbatch"
@@ -454,7 +456,6 @@ def _slurm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--submit", action="store_true", help="write the script into <run.root_dir>/slurm/ and sbatch it")
     p.add_argument(
         "--stages",
-        default="pretrain,probe,infer",
         help="pipeline: stages chained with --dependency=afterok (default pretrain,probe,infer)",
     )
 

@@ -32,6 +32,23 @@ _TIME_RE = re.compile(r"^(?:(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?|(\d+)(?::(\d+)(?::
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_.,:@%+=/\-\[\]()]+$")
 _OPTION_RE = re.compile(r"^--[a-z][a-z0-9-]*(=[A-Za-z0-9_.,:@%+=/\-\[\]()]+)?$")
 _MEM_RE = re.compile(r"^\d+[KMGT]?$")
+#: sbatch options the rendered scripts set (from the profile key named, or themselves): ``extra_sbatch`` may not
+#: set them again, where the later line would silently win over the key (or break what the script relies on).
+SET_BY_CYTONET = {
+    "account": "account",
+    "partition": "partition",
+    "qos": "qos",
+    "time": "time.<kind>",
+    "nodes": "pretrain_nodes",
+    "gpus-per-node": "gpus_per_node and gpu_type",
+    "cpus-per-gpu": "cpus_per_gpu",
+    "cpus-per-task": "cpus_per_task",
+    "mem": "mem or array_mem",
+    "signal": "signal_lead_s",
+    "array": "array_tasks and array_parallelism",
+    **dict.fromkeys(("job-name", "ntasks", "ntasks-per-node", "requeue", "no-requeue", "open-mode", "output",
+                     "error", "chdir")),
+}  # fmt: skip
 #: Job kinds that run the training loop: SLURM signals them ``signal_lead_s`` before their time limit.
 TRAIN_KINDS = ("pretrain", "probe", "scratch")
 #: Training time a job needs before the preemption signal (start-up, data, the first steps); see
@@ -192,6 +209,18 @@ class SiteProfile:
                 f"{key('extra_sbatch')}[{i}]",
                 option,
                 "one option per item, written --name or --name=value without spaces or quotes",
+            )
+            name = option[2:].split("=", 1)[0]
+            _check(
+                name not in SET_BY_CYTONET,
+                f"{key('extra_sbatch')}[{i}]",
+                option,
+                f"the scripts set --{name} "
+                + (
+                    f"from the profile's {SET_BY_CYTONET[name]}: set that instead"
+                    if SET_BY_CYTONET.get(name)
+                    else "themselves"
+                ),
             )
         _check(self.array_tasks >= 1, key("array_tasks"), self.array_tasks, ">= 1")
         _check(self.array_parallelism >= 1, key("array_parallelism"), self.array_parallelism, ">= 1")

@@ -150,6 +150,9 @@ def test_unknown_profile_key_lists_the_valid_ones() -> None:
         ({"setup": ["module load x\nrm -rf /"]}, r"setup\[0\]"),
         ({"extra_sbatch": ["--constraint=a100 --exclusive"]}, r"extra_sbatch\[0\]"),
         ({"extra_sbatch": ["constraint=a100"]}, r"extra_sbatch\[0\]"),
+        # options the scripts set from a key, or themselves: the later line would silently win
+        ({"extra_sbatch": ["--exclusive", "--time=5"]}, r"extra_sbatch\[1\]"),
+        ({"extra_sbatch": ["--output=x.log"]}, r"extra_sbatch\[0\]"),
         ({"array_parallelism": 0}, "array_parallelism"),
         ({"time": {"probe": "5"}}, "signal_lead_s"),
         ({"time": {"scratch": "6"}, "signal_lead_s": 301}, "signal_lead_s"),
@@ -161,6 +164,14 @@ def test_bad_profile_values_are_refused_naming_the_key(data: dict[str, object], 
         profile_from_dict(data)
     if data == {"time": {"pretrain": 90}}:  # a bare YAML number where a time string goes
         assert 'expected a string (quote it in YAML: "90")' in str(info.value)
+
+
+def test_extra_sbatch_options_the_scripts_set_name_the_key_to_use() -> None:
+    with pytest.raises(ConfigError, match=r"'--time=5' is invalid: the scripts set --time from the profile's time\."):
+        profile_from_dict({"extra_sbatch": ["--time=5"]})
+    with pytest.raises(ConfigError, match=r"'--output=x' is invalid: the scripts set --output themselves"):
+        profile_from_dict({"extra_sbatch": ["--output=x"]})
+    assert profile_from_dict({"extra_sbatch": ["--constraint=a100", "--exclusive"]}).extra_sbatch[1] == "--exclusive"
 
 
 def test_time_limits() -> None:
@@ -536,6 +547,8 @@ def test_slurm_cli_refuses_what_it_would_ignore_or_misorder(tmp_path: Path, caps
     assert "--write is for one job" in capsys.readouterr().err
     assert main(["slurm", "pretrain", str(config), "--profile", str(EXAMPLE), "--array", "3"]) == 2
     assert "--array is for extract and infer, not pretrain" in capsys.readouterr().err
+    assert main(["slurm", "pretrain", str(config), "--profile", str(EXAMPLE), "--stages", "extract"]) == 2
+    assert "--stages is for a pipeline; `cytonet slurm pretrain` renders one job" in capsys.readouterr().err
     for submit in ([], ["--submit"]):  # with --submit: refused before sbatch, not after (the job left queued)
         assert main(["slurm", "probe", str(config), "--profile", str(EXAMPLE), "--write", str(tmp_path), *submit]) == 2
         assert f"--write {tmp_path}: that is a folder" in capsys.readouterr().err
