@@ -228,7 +228,8 @@ def _script_file(path: str | Path) -> Path:
             head = f"unreadable: {exc.strerror}"
         if head != SCRIPT_HEAD:
             raise UsageError(
-                f"--write {p}: that file exists and is not a script cytonet wrote; remove it or give another name"
+                f"{p} exists and is not a script cytonet wrote: it is not replaced by one; remove it or write the "
+                "script elsewhere"
             )
     return p
 

@@ -208,7 +208,9 @@ def test_a_refused_submission_cancels_the_stages_before_it_and_keeps_the_scripts
     profile = tmp_path / "big.yaml"
     profile.write_text(LOCAL_PROFILE.read_text() + "array_mem: 900G\n")
     config = write_config(tmp_path / "cfg.yaml", tmp_path / "run", data / "sections")
-    old = {k: f"# the script of an earlier {k} submission\n" for k in ("pretrain", "probe", "infer")}
+    old = {
+        k: f"#!/bin/bash\n# cytonet {k}: the script of an earlier submission\n" for k in ("pretrain", "probe", "infer")
+    }
     (tmp_path / "run" / "slurm").mkdir(parents=True)
     for kind, text in old.items():
         (tmp_path / "run" / "slurm" / f"{kind}.sbatch").write_text(text)

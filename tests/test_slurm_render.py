@@ -555,7 +555,7 @@ def test_slurm_cli_refuses_what_it_would_ignore_or_misorder(tmp_path: Path, caps
         # the config itself given as --write (or any file that is not a script cytonet wrote): left as it was
         before = config.read_text()
         assert main(["slurm", "probe", str(config), "--profile", str(EXAMPLE), "--write", str(config), *submit]) == 2
-        assert f"--write {config}: that file exists and is not a script cytonet wrote" in capsys.readouterr().err
+        assert f"{config} exists and is not a script cytonet wrote" in capsys.readouterr().err
         assert config.read_text() == before
     assert not (tmp_path / "run").exists()
     # Printing only: the script on stdout, and a note that its log folder must exist before sbatch.
