@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from cytonet.errors import ConfigError, UsageError
+from cytonet.errors import ConfigError, UsageError, not_found
 
 Backend = Literal["zarr", "hdf5"]
 
@@ -1329,8 +1329,8 @@ def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{what} {str(p)!r} is a folder, not a YAML file")
-    if not p.is_file():
-        raise ConfigError(f"{what} {str(p)!r} does not exist")
+    if not p.is_file():  # missing, or a device such as /dev/null
+        raise ConfigError(not_found(p, what) if p.exists() else f"{what} {str(p)!r} does not exist")
     try:
         data = parse_yaml(p.read_text())
     except DuplicateKeyError as exc:

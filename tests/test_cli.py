@@ -108,10 +108,16 @@ def test_a_file_where_a_folder_is_wanted_and_the_reverse_are_named(
             f"synth: output {tmp_path / 'file'} exists and is not a folder",
         ),
         (["features", config, "--encoder", str(tmp_path)], f"encoder file {tmp_path} is a folder"),
+        (
+            ["extract", config, f"extract.sections_dir={tmp_path / 'file'}"],
+            f"section folder {tmp_path / 'file'} is not a folder",
+        ),
     ):
         assert main(args) == 1
         assert says in capsys.readouterr().err, args
     assert (tmp_path / "file").read_text() == "mine\n"
+    assert main(["check-config", "/dev/null"]) == 2
+    assert "config file /dev/null is not a regular file" in capsys.readouterr().err
 
 
 def test_debug_shows_traceback() -> None:

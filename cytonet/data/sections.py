@@ -61,7 +61,7 @@ from cytonet import __version__
 from cytonet.config import IMAGE_LEVEL_FACTORS, image_levels_valid
 from cytonet.data.chunks import SHUFFLES, ChunkCache, ChunkedArray, open_chunked
 from cytonet.data.patches import library_error, publish, remove_path
-from cytonet.errors import InputError, OutputExistsError
+from cytonet.errors import InputError, OutputExistsError, not_found
 
 FORMAT_VERSION = 1
 LAYER_DTYPES: dict[str, np.dtype[Any]] = {
@@ -880,7 +880,7 @@ def list_sections(root: str | Path) -> list[Path]:
     """All finished section stores below ``root`` (partial ones are ignored), sorted by path."""
     base = Path(root)
     if not base.is_dir():
-        raise InputError(f"section folder {base} does not exist")
+        raise InputError(not_found(base, "section folder", folder=True))
     # Walk the folders but never into a store: a zarr store of a real section holds millions of chunk files.
     stores = []
     for folder, dirs, files in os.walk(base):
