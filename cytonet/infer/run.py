@@ -517,16 +517,15 @@ def run_infer(
     log.info(
         "infer: %d sections, %d units; worker %d of %d takes %d", len(jobs), len(units), worker, n_workers, len(mine)
     )
-    checked: set[str] = set()
+    done: dict[str, set[str]] = {}  # per section: its blocks marked done, one listing each
     skipped = 0
     todo: list[tuple[SectionJob, Block]] = []
     for job, blocks in mine:
-        if job.name not in checked:  # before trusting any done marker of this section
+        if job.name not in done:  # before trusting any done marker of this section
             writers.check_existing(out, job.name, infer_settings(cfg, clf, job))
-            checked.add(job.name)
-        done = writers.DoneMarkers(out, job.name).done_ids()
+            done[job.name] = writers.DoneMarkers(out, job.name).done_ids()
         for block in blocks:
-            if block.id in done:
+            if block.id in done[job.name]:
                 skipped += 1
             else:
                 todo.append((job, block))
