@@ -543,6 +543,30 @@ def plan_shards(plan: dict[str, np.ndarray], per_shard: int, backend: str) -> li
 # Writing shards
 
 
+class _PointReader:
+    """Reads single pixels of a layer, keeping the last few chunks decoded (a shard's patch centres come sorted
+    by section, y, x): an HDF5 store's chunk cache (1 MiB) holds no coordinate chunk (3 MiB at 512 px)."""
+
+    def __init__(self, reader: Any, layer: str, max_blocks: int = 16) -> None:
+        self.reader = reader
+        self.layer = layer
+        self.chunk = reader.chunk_shape(layer)
+        self.blocks: dict[tuple[int, int], np.ndarray] = {}
+        self.max_blocks = max_blocks
+
+    def __call__(self, y: int, x: int) -> np.ndarray:
+        cy, cx = y // self.chunk[0], x // self.chunk[1]
+        block = self.blocks.get((cy, cx))
+        if block is None:
+            h, w = self.reader.shape
+            y0, x0 = cy * self.chunk[0], cx * self.chunk[1]
+            block = self.reader.read(self.layer, y0, min(h, y0 + self.chunk[0]), x0, min(w, x0 + self.chunk[1]))
+            if len(self.blocks) >= self.max_blocks:
+                self.blocks.pop(next(iter(self.blocks)))
+            self.blocks[(cy, cx)] = block
+        return np.asarray(block[y - cy * self.chunk[0], x - cx * self.chunk[1]])
+
+
 def read_patch(reader: Any, y: int, x: int, edge: int, factor: int) -> np.ndarray:
     """The ``edge`` x ``edge`` patch whose pixel ``edge // 2`` covers section pixel (y, x); zero outside."""
     span = edge * factor
@@ -591,7 +615,7 @@ def _write_shard(job: ShardJob, path: Path) -> None:
     n = len(recs)
     s_px = job.geometry.stored_px
     readers: dict[int, Any] = {}
-    has_coords: dict[int, bool] = {}
+    points: dict[int, _PointReader | None] = {}
     cols: dict[str, np.ndarray] = {name: np.zeros(n, dtype=META_DTYPE[name].base) for name in COLUMNS}
     cols["coords"] = np.full((n, 3), np.nan, dtype=np.float32)
     brain_index = {b: i for i, b in enumerate(job.brains)}
@@ -612,11 +636,12 @@ def _write_shard(job: ShardJob, path: Path) -> None:
             entry = job.sections[sec_i]
             if sec_i not in readers:
                 readers[sec_i] = open_section(entry.path)
-                has_coords[sec_i] = readers[sec_i].has("coords")
+                points[sec_i] = _PointReader(readers[sec_i], "coords") if readers[sec_i].has("coords") else None
             y, x = int(r["y"]), int(r["x"])
             writer.write(j, read_patch(readers[sec_i], y, x, s_px, job.factor))
-            if has_coords[sec_i]:  # its chunk is decoded once for the shard's patches in it (the reader's cache)
-                cols["coords"][j] = readers[sec_i].read_points("coords", np.array([y]), np.array([x]))[0, 0]
+            point = points[sec_i]
+            if point is not None:
+                cols["coords"][j] = point(y, x)
             cols["area"][j] = r["area"]
             cols["brain"][j] = brain_index[entry.brain]
             cols["section"][j] = sec_i

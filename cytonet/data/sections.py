@@ -574,6 +574,13 @@ class SectionReader:
     def has(self, layer: str) -> bool:
         return self._holds(layer)
 
+    def chunk_shape(self, layer: str) -> tuple[int, int]:
+        """Rows and columns of ``layer``'s chunks: from the fast chunk path of a zarr store (opening the array
+        through zarr costs more than reading a patch), else the backend array's."""
+        fast = self._chunked(layer)
+        rows, cols = fast.chunks[:2] if fast is not None else self.array(layer).chunks[:2]
+        return int(rows), int(cols)
+
     def array(self, layer: str) -> Any:
         """The backend array object of ``layer`` (zarr.Array or h5py.Dataset), sliceable like numpy."""
         handle = self._open()
