@@ -311,8 +311,9 @@ def _forget_new_folder(out: Path, failed: bool) -> bool:
     anything else there (settings refused as the run set up, ``--resume`` into a new folder): it is left as it
     was found, not holding a lock file alone. Returns False: the exception goes on."""
     if failed and [p.name for p in out.iterdir()] == [STEP_LOCK]:
-        (out / STEP_LOCK).unlink()
-        out.rmdir()
+        with contextlib.suppress(OSError):  # another run came in meanwhile: its folder now, and the error goes on
+            (out / STEP_LOCK).unlink()
+            out.rmdir()
     return False
 
 
