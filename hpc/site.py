@@ -39,12 +39,12 @@ SET_BY_CYTONET = {
     "partition": "partition",
     "qos": "qos",
     "time": "time.<kind>",
-    "nodes": "pretrain_nodes",
+    "nodes": "pretrain_nodes (probe, scratch and array tasks run on one node)",
     "gpus-per-node": "gpus_per_node and gpu_type",
     "cpus-per-gpu": "cpus_per_gpu",
     "cpus-per-task": "cpus_per_task",
     "mem": "mem or array_mem",
-    "signal": "signal_lead_s",
+    "signal": "signal_lead_s (training jobs; extract and infer arrays take no signal: USR1 would end them)",
     "array": "array_tasks and array_parallelism",
     **dict.fromkeys(("job-name", "ntasks", "ntasks-per-node", "requeue", "no-requeue", "open-mode", "output",
                      "error", "chdir")),
@@ -210,7 +210,9 @@ class SiteProfile:
                 option,
                 "one option per item, written --name or --name=value without spaces or quotes",
             )
-            name = option[2:].split("=", 1)[0]
+            # sbatch takes any unambiguous start of an option's name (--partit=big is --partition=big)
+            given = option[2:].split("=", 1)[0]
+            name = next((n for n in SET_BY_CYTONET if n.startswith(given)), given)
             _check(
                 name not in SET_BY_CYTONET,
                 f"{key('extra_sbatch')}[{i}]",

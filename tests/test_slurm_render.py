@@ -171,6 +171,8 @@ def test_extra_sbatch_options_the_scripts_set_name_the_key_to_use() -> None:
         profile_from_dict({"extra_sbatch": ["--time=5"]})
     with pytest.raises(ConfigError, match=r"'--output=x' is invalid: the scripts set --output themselves"):
         profile_from_dict({"extra_sbatch": ["--output=x"]})
+    with pytest.raises(ConfigError, match=r"'--partit=big' is invalid: the scripts set --partition from the profile"):
+        profile_from_dict({"extra_sbatch": ["--partit=big"]})  # sbatch's abbreviation of --partition
     assert profile_from_dict({"extra_sbatch": ["--constraint=a100", "--exclusive"]}).extra_sbatch[1] == "--exclusive"
 
 
