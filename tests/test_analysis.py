@@ -516,9 +516,20 @@ def test_features_and_analysis_refuse_another_steps_folder(analysed: Path, brain
         )
         assert r.returncode == 1 and "but no analysis" in r.stderr, r.stderr[-2000:]
         if flags:  # --overwrite writes into a folder of other files, but not into another step's
-            assert "DONE and 1 more, another cytonet step's" in r.stderr, r.stderr[-2000:]
+            assert "holds DONE, another cytonet step's" in r.stderr, r.stderr[-2000:]
     assert sorted(p.name for p in other.iterdir()) == ["DONE", "config.resolved.yaml"]
     assert (other / "config.resolved.yaml").read_text() == "# the probe's own config\n"
+    # An analysis folder whose features and results were removed (to compute them again) keeps its config: it is
+    # not taken for another step's, and --overwrite writes into it.
+    from cytonet.analysis.run import _check_folder
+
+    own = brain / "analysis-emptied"
+    own.mkdir()
+    (own / "config.resolved.yaml").write_text("# an analysis' config\n")
+    (own / "report.html").write_text("<html></html>")
+    with pytest.raises(OutputExistsError, match=r"but no analysis .*pass --overwrite to write into it anyway"):
+        _check_folder(own, overwrite=False)
+    _check_folder(own, overwrite=True)
 
 
 def test_features_and_analysis_wait_for_no_extraction_of_their_store(analysed: Path, brain: Path) -> None:

@@ -102,15 +102,16 @@ def resolve_encoder(cfg: Config, encoder_path: str | Path | None) -> Path:
 
 
 def _step_traces() -> frozenset[str]:
-    """What another cytonet step leaves in its folder: a run's config and DONE, a patch store's manifest, an
-    inference's state and config, the locks and markers of extract and synth."""
+    """What another cytonet step leaves in its folder: a training run's lock (kept for good) and DONE, a patch
+    store's manifest, an inference's state and config, synth's markers, the demo's results. Not
+    ``config.resolved.yaml``, which an analysis writes too (an analysis whose features were removed keeps it)."""
     from cytonet.infer.run import CONFIG_FILE
     from cytonet.infer.writers import STATE_DIR
+    from cytonet.pipeline import DEMO_OWN_FILES
     from cytonet.train.loop import DONE_FILE
 
-    return frozenset(
-        {"config.resolved.yaml", DONE_FILE, MANIFEST, STATE_DIR, CONFIG_FILE, STEP_LOCK, DONE_MARKER, STARTED_MARKER}
-    )
+    demo = set(DEMO_OWN_FILES) - {"config.resolved.yaml", "config.resolved.yaml.tmp"}
+    return frozenset({DONE_FILE, MANIFEST, STATE_DIR, CONFIG_FILE, STEP_LOCK, DONE_MARKER, STARTED_MARKER, *demo})
 
 
 def _check_folder(out: Path, overwrite: bool) -> None:

@@ -59,8 +59,9 @@ Layers and conversions:
   the map is in another unit), and so is one with an infinite value (also a value too large for float32); a
   subsample is checked before the store is created, every value while copying.
 - ``depth`` (optional): float ``H x W`` -> float32, the normalised cortical depth: 0 at the pial surface, 1 at the
-  white-matter border, NaN outside the cortex. Any other value (below 0, above 1, infinite) is refused, naming
-  the file and the pixel; checked like the coordinates.
+  white-matter border, NaN outside the cortex. Values within :data:`DEPTH_SLACK` past either end are rounding,
+  clipped to [0, 1]; any other value (below, above, infinite) is refused, naming the file and the pixel; checked
+  like the coordinates.
 
 Label table (``SectionMeta.label_table``): with a label image, it holds ``0: background``,
 ``1: white_matter``, then ``importer.label_names`` (which may rename those two), then ``area_<id>`` for every id
@@ -1083,10 +1084,16 @@ def check_finite_coords(band_mm: np.ndarray, band: np.ndarray, src: Source, y0: 
     )
 
 
+#: How far past [0, 1] a depth may lie and be taken as rounding (of a solver's or a resampling's), clipped to
+#: [0, 1] as it is written; beyond, the map is refused (another quantity, or depth in other units).
+DEPTH_SLACK = 0.01
+
+
 def check_depth_band(band32: np.ndarray, band: np.ndarray, src: Source, y0: int, step: int = 1) -> None:
     """Refuse a depth of ``band32`` (float32, h x W; ``band``: as read from ``src``) that is neither NaN nor in
-    [0, 1]. ``y0``: the band's first row; ``step``: the stride of a subsample's rows and columns."""
-    bad = ~(np.isnan(band32) | ((band32 >= 0) & (band32 <= 1)))
+    [0, 1] give or take :data:`DEPTH_SLACK`. ``y0``: the band's first row; ``step``: the stride of a subsample's
+    rows and columns."""
+    bad = ~(np.isnan(band32) | ((band32 >= -DEPTH_SLACK) & (band32 <= 1 + DEPTH_SLACK)))
     if not bad.any():
         return
     yy, xx = np.unravel_index(int(np.argmax(bad)), bad.shape)
@@ -1285,6 +1292,7 @@ def _copy_layer(
         elif layer == "depth":
             band = depth_to_float32(band)
             check_depth_band(band, raw, src, y0)
+            band = np.clip(band, 0.0, 1.0, out=band if band is not raw else None)  # rounding past the ends; NaN stays
         else:
             band = coords_to_mm(band, coords_unit)
             check_finite_coords(band, raw, src, y0)

@@ -12,8 +12,9 @@ Coordinates, per section (all integers):
   *read box* the model pixels its patches cover: write box times the stride plus the receptive-field context.
 
 Block ids are ``"<by>.<bx>"`` within a section; the global order is (section name, by, bx). Work units are
-blocks (zarr output: one writer per chunk or shard) or whole sections (HDF5: one writer per file); unit k
-goes to worker k mod W, where worker = task * world_size + rank and W = num_tasks * world_size.
+blocks (zarr output: one writer per chunk or shard) or whole sections (HDF5: one writer per file), dealt to W
+workers in a few stretches each (:func:`assign`), where worker = task * world_size + rank and W = num_tasks *
+world_size.
 
 Entry points: :class:`Grid`, :class:`Block`, :func:`section_grid`, :func:`assign`.
 """
