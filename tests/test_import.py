@@ -965,6 +965,13 @@ def test_coordinates_must_be_finite_and_depth_within_0_to_1(tmp_path: Path) -> N
     )
     np.testing.assert_array_equal(r.read("depth"), depth)
     np.testing.assert_array_equal(r.read("coords"), coords.astype(np.float32))
+    # A solver's rounding past either end (within 0.01) is clipped into [0, 1], not refused.
+    rounded = depth.copy()
+    rounded[5, :3] = [-1e-7, 1.004, 0.5]
+    write_h5(tmp_path / "rounded.h5", {"depth": rounded})
+    cfg = make_cfg(image=img, depth=f"{tmp_path / 'rounded.h5'}:depth")
+    r = open_section(import_section(cfg, tmp_path / "out-rounded", overwrite=False))
+    np.testing.assert_array_equal(r.read("depth")[5, :3], np.array([0.0, 1.0, 0.5], np.float32))
 
 
 def test_pixel_size_and_z_outside_what_a_section_store_holds_are_refused(tmp_path: Path) -> None:
