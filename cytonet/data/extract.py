@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import logging
 import math
@@ -347,15 +348,17 @@ def survey_section(path: str, name: str, out_file: str, settings: dict[str, Any]
     has_depth = reader.has("depth")
     if centerline and not has_depth:
         raise InputError(f"section store {path} has no depth layer: centre-line sampling needs cortical depth")
-    band = max(256, int(reader.array("labels").chunks[0]))
+    # Chunk-aligned tiles, not full-width bands: a band of a section 100k px wide was gigabytes with its
+    # temporaries. The candidates kept (the `keep` smallest keys per area) do not depend on the tiling.
+    band = max(256, reader.chunk_shape("labels")[0])
     counts: dict[int, int] = {}
     kept: dict[int, np.ndarray] = {}
-    for y0 in range(0, h, band):
-        y1 = min(h, y0 + band)
-        labels = reader.read("labels", y0, y1)
-        depth = reader.read("depth", y0, y1) if has_depth else np.full(labels.shape, np.nan, np.float32)
-        r0 = (-y0) % stride
-        labels, depth = labels[r0::stride, ::stride], depth[r0::stride, ::stride]
+    for y0, x0 in itertools.product(range(0, h, band), range(0, w, band)):
+        y1, x1 = min(h, y0 + band), min(w, x0 + band)
+        labels = reader.read("labels", y0, y1, x0, x1)
+        depth = reader.read("depth", y0, y1, x0, x1) if has_depth else np.full(labels.shape, np.nan, np.float32)
+        r0, c0 = (-y0) % stride, (-x0) % stride  # on the section's grid of candidates, whatever the tile
+        labels, depth = labels[r0::stride, c0::stride], depth[r0::stride, c0::stride]
         mask = labels > WHITE_MATTER_ID
         with np.errstate(invalid="ignore"):
             if centerline:
@@ -366,7 +369,7 @@ def survey_section(path: str, name: str, out_file: str, settings: dict[str, Any]
         if len(rows) == 0:
             continue
         ys = (y0 + r0 + rows * stride).astype(np.int32)
-        xs = (cols * stride).astype(np.int32)
+        xs = (x0 + c0 + cols * stride).astype(np.int32)
         cand = np.zeros(len(ys), dtype=PLAN_DTYPE)
         cand["area"], cand["y"], cand["x"] = labels[rows, cols], ys, xs
         cand["depth"] = depth[rows, cols]
