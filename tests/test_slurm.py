@@ -260,7 +260,8 @@ def test_extraction_array_equals_one_process(data: Path, tmp_path: Path) -> None
 def test_time_limit_signal_checkpoints_requeues_and_finishes(data: Path, tmp_path: Path) -> None:
     """The real time-limit path: --time=3 with --signal=USR1@100 (slurmctld checks every ~30 s: the signal comes
     roughly 60-100 s into the run); the run checkpoints, is requeued, resumes and finishes within the next
-    allocation, with the weights of a run without a time limit."""
+    allocations, with the weights of a run without a time limit. 240 steps (about 2 min on an idle 2-core
+    machine): 90 steps were done before the signal came once the machine was idle, and the test failed."""
     profile = tmp_path / "short.yaml"
     site = yaml.safe_load(LOCAL_PROFILE.read_text())
     site["time"]["pretrain"] = "3"
@@ -268,8 +269,8 @@ def test_time_limit_signal_checkpoints_requeues_and_finishes(data: Path, tmp_pat
     profile.write_text(yaml.safe_dump(site))
     common = [
         str(data / "base.yaml"),
-        "pretrain.epochs=12",
-        "pretrain.max_steps=90",
+        "pretrain.epochs=40",
+        "pretrain.max_steps=240",
         "pretrain.checkpoint_every_steps=10",
     ]
     ids = {}
