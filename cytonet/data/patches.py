@@ -278,8 +278,9 @@ def _readers_lock(store: Path, mode: int, refusal: str) -> Iterator[None]:
 
 
 def reading_store(store: Path, what: str) -> contextlib.AbstractContextManager[None]:
-    """Hold ``store``'s readers' lock shared while ``what`` (a training stage, an analysis) reads it, so that an extraction
-    cannot replace the store under it: its labels, read at the start, would be paired with other pixels."""
+    """Hold ``store``'s readers' lock shared while ``what`` (a training stage, an analysis) reads it, so that an
+    extraction cannot replace the store under it: its labels, read at the start, would be paired with other
+    pixels."""
     return _readers_lock(
         store,
         fcntl.LOCK_SH,

@@ -686,7 +686,8 @@ class SectionReader:
             out[r0:r1, c0:c1] = fast.points(iy, ix)
         except (OSError, ValueError, RuntimeError) as exc:
             raise InputError(
-                f"{self.path}: reading {name} at points in [{y0}:{y1}, {x0}:{x1}] failed: {library_error(exc, named=False)}"
+                f"{self.path}: reading {name} at points in [{y0}:{y1}, {x0}:{x1}] failed: "
+                f"{library_error(exc, named=False)}"
             ) from None
         return out
 

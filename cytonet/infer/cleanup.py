@@ -3,8 +3,8 @@
 For every area i, the points predicted as i form connected components; only the ``m`` largest are kept as
 *seeds* (seed 001: "we only maintain the set of points in the m_i largest components predicted with the label
 i"; one m for all areas, or m_i per area). Every other labelled point is relabelled by a k-nearest-neighbour
-vote among the seeds, with positions as features: 2D positions within a section, or 3D positions across a stack of sections (a brain), where
-components connect through neighbouring sections.
+vote among the seeds, with positions as features: 2D positions within a section, or 3D positions across a
+stack of sections (a brain), where components connect through neighbouring sections.
 
 Entry point: :func:`knn_cleanup` (pure: label arrays and their axes' coordinates in, label arrays out).
 """
