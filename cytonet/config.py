@@ -53,6 +53,16 @@ def check_value(ok: bool, key: str, value: Any, allowed: str, *, also: tuple[str
 _check = check_value
 
 
+def is_int(value: Any) -> bool:
+    """An integer, not a bool (YAML and JSON read ``true`` as one, Python counts it as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _fmt(x: float) -> str:
     """A bound as it reads best: integers in full (4294967295, not 4.29497e+09), other numbers with %g."""
     return str(int(x)) if float(x).is_integer() and abs(x) < 2**53 else f"{x:g}"
@@ -92,13 +102,13 @@ def _numbers(value: Any, key: str) -> typing.Iterator[tuple[str, Any, float]]:
     if isinstance(value, dict):
         for k, v in value.items():
             for x in (k, v):
-                if isinstance(x, int | float) and not isinstance(x, bool):
+                if is_number(x):
                     yield f"{key}.{k}", v, x
     elif isinstance(value, list | tuple):
         for x in value:
-            if isinstance(x, int | float) and not isinstance(x, bool):
+            if is_number(x):
                 yield key, list(value), x
-    elif isinstance(value, int | float) and not isinstance(value, bool):
+    elif is_number(value):
         yield key, value, value
 
 
@@ -1109,7 +1119,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise SettingError(f"{key}={value!r} is invalid: expected true or false", (key,))
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise SettingError(f"{key}={value!r} is invalid: expected an integer", (key,))
         return value
     if tp is float:
@@ -1120,7 +1130,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 number = float(value)
             except ValueError:
                 raise SettingError(f"{key}={value!r} is invalid: expected a number", (key,)) from None
-        if isinstance(number, bool) or not isinstance(number, int | float):
+        if not is_number(number):
             raise SettingError(f"{key}={value!r} is invalid: expected a number", (key,))
         try:
             number = float(number)
@@ -1133,7 +1143,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return number
     if tp is str:
         if not isinstance(value, str):
-            quote = isinstance(value, int | float) and not isinstance(value, bool)  # YAML read `90` as a number
+            quote = is_number(value)  # YAML read `90` as a number
             raise SettingError(
                 f"{key}={value!r} is invalid: expected a string" + (f' (quote it in YAML: "{value}")' if quote else ""),
                 (key,),

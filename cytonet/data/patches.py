@@ -62,6 +62,7 @@ from typing import Any
 import numpy as np
 
 from cytonet import __version__
+from cytonet.config import is_int, is_number
 from cytonet.errors import InputError, OutputExistsError
 
 log = logging.getLogger(__name__)
@@ -628,16 +629,12 @@ def library_error(exc: BaseException, named: bool = True) -> str:
     return f"{exc.__class__.__name__}: {text}" if named else text
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_count(v: Any) -> bool:
-    return _is_int(v) and v >= 0
+    return is_int(v) and v >= 0
 
 
-def _is_number(v: Any) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+def _is_finite_number(v: Any) -> bool:
+    return is_number(v) and math.isfinite(v)
 
 
 def _is_str_map(v: Any, value_ok: Any) -> bool:
@@ -680,8 +677,8 @@ def check_manifest(manifest: Any, path: Path) -> dict[str, Any]:
         ("crop_px", _is_count, "a non-negative integer"),
         ("stored_px", _is_count, "a non-negative integer"),
         ("pad_px", _is_count, "a non-negative integer"),
-        ("pixel_size_um", _is_number, "a number"),
-        ("max_shift_mm", _is_number, "a number"),
+        ("pixel_size_um", _is_finite_number, "a number"),
+        ("max_shift_mm", _is_finite_number, "a number"),
     ):
         need(ok(geometry.get(key)), f"geometry.{key}", expected, geometry.get(key))
     backend = manifest["backend"]

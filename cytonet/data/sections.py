@@ -58,7 +58,7 @@ from typing import Any, Literal
 import numpy as np
 
 from cytonet import __version__
-from cytonet.config import IMAGE_LEVEL_FACTORS, image_levels_valid
+from cytonet.config import IMAGE_LEVEL_FACTORS, image_levels_valid, is_int
 from cytonet.data.chunks import SHUFFLES, ChunkCache, ChunkedArray, open_chunked
 from cytonet.data.patches import library_error, publish, remove_path
 from cytonet.errors import InputError, OutputExistsError, not_found
@@ -160,10 +160,10 @@ class SectionMeta:
         levels = get("image_levels", (list,), "a list of factors", [])
         seed = get("seed", (int, type(None)), "an integer or null", None)
         for key, value, ok, want in [
-            ("shape", shape, len(shape) == 2 and all(_is_int(v) for v in shape), "a list of 2 integers"),
+            ("shape", shape, len(shape) == 2 and all(is_int(v) for v in shape), "a list of 2 integers"),
             ("label_table", table, all(re.fullmatch(r"[0-9]{1,5}", k) and isinstance(v, str) for k, v in table.items()),
              "area ids (decimal text) -> names"),
-            ("image_levels", levels, all(_is_int(f) for f in levels), "a list of integer factors"),
+            ("image_levels", levels, all(is_int(f) for f in levels), "a list of integer factors"),
         ]:  # fmt: skip
             if not ok:
                 raise InputError(f"{where}: not a cytonet section store (attribute {key!r}={_shown(value)}: {want})")
@@ -218,10 +218,6 @@ PIXEL_SIZE_RANGE_UM = (0.01, 1000.0)
 COORDS_MAX_MM = 1000.0
 #: Largest height or width of a section (px): 2 m at 1 um/px, a bound on what a damaged shape can make readers do.
 MAX_SECTION_PX = 2_000_000
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _shown(value: Any) -> str:
