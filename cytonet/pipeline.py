@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from cytonet.config import Config, config_to_dict, save_config
 from cytonet.data.extract import heldout_brains
-from cytonet.data.patches import DONE_MARKER, STARTED_MARKER, STEP_LOCK, step_lock
+from cytonet.data.patches import DONE_MARKER, STARTED_MARKER, STEP_LOCK, require_folder, step_lock
 from cytonet.data.synth_geometry import brain_name
 from cytonet.errors import CytonetError, OutputExistsError, some_of
 
@@ -91,8 +91,7 @@ def prepare_step(out: Path, settings: dict[str, Any], overwrite: bool, what: str
     nothing existing is replaced by accident. Before returning "run" or "resume" it records ``settings`` in the
     started marker, before the step writes anything, and removes a done marker.
     """
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{what}: output {out} exists and is not a folder")
+    require_folder(out, what)
     if not overwrite and step_is_done(out, settings):
         log.info("%s: %s already holds a finished run with these settings; skipping", what, out)
         return "skip"
@@ -286,8 +285,7 @@ def check_demo_root(cfg: Config, overwrite: bool) -> Path:
     something else. A new or empty folder, or a demo's own (finished, interrupted, other settings: the steps
     judge those), passes."""
     root = cfg.root_path
-    if root.exists() and not root.is_dir():
-        raise OutputExistsError(f"demo: output {root} exists and is not a folder")
+    require_folder(root, "demo")
     if root.is_dir() and not overwrite:
         foreign = sorted(p.name for p in root.iterdir() if p.name not in demo_entries(cfg))
         if foreign:

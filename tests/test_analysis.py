@@ -528,8 +528,8 @@ def test_features_and_analysis_refuse_another_steps_folder(analysed: Path, brain
     (own / "config.resolved.yaml").write_text("# an analysis' config\n")
     (own / "report.html").write_text("<html></html>")
     with pytest.raises(OutputExistsError, match=r"but no analysis .*pass --overwrite to write into it anyway"):
-        _check_folder(own, overwrite=False)
-    _check_folder(own, overwrite=True)
+        _check_folder(own, overwrite=False, what="analyze")
+    _check_folder(own, overwrite=True, what="analyze")
 
 
 def test_features_and_analysis_wait_for_no_extraction_of_their_store(analysed: Path, brain: Path) -> None:

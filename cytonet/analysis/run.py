@@ -76,6 +76,7 @@ from cytonet.data.patches import (
     PatchStore,
     file_sha256,
     reading_store,
+    require_folder,
 )
 from cytonet.distributed import DistEnv
 from cytonet.errors import ConfigError, InputError, OutputExistsError, not_found, some_of
@@ -114,12 +115,11 @@ def _step_traces() -> frozenset[str]:
     return frozenset({DONE_FILE, MANIFEST, STATE_DIR, CONFIG_FILE, STEP_LOCK, DONE_MARKER, STARTED_MARKER, *demo})
 
 
-def _check_folder(out: Path, overwrite: bool) -> None:
+def _check_folder(out: Path, overwrite: bool, what: str) -> None:
     """Refuse a non-empty folder that holds no analysis: features and analysis write their config and results
     there, which must not land in, or replace files of, another step's run folder (``--out runs/probe``).
     ``overwrite`` writes into a folder of other files anyway, but never into another step's."""
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a folder")
+    require_folder(out, what)
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if not entries or {"features", RESULT_FILE} & set(entries):
         return
@@ -289,7 +289,7 @@ def compute_features(
 ) -> list[Path]:
     """`cytonet features`: write the feature stores; returns their paths."""
     out = out or cfg.resolve_path(cfg.analysis.out_dir)
-    _check_folder(out, overwrite)
+    _check_folder(out, overwrite, "features")
     with reading_store(cfg.resolve_path(cfg.extract.out_dir), "features"):
         enc, store = _inputs(cfg, encoder_path)
         (out / "features").mkdir(parents=True, exist_ok=True)  # before the config: the folder is an analysis'
@@ -377,7 +377,7 @@ def run_analysis(
     started = time.perf_counter()
     acfg = cfg.analysis
     out = out or cfg.resolve_path(acfg.out_dir)
-    _check_folder(out, overwrite)
+    _check_folder(out, overwrite, "analyze")
     # The store's patches and manifest are read from here to the end of _analyse: no extraction may replace
     # them meanwhile (its labels would be paired with other pixels).
     with reading_store(cfg.resolve_path(cfg.extract.out_dir), "analyze"):

@@ -85,6 +85,7 @@ from cytonet.data.patches import (
     lock_held,
     partial_path,
     remove_path,
+    require_folder,
     rewriting_store,
     shard_name,
     step_lock,
@@ -713,8 +714,7 @@ def _changed_sections(old: Any, new: list[dict[str, Any]]) -> list[str]:
 def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool, sections_dir: Path) -> None:
     """Refuse to mix extractions: ``out`` must be new, hold this extraction, or hold only an extraction's own
     files, which ``overwrite`` deletes. Anything else in ``out`` (and the input sections) is never deleted."""
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"extract: output {out} exists and is not a folder")
+    require_folder(out, "extract")
     src, dst = sections_dir.resolve(), out.resolve()
     if src == dst or dst in src.parents:
         raise OutputExistsError(

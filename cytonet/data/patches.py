@@ -302,14 +302,19 @@ def rewriting_store(store: Path, what: str) -> contextlib.AbstractContextManager
     )
 
 
+def require_folder(out: Path, what: str) -> None:
+    """Refuse an output ``out`` of step ``what`` that exists and is not a folder (a file given as ``--out``)."""
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{what}: output {out} exists and is not a folder")
+
+
 @contextlib.contextmanager
 def step_lock(out: Path, what: str, doing: str = "written", name: str = STEP_LOCK) -> Iterator[None]:
     """Hold ``out``'s lock file ``name`` while a step runs (``what``: the step, for the messages): a second
     process on the same folder at the same time is refused, rather than taking a running step for an
     interrupted one or writing beside it. An flock, released when the process ends, killed or not; on a file
     system without flock the step goes on unguarded, with a warning."""
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{what}: output {out} exists and is not a folder")
+    require_folder(out, what)
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(exclusive_lock(out / name, blocking=False))

@@ -42,7 +42,7 @@ from torch import nn
 
 from cytonet import __version__
 from cytonet.config import Config, config_from_dict, config_to_dict, save_config
-from cytonet.data.patches import file_sha256, write_json_atomic
+from cytonet.data.patches import file_sha256, require_folder, write_json_atomic
 from cytonet.data.sections import (
     WHITE_MATTER_ID,
     SectionReader,
@@ -459,8 +459,7 @@ def check_out_folder(out: Path) -> None:
     """Refuse an output that is not a folder, or a folder that holds anything but inference's outputs (its
     state folder, or its config where the state is gone): a run, a patch store, the sections folder, a
     section, a folder of the user's files. Also with --overwrite, which removes only the sections' volumes."""
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"infer: output {out} exists and is not a folder")
+    require_folder(out, "infer")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if entries and writers.STATE_DIR not in entries and CONFIG_FILE not in entries:
         raise OutputExistsError(

@@ -56,6 +56,7 @@ from cytonet.data.patches import (
     PatchStore,
     file_sha256,
     reading_store,
+    require_folder,
     step_lock,
     write_json_atomic,
 )
@@ -700,8 +701,7 @@ def check_run_folder(cfg: Config, kind: Kind, out: Path) -> None:
     patch store, another step's outputs), or files of such names without a run's traces (its config, a
     checkpoint or DONE); the run of another stage (its DONE or checkpoints); or the folder of the encoder the
     stage starts from, whose ``encoder.pt`` the stage would replace. The lock file alone does not count."""
-    if out.exists() and not out.is_dir():
-        raise CytonetError(f"{kind}: output {out} exists and is not a folder")
+    require_folder(out, kind)
     encoder = _encoder_path(cfg, kind)
     if encoder is not None and encoder.parent.resolve() == out.resolve():
         raise CytonetError(
